@@ -1,0 +1,314 @@
+"""The public face: validate cheaply, find the layout, dispatch to the kernels.
+
+float32 and float64 run the compiled kernels; other float dtypes (float16,
+longdouble) run :mod:`bnkernels.reference`.
+"""
+
+import numpy as np
+
+from . import _kernels, reference
+from ._layout import choose
+
+__all__ = ["forward", "backward"]
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_SEED_KEYS = ("x_hat", "gamma", "denom")
+_CACHE_KEYS = ("x", "mean", "var", "invstd", "gamma", "eps", "eps_mode", "mode", "axis")
+
+
+# ---------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------
+
+def _float_dtype(name, a):
+    if a.dtype.kind != "f":
+        raise TypeError(
+            "%s must be a floating-point array (float32 or float64 for the compiled "
+            "kernels), got dtype %s" % (name, a.dtype)
+        )
+
+
+def _same_dtype(names, arrays):
+    dtypes = [a.dtype for a in arrays]
+    if any(d != dtypes[0] for d in dtypes[1:]):
+        listing = ", ".join("%s %s" % (n, d) for n, d in zip(names, dtypes))
+        raise TypeError("%s must share one dtype, got %s" % (" and ".join(names), listing))
+
+
+def _channel_axis(axis, ndim):
+    if ndim < 2:
+        raise ValueError("batch norm needs an array with ndim >= 2 (batch, channels, ...), got ndim %d"
+                         % ndim)
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError("axis must be an int, got %r" % (axis,))
+    if not -ndim <= axis < ndim:
+        raise ValueError("axis %d is out of range for an array with ndim %d" % (axis, ndim))
+    if axis % ndim == 0:
+        raise ValueError("axis 0 is the batch axis; the channel axis is 1 or -1 (or another axis > 0)")
+    return int(axis) % ndim
+
+
+def _per_channel(name, v, C, shape):
+    v = np.asarray(v)
+    if v.shape != (C,):
+        raise ValueError("%s must have shape (%d,) to match %d channels of x with shape %s, got %s"
+                         % (name, C, C, shape, v.shape))
+    return v
+
+
+def _n_threads(num_threads):
+    if num_threads is None:
+        return 0
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError("num_threads must be None or a positive int, got %r" % (num_threads,))
+    if num_threads < 1:
+        raise ValueError("num_threads must be None or >= 1, got %d" % num_threads)
+    return int(num_threads)
+
+
+def _f64(v):
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _to_layout(arrays, axis):
+    """Layout shared by arrays[-1] (the output, compact) and the inputs, copying inputs that
+    do not fit.  Returns (layout, arrays) or (None, arrays) if even the output does not fit."""
+    lay = choose(arrays, axis)
+    if lay is not None:
+        return lay, arrays
+    out = arrays[-1]
+    if choose([out], axis) is None:
+        return None, arrays
+    fixed = []
+    for a in arrays[:-1]:
+        if choose([a, out], axis) is None:
+            b = np.empty_like(out)
+            b[...] = a
+            a = b
+        fixed.append(a)
+    fixed.append(out)
+    return choose(fixed, axis), fixed
+
+
+def _standard(a, axis):
+    """A C-contiguous copy of ``a`` with the channel axis moved to 1 (planar layout)."""
+    return np.ascontiguousarray(np.moveaxis(a, axis, 1))
+
+
+# ---------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------
+
+def forward(x, gamma, beta, bn_param, *, axis=1):
+    """Batch normalization forward pass.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, ...) or channels-last with ``axis=-1``
+        float32 or float64 run the compiled kernels; float16 and longdouble run the
+        NumPy reference.  Any strides; the output has the memory layout of ``x``.
+    gamma, beta : ndarray, shape (C,), same dtype as x
+        Scale and shift.
+    bn_param : dict
+        ``'mode'``: ``'train'`` or ``'test'`` (required).
+        ``'eps'`` (1e-5), ``'momentum'`` (0.9),
+        ``'running_mean'``, ``'running_var'``: shape (C,), zeros when missing;
+        updated in train mode as ``momentum*running + (1-momentum)*batch`` (biased
+        batch variance) and stored back into ``bn_param``.
+        ``'eps_mode'``: ``'var'`` (default): ``xhat = (x-mu)/sqrt(var+eps)``;
+        ``'std'``: ``xhat = (x-mu)/(sqrt(var)+eps)``.
+    axis : int
+        The channel axis; every other axis is reduced.  1 for (N, C, ...), -1 for
+        channels-last arrays.
+
+    Returns
+    -------
+    out : ndarray, same shape, dtype and memory layout as x
+        ``gamma * xhat + beta``.
+    cache : dict
+        What :func:`backward` needs: ``x`` (the input itself, not a copy), per-channel
+        float64 ``mean``, ``var``, ``invstd``, and ``gamma``, ``eps``, ``eps_mode``,
+        ``mode``, ``axis``.
+    """
+    x = np.asarray(x)
+    ax = _channel_axis(axis, x.ndim)
+    C = x.shape[ax]
+    if x.size == 0:
+        raise ValueError("x is empty (shape %s): batch norm needs at least one element per channel"
+                         % (x.shape,))
+    gamma = _per_channel("gamma", gamma, C, x.shape)
+    beta = _per_channel("beta", beta, C, x.shape)
+    for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
+        _float_dtype(name, a)
+    _same_dtype(("x", "gamma", "beta"), (x, gamma, beta))
+    if not isinstance(bn_param, dict):
+        raise TypeError("bn_param must be a dict, got %s" % type(bn_param).__name__)
+    if "mode" not in bn_param:
+        raise ValueError("bn_param['mode'] is required: 'train' or 'test'")
+    mode = bn_param["mode"]
+    if mode not in ("train", "test"):
+        raise ValueError("bn_param['mode'] must be 'train' or 'test', got %r" % (mode,))
+    eps_mode = bn_param.get("eps_mode", "var")
+    if eps_mode not in ("var", "std"):
+        raise ValueError("bn_param['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
+    eps = float(bn_param.get("eps", 1e-5))
+    if not eps >= 0:
+        raise ValueError("bn_param['eps'] must be >= 0, got %r" % (eps,))
+    momentum = float(bn_param.get("momentum", 0.9))
+    running_mean = bn_param.get("running_mean")
+    running_var = bn_param.get("running_var")
+    running_mean = (np.zeros(C, dtype=x.dtype) if running_mean is None
+                    else _per_channel("bn_param['running_mean']", running_mean, C, x.shape))
+    running_var = (np.zeros(C, dtype=x.dtype) if running_var is None
+                   else _per_channel("bn_param['running_var']", running_var, C, x.shape))
+
+    if x.dtype not in _KERNEL_DTYPES:
+        bn_param.setdefault("running_mean", running_mean)
+        bn_param.setdefault("running_var", running_var)
+        return reference.forward(x, gamma, beta, bn_param, axis=ax)
+
+    train = mode == "train"
+    std_mode = eps_mode == "std"
+    if train:
+        mean = np.empty(C)
+        var = np.empty(C)
+        invstd = np.empty(C)
+    else:
+        mean = _f64(running_mean)
+        var = _f64(running_var)
+        invstd = 1.0 / (np.sqrt(var) + eps if std_mode else np.sqrt(var + eps))
+    out = np.empty_like(x)
+    lay, (xk, outk) = _to_layout([x, out], ax)
+    if lay is None:
+        xk, outk = _standard(x, ax), np.empty(np.moveaxis(x, ax, 1).shape, x.dtype)
+        lay = choose([xk, outk], 1)
+    args = (train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, 0)
+    if lay[0] == "rows":
+        _, R, _, (sx, so) = lay
+        _kernels.forward_rows(xk, outk, R, C, sx, so, *args)
+    else:
+        _, N, _, L, ((sxn, sxc), (son, soc)) = lay
+        _kernels.forward_planar(xk, outk, N, C, L, sxn, sxc, son, soc, *args)
+    if outk is not out:
+        np.moveaxis(out, ax, 1)[...] = outk
+
+    if train:
+        bn_param["running_mean"] = (momentum * running_mean + (1 - momentum) * mean).astype(
+            running_mean.dtype, copy=False)
+        bn_param["running_var"] = (momentum * running_var + (1 - momentum) * var).astype(
+            running_var.dtype, copy=False)
+    cache = {"x": x, "mean": mean, "var": var, "invstd": invstd, "gamma": gamma, "eps": eps,
+             "eps_mode": eps_mode, "mode": mode, "axis": ax}
+    return out, cache
+
+
+# ---------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------
+
+def _unpack(cache):
+    """(z, axis, train, m, q, g, k) from a forward() cache or a seed-style dict.
+
+    dx = g*dy + B*(z - m) + Cc with B = -g*k*sum(dy*(z-m))/M; dgamma = q*sum(dy*(z-m)).
+    """
+    if not isinstance(cache, dict):
+        raise TypeError("cache must be the dict returned by bnkernels.forward, got %s"
+                        % type(cache).__name__)
+    if "x" in cache and "invstd" in cache:
+        missing = [key for key in _CACHE_KEYS if key not in cache]
+        if missing:
+            raise ValueError("cache is missing %s; pass the cache bnkernels.forward returned"
+                             % ", ".join(map(repr, missing)))
+        z = np.asarray(cache["x"])
+        _float_dtype("cache['x']", z)
+        ax = _channel_axis(cache["axis"], z.ndim)
+        C = z.shape[ax]
+        invstd = _f64(_per_channel("cache['invstd']", cache["invstd"], C, z.shape))
+        m = _f64(_per_channel("cache['mean']", cache["mean"], C, z.shape))
+        gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
+        train = cache["mode"] == "train"
+        if cache["eps_mode"] == "std":
+            std = np.sqrt(_f64(_per_channel("cache['var']", cache["var"], C, z.shape)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                k = np.where(std > 0, invstd / std, 0.0)
+        else:
+            k = invstd * invstd
+        return z, ax, train, m, invstd, gamma * invstd, k
+    if all(key in cache for key in _SEED_KEYS):
+        z = np.asarray(cache["x_hat"])
+        _float_dtype("cache['x_hat']", z)
+        if z.ndim != 2:
+            raise ValueError("a seed-style cache holds a (N, D) batch; cache['x_hat'] has shape %s"
+                             % (z.shape,))
+        C = z.shape[1]
+        denom = _f64(_per_channel("cache['denom']", cache["denom"], C, z.shape))
+        gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
+        ones = np.ones(C)
+        return z, 1, True, np.zeros(C), ones, gamma / denom, ones
+    raise ValueError("cache must come from bnkernels.forward (keys %s) or be a seed-style dict "
+                     "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS)))
+
+
+def backward(dout, cache, *, num_threads=None):
+    """Batch normalization backward pass.
+
+    Parameters
+    ----------
+    dout : ndarray, same shape and dtype as the forward input
+        Upstream gradient dL/dout.  Any strides; dx comes back in its memory layout.
+    cache : dict
+        The cache :func:`forward` returned (or :func:`bnkernels.reference.forward`), or a
+        seed-style dict for a (N, D) batch with ``'x_hat'``, ``'gamma'`` and
+        ``'denom'`` (= sqrt(var + eps)).
+    num_threads : int or None
+        OpenMP threads; None uses the OpenMP default (``OMP_NUM_THREADS``,
+        ``threadpoolctl``).  Results are bitwise identical for every value.
+
+    Returns
+    -------
+    dx : ndarray, same shape, dtype and memory layout as dout
+    dgamma, dbeta : ndarray, shape (C,), dtype of dout
+
+    Notes
+    -----
+    Train mode, with M elements per channel and d the denominator of xhat::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma/d * (dy - dbeta/M - xhat * dgamma * k/M)
+
+    with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'``.  Test mode
+    (running statistics): ``dx = gamma/d * dy``.
+    """
+    z, ax, train, m, q, g, k = _unpack(cache)
+    dout = np.asarray(dout)
+    _float_dtype("dout", dout)
+    if dout.shape != z.shape:
+        raise ValueError("dout has shape %s but the cached input has shape %s" % (dout.shape, z.shape))
+    if dout.dtype != z.dtype:
+        raise TypeError("dout and the cache must share one dtype, got dout %s and cache %s"
+                        % (dout.dtype, z.dtype))
+    nt = _n_threads(num_threads)
+    if dout.dtype not in _KERNEL_DTYPES:
+        return reference.backward_alt(dout, cache)
+
+    C = z.shape[ax]
+    dx = np.empty_like(dout)
+    dgamma = np.empty(C, dtype=dout.dtype)
+    dbeta = np.empty(C, dtype=dout.dtype)
+    lay, (zk, dyk, dxk) = _to_layout([z, dout, dx], ax)
+    if lay is None:
+        zk, dyk = _standard(z, ax), _standard(dout, ax)
+        dxk = np.empty_like(dyk)
+        lay = choose([zk, dyk, dxk], 1)
+    if lay[0] == "rows":
+        _, R, _, (sz, sdy, sdx) = lay
+        _kernels.backward_rows(zk, dyk, dxk, R, C, sz, sdy, sdx, m, q, g, k, train,
+                               dgamma, dbeta, nt)
+    else:
+        _, N, _, L, ((szn, szc), (sdyn, sdyc), (sdxn, sdxc)) = lay
+        _kernels.backward_planar(zk, dyk, dxk, N, C, L, szn, szc, sdyn, sdyc, sdxn, sdxc,
+                                 m, q, g, k, train, dgamma, dbeta, nt)
+    if dxk is not dx:
+        np.moveaxis(dx, ax, 1)[...] = dxk
+    return dx, dgamma, dbeta

@@ -1,0 +1,82 @@
+"""Memory layouts the kernels run on, read from shapes and strides (no copies).
+
+rows:    channels contiguous, every other axis folds into one row stride:
+         (N, C), (N, H, W, C) with axis=-1, x_nhwc.transpose(0, 3, 1, 2).
+         View (R, C) with one row stride per array.
+planar:  the axes after the channel axis fold into one contiguous run of L
+         elements, the axes before it into one stride: (N, C, H, W), (N, C).T.T...
+         View (N, C, L) with strides (sn, sc) per array.
+
+Strides are returned in elements.  Every array of one call must fit the same
+layout (each with its own strides); otherwise the caller copies.
+"""
+
+from math import prod
+
+# a planar run shorter than this is slower than the rows kernel
+MIN_PLANAR_RUN = 16
+
+
+def _fold(dims):
+    """(count, stride) of dims [(n, s), ...] that fold into one, else None."""
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * n1:
+            return None
+    if not dims:
+        return 1, 0
+    return prod(n for n, _ in dims), dims[-1][1]
+
+
+def rows_strides(a, axis):
+    """Row stride in elements of the (R, C) view of ``a``, or None."""
+    isz = a.itemsize
+    if a.shape[axis] > 1 and a.strides[axis] != isz:
+        return None
+    dims = [(n, s) for i, (n, s) in enumerate(zip(a.shape, a.strides)) if i != axis and n != 1]
+    folded = _fold(dims)
+    if folded is None or folded[1] % isz:
+        return None
+    return folded[1] // isz
+
+
+def planar_strides(a, axis):
+    """(N, L, sn, sc) in elements of the (N, C, L) view of ``a``, or None."""
+    isz = a.itemsize
+    shape, strides = a.shape, a.strides
+    inner = [(n, s) for n, s in zip(shape[axis + 1:], strides[axis + 1:]) if n != 1]
+    outer = [(n, s) for n, s in zip(shape[:axis], strides[:axis]) if n != 1]
+    if inner and inner[-1][1] != isz:
+        return None
+    fin, fout = _fold(inner), _fold(outer)
+    if fin is None or fout is None:
+        return None
+    L = fin[0]
+    N, sn = fout
+    if N > 1 and sn == L * isz:
+        # the outer axis continues the run: (N, C) in Fortran order is one run per channel
+        N, L, sn = 1, N * L, 0
+    if sn % isz or strides[axis] % isz:
+        return None
+    return N, L, sn // isz, strides[axis] // isz
+
+
+def choose(arrays, axis):
+    """The layout all ``arrays`` (one shape) share.
+
+    Returns ("planar", N, C, L, [(sn, sc), ...]), ("rows", R, C, [sr, ...]) or None.
+    """
+    a0 = arrays[0]
+    C = a0.shape[axis]
+    planar = [planar_strides(a, axis) for a in arrays]
+    if all(p is not None for p in planar):
+        # all share N and L: they have one shape and fold the same axes
+        N, L = planar[0][0], planar[0][1]
+        if L >= MIN_PLANAR_RUN and all(p[:2] == (N, L) for p in planar):
+            return ("planar", N, C, L, [p[2:] for p in planar])
+    rows = [rows_strides(a, axis) for a in arrays]
+    if all(r is not None for r in rows):
+        return ("rows", a0.size // C, C, rows)
+    if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
+        N, L = planar[0][0], planar[0][1]
+        return ("planar", N, C, L, [p[2:] for p in planar])
+    return None

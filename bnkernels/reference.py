@@ -1,0 +1,194 @@
+"""Pure NumPy batch normalization: the oracle the compiled kernels are tested against.
+
+This module never imports the compiled kernels. It follows the conventions of the
+CS231n assignment: a ``bn_param`` dict, a cache dict, channel axis ``axis`` (every
+other axis is reduced).  Arithmetic runs in the input dtype, as hand-written NumPy
+code does (float16 input is computed in float32 and rounded back).
+
+Functions
+---------
+forward(x, gamma, beta, bn_param, *, axis=1) -> (out, cache)
+backward_graph(dout, cache) -> (dx, dgamma, dbeta)
+    the staged computational-graph backward, gate by gate
+backward_alt(dout, cache) -> (dx, dgamma, dbeta)
+    the simplified closed form
+
+Math, per channel with M reduced elements, mean mu and biased variance var:
+
+    eps_mode 'var':  xhat = (x - mu) / sqrt(var + eps)
+    eps_mode 'std':  xhat = (x - mu) / (sqrt(var) + eps)
+    out    = gamma * xhat + beta
+    dbeta  = sum(dy)
+    dgamma = sum(dy * xhat)
+    dx     = gamma / d * (dy - dbeta/M - xhat * dgamma * k / M)
+
+with d the denominator of xhat and k = 1 ('var') or k = d / sqrt(var) ('std';
+k = 0 where var = 0, the subgradient of sqrt at 0).  In 'test' mode mu and var
+are the running statistics, constants of the graph, and dx = gamma / d * dy.
+"""
+
+import numpy as np
+
+__all__ = ["forward", "backward_graph", "backward_alt"]
+
+EPS_MODES = ("var", "std")
+
+
+def _work_dtype(dtype):
+    # float16 sums lose too much; everything else is computed in its own dtype
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _bshape(ndim, axis, c):
+    shape = [1] * ndim
+    shape[axis] = c
+    return tuple(shape)
+
+
+def _denominator(var, eps, eps_mode):
+    if eps_mode == "var":
+        return np.sqrt(var + eps)
+    return np.sqrt(var) + eps
+
+
+def forward(x, gamma, beta, bn_param, *, axis=1):
+    """Batch-norm forward in NumPy; same contract as :func:`bnkernels.forward`."""
+    x = np.asarray(x)
+    axis = axis % x.ndim
+    mode = bn_param["mode"]
+    eps = bn_param.get("eps", 1e-5)
+    momentum = bn_param.get("momentum", 0.9)
+    eps_mode = bn_param.get("eps_mode", "var")
+    if mode not in ("train", "test"):
+        raise ValueError("bn_param['mode'] must be 'train' or 'test', got %r" % (mode,))
+    if eps_mode not in EPS_MODES:
+        raise ValueError("bn_param['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
+    c = x.shape[axis]
+    wt = _work_dtype(x.dtype)
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    bs = _bshape(x.ndim, axis, c)
+    xw = x.astype(wt, copy=False)
+    running_mean = bn_param.get("running_mean")
+    running_var = bn_param.get("running_var")
+    if running_mean is None:
+        running_mean = np.zeros(c, dtype=x.dtype)
+    if running_var is None:
+        running_var = np.zeros(c, dtype=x.dtype)
+
+    if mode == "train":
+        mean = xw.mean(axis=red)
+        var = ((xw - mean.reshape(bs)) ** 2).mean(axis=red)
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean.astype(
+            np.asarray(running_mean).dtype
+        )
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var.astype(
+            np.asarray(running_var).dtype
+        )
+    else:
+        mean = np.asarray(running_mean, dtype=wt)
+        var = np.asarray(running_var, dtype=wt)
+    invstd = 1 / _denominator(var, wt.type(eps), eps_mode)
+    xhat = (xw - mean.reshape(bs)) * invstd.reshape(bs)
+    out = (np.asarray(gamma, dtype=wt).reshape(bs) * xhat + np.asarray(beta, dtype=wt).reshape(bs))
+    cache = {
+        "x": x,
+        "mean": mean,
+        "var": var,
+        "invstd": invstd,
+        "gamma": np.asarray(gamma),
+        "eps": eps,
+        "eps_mode": eps_mode,
+        "mode": mode,
+        "axis": axis,
+    }
+    return out.astype(x.dtype, copy=False), cache
+
+
+def _unpack(dout, cache):
+    """Normalize a forward() cache or a seed-style dict cache.
+
+    Returns (wt, axis, red, bs, M, train, eps_mode, gamma, xmu, xhat, denom, var):
+    arrays in the work dtype, per-channel ones shaped to broadcast.
+    """
+    dout = np.asarray(dout)
+    wt = _work_dtype(dout.dtype)
+    if "x_hat" in cache and "invstd" not in cache:
+        # seed style: a (N, D) batch with x_hat, gamma, denom = sqrt(var + eps)
+        xhat = np.asarray(cache["x_hat"], dtype=wt)
+        axis = 1
+        c = xhat.shape[axis]
+        bs = _bshape(xhat.ndim, axis, c)
+        denom = np.asarray(cache["denom"], dtype=wt).reshape(bs)
+        xmu = xhat * denom
+        var = None
+        train, eps_mode = True, "var"
+    else:
+        x = np.asarray(cache["x"], dtype=wt)
+        axis = cache["axis"] % x.ndim
+        c = x.shape[axis]
+        bs = _bshape(x.ndim, axis, c)
+        train = cache["mode"] == "train"
+        eps_mode = cache["eps_mode"]
+        var = np.asarray(cache["var"], dtype=wt).reshape(bs)
+        denom = _denominator(var, wt.type(cache["eps"]), eps_mode)
+        xmu = x - np.asarray(cache["mean"], dtype=wt).reshape(bs)
+        xhat = xmu / denom
+    gamma = np.asarray(cache["gamma"], dtype=wt).reshape(bs)
+    red = tuple(i for i in range(xhat.ndim) if i != axis)
+    m = xhat.size // c
+    return wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var
+
+
+def backward_graph(dout, cache):
+    """Staged computational-graph backward: one gate at a time, as in CS231n.
+
+    Forward graph (per channel, broadcast over the reduced axes):
+    xmu = x - mu;  var = mean(xmu**2);  denom = sqrt(var + eps) or sqrt(var) + eps;
+    invd = 1/denom;  xhat = xmu * invd;  out = gamma * xhat + beta.
+    """
+    dtype = np.asarray(dout).dtype
+    wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
+    dy = np.asarray(dout, dtype=wt)
+
+    dbeta = dy.sum(axis=red)
+    dgamma = (dy * xhat).sum(axis=red)
+    dxhat = dy * gamma
+    invd = 1 / denom
+    dxmu = dxhat * invd  # through xhat = xmu * invd, first branch
+    if train:
+        dinvd = (dxhat * xmu).sum(axis=red).reshape(bs)  # xhat = xmu * invd, second branch
+        ddenom = -dinvd / denom**2  # invd = 1 / denom
+        if eps_mode == "var":
+            dvar = 0.5 * ddenom / denom  # denom = sqrt(var + eps)
+        else:
+            std = np.sqrt(var)  # denom = std + eps;  std = sqrt(var)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dvar = np.where(std > 0, 0.5 * ddenom / std, 0)
+        dsq = dvar / m  # var = mean(sq)
+        dxmu = dxmu + 2 * xmu * dsq  # sq = xmu**2, branches add
+        dmu = -dxmu.sum(axis=red).reshape(bs)  # xmu = x - mu
+        dx = dxmu + dmu / m  # mu = mean(x), branches add
+    else:
+        dx = dxmu
+    return (dx.astype(dtype, copy=False), dgamma.astype(dtype), dbeta.astype(dtype))
+
+
+def backward_alt(dout, cache):
+    """Simplified backward: dx = gamma/d * (dy - sum(dy)/M - xhat*sum(dy*xhat)*k/M)."""
+    dtype = np.asarray(dout).dtype
+    wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
+    dy = np.asarray(dout, dtype=wt)
+
+    dbeta = dy.sum(axis=red)
+    dgamma = (dy * xhat).sum(axis=red)
+    if not train:
+        dx = gamma / denom * dy
+    else:
+        if eps_mode == "var":
+            k = 1
+        else:
+            std = np.sqrt(var)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                k = np.where(std > 0, denom / std, 0)
+        dx = gamma / (m * denom) * (m * dy - dbeta.reshape(bs) - xhat * (dgamma.reshape(bs) * k))
+    return (dx.astype(dtype, copy=False), dgamma.astype(dtype), dbeta.astype(dtype))
