@@ -1,0 +1,687 @@
+"""``python -m bnkernels bench``: bnkernels against the NumPy reference, PyTorch and a roofline.
+
+Implementations, per case (a shape, a dtype and a memory layout):
+
+backward
+    ``graph``      reference.backward_graph, the staged gate-by-gate backward (the baseline)
+    ``alt``        reference.backward_alt, the simplified closed form
+    ``bnkernels``  bnkernels.backward
+    ``torch``      torch.ops.aten.native_batch_norm_backward (train, all three gradients)
+    ``roofline``   _kernels.stream_add(x, dy, out): read two arrays, write one, which is the
+                   memory traffic of an ideal fused backward
+forward (train mode)
+    ``reference``  reference.forward
+    ``bnkernels``  bnkernels.forward
+    ``torch``      torch.ops.aten.native_batch_norm (train, running statistics updated)
+    ``roofline``   _kernels.stream_add(x, x, out): read one array, write one.  A copy-like
+                   pass is the traffic of an ideal fused forward.  np.copyto would be the
+                   obvious copy, but it runs on one thread and so would understate the
+                   bound with several; stream_add runs the same OpenMP loop with the
+                   requested threads, and its second load of x hits L1, so it moves
+                   exactly one read and one write of the array through memory.
+
+Every implementation runs with the same thread count: bnkernels.backward and stream_add
+take it as an argument, bnkernels.forward gets it from threadpoolctl (OpenMP limit), torch
+from torch.set_num_threads.  The NumPy reference is single-threaded whatever the count,
+as NumPy's element-wise operations and reductions are.
+
+The rooflines write into a preallocated array; every other implementation allocates its
+outputs, as its API requires.  For arrays above glibc's mmap threshold (32 MiB at most)
+a fresh allocation comes back as untouched pages, so those calls also pay page faults
+on their first write, which the roofline does not: the bnkernels/roofline ratio of the
+biggest cases includes that cost.
+
+Timing: one warm-up call, then calls timed with time.perf_counter (garbage collector off)
+until both a minimum count and a time budget per implementation are reached, or a
+maximum count; the median and the interquartile range are reported.
+"""
+
+import argparse
+import contextlib
+import datetime
+import fnmatch
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+import bnkernels
+from bnkernels import _kernels, reference
+
+__all__ = ["Case", "CaseData", "CASES", "QUICK_CASES", "BACKWARD_IMPLS", "FORWARD_IMPLS",
+           "select_cases", "openmp_limit", "measure", "main"]
+
+BACKWARD_IMPLS = ("graph", "alt", "bnkernels", "torch", "roofline")
+FORWARD_IMPLS = ("reference", "bnkernels", "torch", "roofline")
+# the implementation each pass's speedups are taken over
+BASELINE = {"backward": "graph", "forward": "reference"}
+EPS = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case.  layout: '2d' (N, D), 'nchw' or 'nhwc' (channels last, axis=-1)."""
+    name: str
+    layout: str
+    shape: tuple
+    dtype: str
+
+    @property
+    def axis(self):
+        return -1 if self.layout == "nhwc" else 1
+
+    @property
+    def channels(self):
+        return self.shape[self.axis]
+
+    @property
+    def size(self):
+        return prod(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+_2D = [("small", (256, 512)), ("medium", (4096, 1024)), ("large", (8192, 2048)),
+       ("tall", (262144, 32)), ("wide", (64, 65536))]
+_NCHW = [(32, 64, 56, 56), (64, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
+# channels-last versions of the first two NCHW shapes
+_NHWC = [(32, 56, 56, 64), (64, 14, 14, 256)]
+_SUFFIX = {"float32": "f32", "float64": "f64"}
+
+
+def _build_cases():
+    cases = []
+    shapes = ([("2d", "2d-" + label, s) for label, s in _2D]
+              + [("nchw", "nchw-" + "x".join(map(str, s)), s) for s in _NCHW]
+              + [("nhwc", "nhwc-" + "x".join(map(str, s)), s) for s in _NHWC])
+    for layout, stem, shape in shapes:
+        for dtype in ("float32", "float64"):
+            cases.append(Case("%s-%s" % (stem, _SUFFIX[dtype]), layout, shape, dtype))
+    return tuple(cases)
+
+
+CASES = _build_cases()
+QUICK_CASES = ("2d-small-f32", "2d-medium-f32", "2d-medium-f64", "nchw-64x256x14x14-f32",
+               "nhwc-64x14x14x256-f32")
+# thread scaling is shown for these when they are selected (else for the biggest case)
+SCALING_CASES = ("2d-large-f32", "nchw-32x64x56x56-f32", "nhwc-32x56x56x64-f32")
+
+
+def select_cases(pattern, cases=CASES):
+    """Cases whose name matches any comma-separated pattern: fnmatch when the pattern has
+    a wildcard, substring otherwise."""
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+
+    def hit(name, p):
+        return fnmatch.fnmatchcase(name, p) if any(ch in p for ch in "*?[") else p in name
+
+    return [c for c in cases if any(hit(c.name, p) for p in pats)]
+
+
+# ---------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------
+
+def have_threadpoolctl():
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openmp_limit(threads):
+    """Context that sets the OpenMP thread count (what bnkernels.forward runs with).
+
+    Entered around a whole timing loop, never inside a timed call: threadpoolctl scans the
+    loaded libraries, which costs more than a small forward call.  Without threadpoolctl it
+    does nothing and the OpenMP default applies.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads, user_api="openmp")
+
+
+def import_torch():
+    """torch, or None when it is not installed (it is optional)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# ---------------------------------------------------------------------------
+# data and the timed callables
+# ---------------------------------------------------------------------------
+
+class CaseData:
+    """Seeded arrays of one case, and per implementation a callable that runs it once.
+
+    The seed is derived from the case name, so every run times the same data.  Caches
+    (each implementation's own forward cache, torch tensors) are built on first use.
+    """
+
+    def __init__(self, case):
+        self.case = case
+        dt = np.dtype(case.dtype)
+        rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+        # an offset and a scale, as activations have: x - mean is not x
+        self.x = rng.standard_normal(case.shape, dtype=dt)
+        self.x *= 3
+        self.x += 2
+        self.dy = rng.standard_normal(case.shape, dtype=dt)
+        self.gamma = rng.standard_normal(case.channels, dtype=dt)
+        self.beta = rng.standard_normal(case.channels, dtype=dt)
+        self.out = np.empty_like(self.x)  # the rooflines' output
+        self._bk_cache = self._ref_cache = self._torch = None
+
+    def _param(self):
+        return {"mode": "train", "eps": EPS}
+
+    @property
+    def bk_cache(self):
+        if self._bk_cache is None:
+            self._bk_cache = bnkernels.forward(self.x, self.gamma, self.beta, self._param(),
+                                               axis=self.case.axis)[1]
+        return self._bk_cache
+
+    @property
+    def ref_cache(self):
+        if self._ref_cache is None:
+            self._ref_cache = reference.forward(self.x, self.gamma, self.beta, self._param(),
+                                                axis=self.case.axis)[1]
+        return self._ref_cache
+
+    def torch_tensors(self, torch):
+        """(x, dy, weight, bias, running_mean, running_var, save_mean, save_invstd) as torch
+        tensors sharing the NumPy data; NHWC arrays become channels-last (N, C, H, W) views."""
+        if self._torch is None:
+            def t(a):
+                ta = torch.from_numpy(a)
+                return ta.permute(0, 3, 1, 2) if self.case.layout == "nhwc" else ta
+
+            tx, tdy = t(self.x), t(self.dy)
+            w, b = torch.from_numpy(self.gamma), torch.from_numpy(self.beta)
+            rm = torch.zeros(self.case.channels, dtype=tx.dtype)
+            rv = torch.ones(self.case.channels, dtype=tx.dtype)
+            _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                tx, w, b, None, None, True, 0.1, EPS)
+            self._torch = (tx, tdy, w, b, rm, rv, save_mean, save_invstd)
+        return self._torch
+
+    def backward_fns(self, threads, torch=None):
+        """{impl: callable} for the backward pass; 'torch' only when torch is given."""
+        dy, out = self.dy, self.out
+        x = self.x
+        ref_cache, bk_cache = self.ref_cache, self.bk_cache
+        fns = {
+            "graph": lambda: reference.backward_graph(dy, ref_cache),
+            "alt": lambda: reference.backward_alt(dy, ref_cache),
+            "bnkernels": lambda: bnkernels.backward(dy, bk_cache, num_threads=threads),
+        }
+        if torch is not None:
+            tx, tdy, w, _, _, _, sm, si = self.torch_tensors(torch)
+            bwd = torch.ops.aten.native_batch_norm_backward
+            fns["torch"] = lambda: bwd(tdy, tx, w, None, None, sm, si, True, EPS,
+                                       [True, True, True])
+        fns["roofline"] = lambda: _kernels.stream_add(x, dy, out, threads)
+        return fns
+
+    def forward_fns(self, threads, torch=None):
+        """{impl: callable} for the forward pass (train mode).  bnkernels.forward takes its
+        thread count from OpenMP: run these inside openmp_limit(threads)."""
+        x, g, b, ax, out = self.x, self.gamma, self.beta, self.case.axis, self.out
+        param = self._param
+        fns = {
+            "reference": lambda: reference.forward(x, g, b, param(), axis=ax),
+            "bnkernels": lambda: bnkernels.forward(x, g, b, param(), axis=ax),
+        }
+        if torch is not None:
+            tx, _, w, tb, rm, rv, _, _ = self.torch_tensors(torch)
+            fwd = torch.ops.aten.native_batch_norm
+            fns["torch"] = lambda: fwd(tx, w, tb, rm, rv, True, 0.1, EPS)
+        fns["roofline"] = lambda: _kernels.stream_add(x, x, out, threads)
+        return fns
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    median: float
+    iqr: float
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    seconds: float   # per implementation and case, after the warm-up
+    min_repeats: int
+    max_repeats: int
+
+
+FULL = Budget(0.5, 7, 2000)
+QUICK = Budget(0.08, 3, 200)
+
+
+def measure(fn, budget):
+    """Warm up once, then time fn() until budget allows; median and IQR in seconds."""
+    fn()
+    times = []
+    gc_on = gc.isenabled()
+    gc.disable()  # a collection inside a timed call is noise, not the kernel
+    try:
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            n = len(times)
+            if n >= budget.max_repeats or (n >= budget.min_repeats and t1 - start >= budget.seconds):
+                break
+    finally:
+        if gc_on:
+            gc.enable()
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), len(times))
+
+
+# ---------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        res = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10)
+        for line in res.stdout.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info(torch, omp_default):
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "bnkernels": bnkernels.__version__,
+        "openmp": bool(_kernels.openmp_enabled()),
+        "openmp_default_threads": omp_default,
+        "build_flags": _kernels.build_flags(),
+        "threadpoolctl": have_threadpoolctl(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+def _record(case, pass_, impl, threads, t):
+    return {"case": case.name, "shape": list(case.shape), "dtype": case.dtype,
+            "layout": case.layout, "axis": case.axis, "threads": threads, "pass": pass_,
+            "impl": impl, "median_s": t.median, "iqr_s": t.iqr, "repeats": t.repeats}
+
+
+def _progress(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _set_torch_threads(torch, threads):
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def run_case(data, threads, torch, budget):
+    """Records for both passes of one case."""
+    case, recs = data.case, []
+    for name, fn in data.backward_fns(threads, torch).items():
+        recs.append(_record(case, "backward", name, threads, measure(fn, budget)))
+    with openmp_limit(threads):
+        # what bnkernels.forward really gets: the limit, or the default without threadpoolctl
+        fwd_threads = _kernels.max_threads()
+        for name, fn in data.forward_fns(threads, torch).items():
+            n = fwd_threads if name == "bnkernels" else threads
+            recs.append(_record(case, "forward", name, n, measure(fn, budget)))
+    return recs
+
+
+def run_scaling(data, counts, torch, budget):
+    """bnkernels (both passes) and the backward roofline at each thread count."""
+    recs = []
+    for n in counts:
+        _set_torch_threads(torch, n)
+        bwd = data.backward_fns(n)
+        recs.append(_record(data.case, "backward", "bnkernels", n, measure(bwd["bnkernels"], budget)))
+        recs.append(_record(data.case, "backward", "roofline", n, measure(bwd["roofline"], budget)))
+        with openmp_limit(n):
+            if _kernels.max_threads() == n:  # else the limit did not take (no threadpoolctl)
+                fwd = data.forward_fns(n)
+                recs.append(_record(data.case, "forward", "bnkernels", n,
+                                    measure(fwd["bnkernels"], budget)))
+    return recs
+
+
+def _scaling_cases(cases, quick):
+    if quick:
+        return cases[-1:] if cases else []
+    chosen = [c for c in cases if c.name in SCALING_CASES]
+    return chosen or sorted(cases, key=lambda c: c.nbytes)[-1:]
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+
+def _ms(seconds):
+    v = seconds * 1e3
+    if v >= 100:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    if v >= 1:
+        return "%.2f" % v
+    return "%.3f" % v
+
+
+def _index(records):
+    return {(r["case"], r["pass"], r["impl"]): r for r in records}
+
+
+def format_tables(records, cases, torch_on):
+    idx = _index(records)
+    lines = []
+    width = max([len(c.name) for c in cases] + [4])
+    for pass_, impls in (("backward", BACKWARD_IMPLS), ("forward", FORWARD_IMPLS)):
+        impls = [i for i in impls if torch_on or i != "torch"]
+        base = BASELINE[pass_]
+        ratios = [(other, "bnkernels") for other in impls if other not in ("bnkernels", "roofline")]
+        ratios.append(("bnkernels", "roofline"))
+        head = ["%-*s" % (width, "case")]
+        head += ["%9s" % i for i in impls] + ["%6s" % "iqr%"]
+        head += ["%*s" % (max(9, len(a) + len(b) + 1), "%s/%s" % (a, b)) for a, b in ratios]
+        lines.append("%s: median ms over %s; x/bnkernels > 1: bnkernels is faster; "
+                     "bnkernels/roofline 1.0 = at the memory roofline" % (pass_, base))
+        lines.append(" ".join(head))
+        for c in cases:
+            row = ["%-*s" % (width, c.name)]
+            for i in impls:
+                r = idx.get((c.name, pass_, i))
+                row.append("%9s" % (_ms(r["median_s"]) if r else "-"))
+            bk = idx.get((c.name, pass_, "bnkernels"))
+            row.append("%6s" % ("%.0f" % (100 * bk["iqr_s"] / bk["median_s"]) if bk else "-"))
+            for a, b in ratios:
+                ra, rb = idx.get((c.name, pass_, a)), idx.get((c.name, pass_, b))
+                w = max(9, len(a) + len(b) + 1)
+                row.append("%*s" % (w, "%.2f" % (ra["median_s"] / rb["median_s"]) if ra and rb
+                                    else "-"))
+            lines.append(" ".join(row))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_scaling(records):
+    if not records:
+        return ""
+    idx = {}
+    for r in records:
+        idx.setdefault((r["case"], r["pass"], r["impl"]), {})[r["threads"]] = r["median_s"]
+    lines = ["thread scaling (median ms, 1 thread -> all cores, speedup):"]
+    for case in dict.fromkeys(r["case"] for r in records):
+        parts = []
+        for pass_, impl, label in (("backward", "bnkernels", "backward"),
+                                   ("forward", "bnkernels", "forward"),
+                                   ("backward", "roofline", "roofline")):
+            t = idx.get((case, pass_, impl), {})
+            if len(t) >= 2:
+                lo, hi = min(t), max(t)
+                parts.append("%s %s -> %s (%.2fx)" % (label, _ms(t[lo]), _ms(t[hi]), t[lo] / t[hi]))
+        lines.append("  %s: %s" % (case, "   ".join(parts)))
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {"alt": "#999999", "bnkernels": "#d62728", "torch": "#1f77b4", "graph": "#555555",
+           "reference": "#555555"}
+
+
+def plot(records, cases, torch_on, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = _index(records)
+    names = [c.name for c in cases]
+    panels = [
+        ("backward", "speedup over graph (reference.backward_graph)",
+         ["alt", "bnkernels", "torch"], "graph", False),
+        ("backward", "time / roofline (read 2 arrays, write 1)", ["bnkernels", "torch"],
+         "roofline", True),
+        ("forward", "forward speedup over reference.forward", ["bnkernels", "torch"],
+         "reference", False),
+        ("forward", "forward time / roofline (read 1 array, write 1)", ["bnkernels", "torch"],
+         "roofline", True),
+    ]
+    n = len(names)
+    fig, axes = plt.subplots(2, 2, figsize=(15, 2.2 + 0.42 * n * 2), squeeze=False,
+                             layout="constrained")
+    for ax, (pass_, label, impls, ref, over) in zip(axes.ravel(), panels):
+        impls = [i for i in impls if torch_on or i != "torch"]
+        h = 0.8 / len(impls)
+        ypos = np.arange(n)
+        for k, impl in enumerate(impls):
+            vals = []
+            for name in names:
+                a, b = idx.get((name, pass_, impl)), idx.get((name, pass_, ref))
+                if a is None or b is None:
+                    vals.append(np.nan)
+                else:
+                    # speedup: ref/impl; distance to the roofline: impl/roofline
+                    vals.append(a["median_s"] / b["median_s"] if over
+                                else b["median_s"] / a["median_s"])
+            y = ypos - 0.4 + h * (k + 0.5)
+            bars = ax.barh(y, vals, height=h * 0.92, color=_COLORS[impl], label=impl)
+            for bar, v in zip(bars, vals):
+                if np.isfinite(v) and impl == "bnkernels":
+                    ax.text(bar.get_width() * 1.04, bar.get_y() + bar.get_height() / 2,
+                            "%.2gx" % v if v < 10 else "%.0fx" % v, va="center", fontsize=8,
+                            bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_yticks(ypos, names, fontsize=9)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=11)
+        ax.set_xlabel("time / roofline (1 = at the roofline; lower is better)" if over
+                      else "speedup (higher is better)")
+        ax.grid(axis="x", which="both", alpha=0.3)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, 0.5), hi * 1.6)  # room for the value labels
+    # one legend for all panels, below them, where it hides no bar
+    handles = {}
+    for ax in axes.ravel():
+        for hnd, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, hnd)
+    fig.suptitle(title, fontsize=12)
+    try:
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+                   ncol=len(handles), fontsize=10)
+    except ValueError:  # matplotlib < 3.7 has no 'outside' placement
+        axes[0, 0].legend(handles.values(), handles.keys(), loc="best", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer, got %d" % v)
+    return v
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m bnkernels bench",
+        description="Time bnkernels' batch-norm backward and forward against the NumPy "
+                    "reference, PyTorch (when installed) and a memory roofline.",
+        epilog="cases: " + ", ".join(c.name for c in CASES))
+    p.add_argument("--quick", action="store_true",
+                   help="a few small cases and fewer repeats (well under a minute); with "
+                        "--cases, the matching cases with fewer repeats")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads for every implementation (default: the OpenMP default, %d)"
+                        % _kernels.max_threads())
+    p.add_argument("--cases", metavar="PATTERN",
+                   help="comma-separated fnmatch patterns or substrings of case names, "
+                        "e.g. '2d-*-f32' or nhwc")
+    p.add_argument("--json", metavar="PATH", help="write every measurement and the machine as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of speedups and roofline distances")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    omp_default = _kernels.max_threads()  # read before torch can change the OpenMP default
+    threads = args.threads or omp_default
+    if args.cases:
+        cases = select_cases(args.cases)
+        if not cases:
+            parser.error("no case matches %r (cases: %s)"
+                         % (args.cases, ", ".join(c.name for c in CASES)))
+    else:
+        cases = [c for c in CASES if not args.quick or c.name in QUICK_CASES]
+    budget = QUICK if args.quick else FULL
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
+
+    torch = import_torch()
+    notes = []
+    if torch is None:
+        notes.append("torch not installed: its columns are left out")
+    if not have_threadpoolctl():
+        notes.append("threadpoolctl not installed: bnkernels.forward runs with the OpenMP "
+                     "default (%d threads), not --threads" % omp_default)
+    if not _kernels.openmp_enabled():
+        notes.append("bnkernels was built without OpenMP: it runs on one thread")
+    load_start = load_average()
+    if load_start is not None and load_start > 0.5 * usable_cores():
+        # other work competing for the cores stalls OpenMP threads at every barrier
+        notes.append("the machine was busy (load average %.1f on %d cores): timings are noisy, "
+                     "multi-threaded ones most" % (load_start, usable_cores()))
+    for n in notes:
+        _progress("note: " + n)
+
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    records, scaling = [], []
+    _set_torch_threads(torch, threads)
+    for k, case in enumerate(cases, 1):
+        t0 = time.perf_counter()
+        _progress("[%2d/%d] %-24s %7.1f MiB per array ..." % (k, len(cases), case.name,
+                                                             case.nbytes / 2**20))
+        data = CaseData(case)
+        records += run_case(data, threads, torch, budget)
+        del data
+        _progress("        done in %.1f s" % (time.perf_counter() - t0))
+
+    cores = usable_cores()
+    if cores > 1:
+        for case in _scaling_cases(cases, args.quick):
+            _progress("scaling %s: 1 and %d threads ..." % (case.name, cores))
+            scaling += run_scaling(CaseData(case), (1, cores), torch, budget)
+    _set_torch_threads(torch, threads)
+    elapsed = time.perf_counter() - started
+
+    info = machine_info(torch, omp_default)
+    info["load_average_start"], info["load_average_end"] = load_start, load_average()
+    print("bnkernels %s, numpy %s, torch %s; %s, %d cores; threads=%d%s" % (
+        info["bnkernels"], info["numpy"], info["torch"] or "not installed", info["cpu"],
+        info["usable_cores"], threads, "" if info["openmp"] else " (bnkernels without OpenMP)"))
+    print()
+    print(format_tables(records, cases, torch is not None), end="")
+    if scaling:
+        print(format_scaling(scaling), end="")
+    elif cores <= 1:
+        print("thread scaling: skipped, one usable core")
+    for n in notes:
+        print("note: " + n)
+    print("(%d case%s in %.0f s)" % (len(cases), "" if len(cases) == 1 else "s", elapsed))
+
+    if args.json:
+        doc = {
+            "date": date,
+            "elapsed_s": round(elapsed, 1),
+            "machine": info,
+            "settings": {"threads": threads, "quick": args.quick, "cases": args.cases,
+                         "budget_s": budget.seconds, "min_repeats": budget.min_repeats,
+                         "max_repeats": budget.max_repeats},
+            "notes": notes + ["graph, alt and reference are NumPy code: single-threaded "
+                              "whatever 'threads' says"],
+            "results": records,
+            "scaling": scaling,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        _progress("wrote %s" % args.json)
+    if args.plot:
+        plot(records, cases, torch is not None, args.plot,
+             "bnkernels %s: %s, threads=%d, %s" % (info["bnkernels"], info["cpu"], threads,
+                                                   date[:10]))
+        _progress("wrote %s" % args.plot)
+    return 0
