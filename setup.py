@@ -70,13 +70,18 @@ def openmp_flags():
 omp = openmp_flags()
 debug = _flag("BNKERNELS_DEBUG")
 compile_args = ["-O1", "-g", "-fno-omit-frame-pointer"] if debug else ["-O3"]
+# no FMA contraction: every SIMD clone of the loops gives bitwise the same results
+compile_args.append("-ffp-contract=off")
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 link_args = []
 if debug:
     compile_args += ["-fsanitize=address,undefined"]
     link_args += ["-fsanitize=address,undefined"]
 if _flag("BNKERNELS_NATIVE"):
     compile_args.append("-march=native")
-compile_args += omp
+    macros.append(("BN_NO_CLONES", "1"))
+# without OpenMP threads, still honour the `omp simd` loop annotations
+compile_args += omp or ["-fopenmp-simd"]
 link_args += omp
 
 directives = {
@@ -92,10 +97,8 @@ ext = Extension(
     "bnkernels._kernels",
     ["bnkernels/_kernels.pyx"],
     include_dirs=[np.get_include()],
-    define_macros=[
-        ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-        ("BNKERNELS_BUILD_FLAGS", '"%s"' % " ".join(compile_args)),
-    ],
+    define_macros=macros + [("BNKERNELS_BUILD_FLAGS", '"%s"' % " ".join(compile_args))],
+    depends=["bnkernels/_loops.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )

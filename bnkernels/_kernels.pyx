@@ -60,19 +60,107 @@ cdef extern from *:
     #define BNKERNELS_BUILD_FLAGS ""
     #endif
     static const char *bn_build_flags = BNKERNELS_BUILD_FLAGS;
+
+    #define BN_LANES 16
+    #define BN_PREFETCH_ROWS 8
+    #define BN_SIMD _Pragma("omp simd")
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BN_NO_CLONES)
+    #define BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    static const char *bn_simd_targets = "x86-64-v4 (AVX-512), x86-64-v3 (AVX2), x86-64 (SSE2): chosen at load";
+    #else
+    #define BN_CLONES
+    static const char *bn_simd_targets = "as compiled (no runtime dispatch)";
+    #endif
+    #if defined(__GNUC__)
+    #define bn_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #else
+    #define bn_prefetch(p) ((void)(p))
+    #endif
+
+    /* fixed-order sum of BN_LANES partial sums */
+    static inline double bn_tree(const double *a) {
+        double s[8];
+        int j;
+        for (j = 0; j < 8; j++) s[j] = a[j] + a[j + 8];
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+
+    /* the part [l0, l1) of plane n (elements n*L .. n*L+L-1) inside [e0, e1) */
+    static inline void bn_span(Py_ssize_t n, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+                               Py_ssize_t *l0, Py_ssize_t *l1) {
+        *l0 = e0 > n * L ? e0 - n * L : 0;
+        *l1 = e1 - n * L < L ? e1 - n * L : L;
+    }
+
+    #define BN_T float
+    #define BN_FN(name) name##_f
+    #include "_loops.h"
+    #undef BN_T
+    #undef BN_FN
+    #define BN_T double
+    #define BN_FN(name) name##_d
+    #include "_loops.h"
+    #undef BN_T
+    #undef BN_FN
     """
     int bn_max_threads() nogil
     int bn_has_openmp() nogil
     const char *bn_build_flags
+    const char *bn_simd_targets
+    void bn_rows_sums_f(const float *z, const float *dy, Py_ssize_t sz, Py_ssize_t sdy,
+                        Py_ssize_t nrows, Py_ssize_t cw, const double *m,
+                        double *s_dy, double *s_zm) nogil
+    void bn_rows_sums_d(const double *z, const double *dy, Py_ssize_t sz, Py_ssize_t sdy,
+                        Py_ssize_t nrows, Py_ssize_t cw, const double *m,
+                        double *s_dy, double *s_zm) nogil
+    void bn_rows_affine_f(const float *z, const float *dy, float *out,
+                          Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
+                          Py_ssize_t cw, const double *m, const double *A, const double *B,
+                          const double *Cc) nogil
+    void bn_rows_affine_d(const double *z, const double *dy, double *out,
+                          Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
+                          Py_ssize_t cw, const double *m, const double *A, const double *B,
+                          const double *Cc) nogil
+    void bn_rows_moments_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                           double *mean, double *m2, double *d1) nogil
+    void bn_rows_moments_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                           double *mean, double *m2, double *d1) nogil
+    void bn_plane_sums_f(const float *z, const float *dy, Py_ssize_t szn, Py_ssize_t szc,
+                         Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0,
+                         Py_ssize_t e1, Py_ssize_t cw, const double *m,
+                         double *s_dy, double *s_zm) nogil
+    void bn_plane_sums_d(const double *z, const double *dy, Py_ssize_t szn, Py_ssize_t szc,
+                         Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0,
+                         Py_ssize_t e1, Py_ssize_t cw, const double *m,
+                         double *s_dy, double *s_zm) nogil
+    void bn_plane_affine_f(const float *z, const float *dy, float *out,
+                           Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
+                           Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
+                           const double *B, const double *Cc) nogil
+    void bn_plane_affine_d(const double *z, const double *dy, double *out,
+                           Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
+                           Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
+                           const double *B, const double *Cc) nogil
+    void bn_plane_moments_f(const float *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
+                            Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
+                            double *mean, double *m2, double *d1) nogil
+    void bn_plane_moments_d(const double *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
+                            Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
+                            double *mean, double *m2, double *d1) nogil
+    void bn_stream_add_f(const float *a, const float *b, float *out, Py_ssize_t n) nogil
+    void bn_stream_add_d(const double *a, const double *b, double *out, Py_ssize_t n) nogil
 
 cdef enum:
-    NACC = 8                # interleaved accumulators for contiguous reductions
-    BLOCK_BYTES = 256       # width of a channel block in the rows layout
-    MAX_CB = 64             # BLOCK_BYTES / sizeof(float)
-    TASK_BYTES = 1 << 20    # input bytes per task: fits in L2 next to its output
-    SERIAL_ELEMS = 1 << 15  # below this many elements, one thread
+    LINE_BYTES = 64           # cache line
+    MIN_BLOCK_BYTES = 256     # narrowest channel block of a fused rows task
+    WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
+    TASK_BYTES = 4 << 20      # input bytes of one task: its second sweep hits L2/L3
+    PAR_TASKS = 16            # aim for this many fused tasks when the data allows
+    SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
 
-CHANNEL_BLOCK_BYTES = BLOCK_BYTES
+CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
 
 
@@ -91,28 +179,76 @@ def build_flags():
     return bn_build_flags.decode()
 
 
+def simd_targets():
+    """The instruction sets the inner loops were compiled for."""
+    return bn_simd_targets.decode()
+
+
 # ---------------------------------------------------------------------------
-# Work decomposition (shape and dtype only: never the thread count)
+# Work decomposition: from the shape and dtype only, never the thread count
 # ---------------------------------------------------------------------------
+
+cdef struct Plan:
+    Py_ssize_t cb         # channels per task
+    Py_ssize_t n_blocks
+    Py_ssize_t chunk      # rows (rows layout) or elements of a channel (planar) per task
+    Py_ssize_t n_chunks   # 1: fused, each task holds all of its channels' data
+    Py_ssize_t n_tasks    # n_blocks * n_chunks, block-major
+
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline Py_ssize_t _rows_chunk(Py_ssize_t R, Py_ssize_t cb, Py_ssize_t itemsize,
-                                   Py_ssize_t n_arrays) noexcept nogil:
-    """Rows per task so that n_arrays blocks of cb channels take TASK_BYTES."""
-    cdef Py_ssize_t rows = TASK_BYTES // (cb * itemsize * n_arrays)
-    if rows < 1:
-        rows = 1
-    return R if rows > R else rows
+cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    return lo if v < lo else (hi if v > hi else v)
 
 
-cdef inline Py_ssize_t _plane_chunk(Py_ssize_t E, Py_ssize_t itemsize,
-                                    Py_ssize_t n_arrays) noexcept nogil:
-    """Elements of one channel per task."""
-    cdef Py_ssize_t n = TASK_BYTES // (itemsize * n_arrays)
-    return E if n > E else n
+cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t isz, Py_ssize_t n_arrays) noexcept nogil:
+    cdef Plan p
+    cdef Py_ssize_t line = LINE_BYTES // isz
+    cdef Py_ssize_t min_cb = MIN_BLOCK_BYTES // isz
+    cdef Py_ssize_t fit = TASK_BYTES // (R * isz * n_arrays)   # channels whose rows fit a task
+    if fit >= min(C, min_cb):
+        p.cb = _clamp(_cdiv(_cdiv(C, PAR_TASKS), line) * line, min_cb, max(min_cb, fit // line * line))
+        p.cb = min(p.cb, C)
+        p.chunk = R
+    else:
+        p.cb = min(C, WIDE_BLOCK_BYTES // isz)
+        p.chunk = max(1, TASK_BYTES // (p.cb * isz * n_arrays))
+    p.n_blocks = _cdiv(C, p.cb)
+    p.n_chunks = _cdiv(R, p.chunk)
+    p.n_tasks = p.n_blocks * p.n_chunks
+    return p
+
+
+cdef Plan _planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
+                       Py_ssize_t n_arrays) noexcept nogil:
+    cdef Plan p
+    cdef Py_ssize_t E = N * L
+    cdef Py_ssize_t fit = TASK_BYTES // (E * isz * n_arrays)   # whole channels that fit a task
+    if fit >= 1:
+        p.cb = _clamp(_cdiv(C, PAR_TASKS), 1, fit)
+        p.chunk = E
+    else:
+        p.cb = 1
+        p.chunk = TASK_BYTES // (isz * n_arrays)
+    p.n_blocks = _cdiv(C, p.cb)
+    p.n_chunks = _cdiv(E, p.chunk)
+    p.n_tasks = p.n_blocks * p.n_chunks
+    return p
+
+
+def rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize, Py_ssize_t n_arrays):
+    """(channels_per_block, n_blocks, rows_per_chunk, n_chunks) of the rows layout."""
+    cdef Plan p = _rows_plan(R, C, itemsize, n_arrays)
+    return p.cb, p.n_blocks, p.chunk, p.n_chunks
+
+
+def planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t itemsize, Py_ssize_t n_arrays):
+    """(channels_per_block, n_blocks, elements_per_chunk, n_chunks) of the planar layout."""
+    cdef Plan p = _planar_plan(N, C, L, itemsize, n_arrays)
+    return p.cb, p.n_blocks, p.chunk, p.n_chunks
 
 
 cdef inline int _n_threads(int requested, Py_ssize_t n_tasks, Py_ssize_t n_elems) noexcept nogil:
@@ -124,17 +260,20 @@ cdef inline int _n_threads(int requested, Py_ssize_t n_tasks, Py_ssize_t n_elems
     return nt if nt > 0 else 1
 
 
-def rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize, Py_ssize_t n_arrays):
-    """(cb, n_blocks, rows_per_chunk, n_chunks) of the rows layout (for tests)."""
-    cdef Py_ssize_t cb = BLOCK_BYTES // itemsize
-    cdef Py_ssize_t chunk = _rows_chunk(R, cb, itemsize, n_arrays)
-    return cb, _cdiv(C, cb), chunk, _cdiv(R, chunk)
+cdef inline void _task(const Plan *p, Py_ssize_t t, Py_ssize_t C, Py_ssize_t extent,
+                       Py_ssize_t *c0, Py_ssize_t *cw, Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
+    """Channels [c0, c0+cw) and rows/elements [i0, i1) of task t."""
+    cdef Py_ssize_t bi = t // p.n_chunks
+    cdef Py_ssize_t ci = t - bi * p.n_chunks
+    c0[0] = bi * p.cb
+    cw[0] = min(p.cb, C - c0[0])
+    i0[0] = ci * p.chunk
+    i1[0] = min(extent, i0[0] + p.chunk)
 
 
-def planar_plan(Py_ssize_t E, Py_ssize_t itemsize, Py_ssize_t n_arrays):
-    """(elements_per_chunk, n_chunks) of the planar layout (for tests)."""
-    cdef Py_ssize_t chunk = _plane_chunk(E, itemsize, n_arrays)
-    return chunk, _cdiv(E, chunk)
+cdef inline Py_ssize_t _share(Py_ssize_t n, int tid, int nt) noexcept nogil:
+    """Start of thread tid's contiguous share of n tasks."""
+    return n * tid // nt
 
 
 # ---------------------------------------------------------------------------
@@ -175,176 +314,100 @@ cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
                              double n_b, double mean_b, double m2_b) noexcept nogil:
-    """Merge (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a) (Chan et al.)."""
+    """Merge (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a) (Chan, Golub, LeVeque)."""
     cdef double n = n_a[0] + n_b
     cdef double delta = mean_b - mean_a[0]
-    if n_b == 0:
-        return
     mean_a[0] = mean_a[0] + delta * (n_b / n)
     m2_a[0] = m2_a[0] + m2_b + delta * delta * (n_a[0] * n_b / n)
     n_a[0] = n
 
 
 # ---------------------------------------------------------------------------
-# Rows layout: (R, C), channel stride 1, row strides sz/sdy/sdx in elements
+# Rows layout: (R, C), channel stride 1, row strides in elements.
+# A task: channels [c0, c0+cw) x rows [r0, r1).  Inner loops run across the
+# channels of one row: unit stride, one accumulator per channel.
 # ---------------------------------------------------------------------------
 
-cdef void _rows_bwd_sums(const floating *z, const floating *dy, Py_ssize_t sz, Py_ssize_t sdy,
-                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t cw,
-                         const double *m, double *sum_dy, double *sum_dy_zm) noexcept nogil:
-    """sum_dy[j] := sum_r dy[r, c0+j];  sum_dy_zm[j] := sum_r dy[r, c0+j]*(z[r, c0+j] - m[c0+j])"""
-    cdef double s_dy[MAX_CB]
-    cdef double s_zm[MAX_CB]
-    cdef double mb[MAX_CB]
-    cdef Py_ssize_t r, j
-    cdef const floating *zr
-    cdef const floating *dyr
-    cdef double v
-    for j in range(cw):
-        s_dy[j] = 0.0
-        s_zm[j] = 0.0
-        mb[j] = m[c0 + j]
-    for r in range(r0, r1):
-        zr = z + r * sz + c0
-        dyr = dy + r * sdy + c0
-        for j in range(cw):
-            v = dyr[j]
-            s_dy[j] += v
-            s_zm[j] += v * (zr[j] - mb[j])
-    for j in range(cw):
-        sum_dy[j] = s_dy[j]
-        sum_dy_zm[j] = s_zm[j]
-
-
-cdef void _rows_affine(const floating *z, const floating *dy, floating *out,
-                       Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t cw,
-                       const double *m, const double *A, const double *B,
-                       const double *Cc) noexcept nogil:
-    """out[r, c] := A[c]*dy[r, c] + B[c]*(z[r, c] - m[c]) + Cc[c]   (dy may be NULL: A ignored)"""
-    cdef double ab[MAX_CB]
-    cdef double bb[MAX_CB]
-    cdef double cc[MAX_CB]
-    cdef double mb[MAX_CB]
-    cdef Py_ssize_t r, j
-    cdef const floating *zr
-    cdef const floating *dyr
-    cdef floating *outr
-    for j in range(cw):
-        ab[j] = A[c0 + j]
-        bb[j] = B[c0 + j]
-        cc[j] = Cc[c0 + j]
-        mb[j] = m[c0 + j]
-    if dy == NULL:
-        for r in range(r0, r1):
-            zr = z + r * sz + c0
-            outr = out + r * sout + c0
-            for j in range(cw):
-                outr[j] = <floating>(bb[j] * (zr[j] - mb[j]) + cc[j])
+cdef inline void _rows_sums(const floating *z, const floating *dy, Py_ssize_t sz, Py_ssize_t sdy,
+                            Py_ssize_t nrows, Py_ssize_t cw, const double *m,
+                            double *sum_dy, double *sum_dy_zm) noexcept nogil:
+    if floating is float:
+        bn_rows_sums_f(z, dy, sz, sdy, nrows, cw, m, sum_dy, sum_dy_zm)
     else:
-        for r in range(r0, r1):
-            zr = z + r * sz + c0
-            dyr = dy + r * sdy + c0
-            outr = out + r * sout + c0
-            for j in range(cw):
-                outr[j] = <floating>(ab[j] * dyr[j] + bb[j] * (zr[j] - mb[j]) + cc[j])
+        bn_rows_sums_d(z, dy, sz, sdy, nrows, cw, m, sum_dy, sum_dy_zm)
 
 
-cdef void _rows_moments(const floating *x, Py_ssize_t sx, Py_ssize_t r0, Py_ssize_t r1,
-                        Py_ssize_t c0, Py_ssize_t cw, double *mean, double *m2) noexcept nogil:
-    """Two-pass mean and sum of squared deviations of rows r0:r1, channels c0:c0+cw."""
-    cdef double s[MAX_CB]
-    cdef double d1[MAX_CB]
-    cdef double d2[MAX_CB]
-    cdef double m0[MAX_CB]
-    cdef Py_ssize_t r, j
-    cdef const floating *xr
-    cdef double d
-    cdef double n = r1 - r0
-    for j in range(cw):
-        s[j] = 0.0
-        d1[j] = 0.0
-        d2[j] = 0.0
-    for r in range(r0, r1):
-        xr = x + r * sx + c0
-        for j in range(cw):
-            s[j] += xr[j]
-    for j in range(cw):
-        m0[j] = s[j] / n
-    for r in range(r0, r1):
-        xr = x + r * sx + c0
-        for j in range(cw):
-            d = xr[j] - m0[j]
-            d1[j] += d
-            d2[j] += d * d
-    for j in range(cw):
-        # corrected two-pass: the mean is exact for a constant channel
-        mean[j] = m0[j] + d1[j] / n
-        m2[j] = d2[j] - d1[j] * d1[j] / n
-        if m2[j] < 0.0:
-            m2[j] = 0.0
+cdef inline void _rows_affine(const floating *z, const floating *dy, floating *out,
+                              Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
+                              Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *A,
+                              const double *B, const double *Cc) noexcept nogil:
+    if floating is float:
+        bn_rows_affine_f(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+    else:
+        bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+
+
+cdef inline void _rows_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                               double *mean, double *m2, double *d1) noexcept nogil:
+    if floating is float:
+        bn_rows_moments_f(x, sx, nrows, cw, mean, m2, d1)
+    else:
+        bn_rows_moments_d(x, sx, nrows, cw, mean, m2, d1)
 
 
 cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                         Py_ssize_t R, Py_ssize_t C, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
                         const double *m, const double *q, const double *g, const double *k,
                         bint train, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
-    cdef Py_ssize_t cb = BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t n_blocks = _cdiv(C, cb)
-    cdef Py_ssize_t chunk = _rows_chunk(R, cb, sizeof(floating), 2)
-    cdef Py_ssize_t n_chunks = _cdiv(R, chunk)
-    cdef Py_ssize_t n_tasks = n_blocks * n_chunks
-    cdef int nt = _n_threads(n_threads, n_tasks, R * C)
+    cdef Plan p = _rows_plan(R, C, sizeof(floating), 2)
+    cdef int nt = _n_threads(n_threads, p.n_tasks, R * C)
     cdef double inv_m = 1.0 / R
-    cdef double *A = <double *>malloc(3 * C * sizeof(double))
+    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
-    cdef double *part = NULL
-    cdef Py_ssize_t t, bi, ci, c0, cw, r0, r1, c, j
+    cdef double *part
+    cdef int tid
+    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
     B = A + C
     Cc = B + C
-    if n_chunks == 1:
+    part = Cc + C   # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    if p.n_chunks == 1:
         # fused: each block's rows stay in cache between the sums and dx
-        for t in prange(n_blocks, schedule='static', num_threads=nt):
-            c0 = t * cb
-            cw = min(cb, C - c0)
-            _rows_bwd_sums(z, dy, sz, sdy, 0, R, c0, cw, m, A + c0, B + c0)
-            for j in range(c0, c0 + cw):
-                _bwd_coefs(j, A[j], B[j], q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
-            _rows_affine(z, dy, dx, sz, sdy, sdx, 0, R, c0, cw, m, A, B, Cc)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                _rows_sums(z + r0 * sz + c0, dy + r0 * sdy + c0, sz, sdy, r1 - r0, cw, m + c0,
+                           part + c0, part + C + c0)
+                for c in range(c0, c0 + cw):
+                    _bwd_coefs(c, part[c], part[C + c], q, g, k, inv_m, train,
+                               dgamma, dbeta, A, B, Cc)
+                _rows_affine(z + r0 * sz + c0, dy + r0 * sdy + c0, dx + r0 * sdx + c0, sz, sdy, sdx,
+                             r1 - r0, cw, m + c0, A + c0, B + c0, Cc + c0)
     else:
-        part = <double *>malloc(2 * n_chunks * C * sizeof(double))
-        if part == NULL:
-            free(A)
-            return -1
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            bi = t // n_chunks
-            ci = t % n_chunks
-            c0 = bi * cb
-            cw = min(cb, C - c0)
-            r0 = ci * chunk
-            r1 = min(R, r0 + chunk)
-            _rows_bwd_sums(z, dy, sz, sdy, r0, r1, c0, cw, m,
-                           part + ci * C + c0, part + (n_chunks + ci) * C + c0)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                ci = t % p.n_chunks
+                _rows_sums(z + r0 * sz + c0, dy + r0 * sdy + c0, sz, sdy, r1 - r0, cw, m + c0,
+                           part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
         for c in range(C):
             s_dy = 0.0
             s_zm = 0.0
-            for ci in range(n_chunks):
+            for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
-                s_zm = s_zm + part[(n_chunks + ci) * C + c]
+                s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
             _bwd_coefs(c, s_dy, s_zm, q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            bi = t // n_chunks
-            ci = t % n_chunks
-            c0 = bi * cb
-            cw = min(cb, C - c0)
-            r0 = ci * chunk
-            r1 = min(R, r0 + chunk)
-            _rows_affine(z, dy, dx, sz, sdy, sdx, r0, r1, c0, cw, m, A, B, Cc)
-        free(part)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            # each thread walks its own tasks backwards: the last ones read are still cached
+            t = _share(p.n_tasks, tid + 1, nt) - 1
+            while t >= _share(p.n_tasks, tid, nt):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                _rows_affine(z + r0 * sz + c0, dy + r0 * sdy + c0, dx + r0 * sdx + c0, sz, sdy, sdx,
+                             r1 - r0, cw, m + c0, A + c0, B + c0, Cc + c0)
+                t = t - 1
     free(A)
     return 0
 
@@ -353,183 +416,103 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                        Py_ssize_t sx, Py_ssize_t sout, bint train, double eps, bint std_mode,
                        const double *gamma, const double *beta,
                        double *mean, double *var, double *invstd, int n_threads) noexcept nogil:
-    """train: mean, var, invstd := batch statistics; always out := gamma*invstd*(x - mean) + beta"""
-    cdef Py_ssize_t cb = BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t n_blocks = _cdiv(C, cb)
-    cdef Py_ssize_t chunk = _rows_chunk(R, cb, sizeof(floating), 1)
-    cdef Py_ssize_t n_chunks = _cdiv(R, chunk) if train else 1
-    cdef Py_ssize_t n_tasks = n_blocks * n_chunks
-    cdef int nt = _n_threads(n_threads, n_tasks, R * C)
-    cdef double *G = <double *>malloc(2 * C * sizeof(double))
-    cdef double *dummy
-    cdef double *part = NULL
-    cdef Py_ssize_t t, bi, ci, c0, cw, r0, r1, c, j
+    """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
+    cdef Plan p = _rows_plan(R, C, sizeof(floating), 1)
+    cdef int nt
+    cdef double *G = <double *>malloc((2 + 3 * p.n_chunks) * C * sizeof(double))
+    cdef double *part
+    cdef int tid
+    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
     cdef double n_a, mean_a, m2_a
     if G == NULL:
         return -1
-    dummy = G + C   # A of the affine pass, unused without dy
-    for c in range(C):
-        dummy[c] = 0.0
+    part = G + C    # [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch, [C] zeros
+    if not train:
+        p.chunk = R
+        p.n_chunks = 1
+        p.n_tasks = p.n_blocks
+    nt = _n_threads(n_threads, p.n_tasks, R * C)
     if not train:
         for c in range(C):
             G[c] = gamma[c] * invstd[c]
-        for t in prange(n_blocks, schedule='static', num_threads=nt):
-            c0 = t * cb
-            cw = min(cb, C - c0)
-            _rows_affine(x, <const floating *>NULL, out, sx, 0, sout, 0, R, c0, cw, mean, dummy, G, beta)
-    elif n_chunks == 1:
-        for t in prange(n_blocks, schedule='static', num_threads=nt):
-            c0 = t * cb
-            cw = min(cb, C - c0)
-            _rows_moments(x, sx, 0, R, c0, cw, mean + c0, var + c0)
-            for j in range(c0, c0 + cw):
-                _fwd_finish(j, mean[j], var[j], R, eps, std_mode, gamma, mean, var, invstd, G)
-            _rows_affine(x, <const floating *>NULL, out, sx, 0, sout, 0, R, c0, cw, mean, dummy, G, beta)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
+                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
+    elif p.n_chunks == 1:
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                _rows_moments(x + r0 * sx + c0, sx, r1 - r0, cw, mean + c0, var + c0, part + c0)
+                for c in range(c0, c0 + cw):
+                    _fwd_finish(c, mean[c], var[c], R, eps, std_mode, gamma, mean, var, invstd, G)
+                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
+                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
     else:
-        part = <double *>malloc(2 * n_chunks * C * sizeof(double))
-        if part == NULL:
-            free(G)
-            return -1
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            bi = t // n_chunks
-            ci = t % n_chunks
-            c0 = bi * cb
-            cw = min(cb, C - c0)
-            r0 = ci * chunk
-            r1 = min(R, r0 + chunk)
-            _rows_moments(x, sx, r0, r1, c0, cw,
-                          part + ci * C + c0, part + (n_chunks + ci) * C + c0)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                ci = t % p.n_chunks
+                _rows_moments(x + r0 * sx + c0, sx, r1 - r0, cw, part + ci * C + c0,
+                              part + (p.n_chunks + ci) * C + c0,
+                              part + (2 * p.n_chunks + ci) * C + c0)
         for c in range(C):
-            n_a = min(chunk, R)
+            n_a = min(p.chunk, R)
             mean_a = part[c]
-            m2_a = part[n_chunks * C + c]
-            for ci in range(1, n_chunks):
-                _chan_merge(&n_a, &mean_a, &m2_a, min(chunk, R - ci * chunk),
-                            part[ci * C + c], part[(n_chunks + ci) * C + c])
+            m2_a = part[p.n_chunks * C + c]
+            for ci in range(1, p.n_chunks):
+                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk),
+                            part[ci * C + c], part[(p.n_chunks + ci) * C + c])
             _fwd_finish(c, mean_a, m2_a, R, eps, std_mode, gamma, mean, var, invstd, G)
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            bi = t // n_chunks
-            ci = t % n_chunks
-            c0 = bi * cb
-            cw = min(cb, C - c0)
-            r0 = ci * chunk
-            r1 = min(R, r0 + chunk)
-            _rows_affine(x, <const floating *>NULL, out, sx, 0, sout, r0, r1, c0, cw, mean, dummy, G, beta)
-        free(part)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            t = _share(p.n_tasks, tid + 1, nt) - 1
+            while t >= _share(p.n_tasks, tid, nt):
+                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
+                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
+                t = t - 1
     free(G)
     return 0
 
 
 # ---------------------------------------------------------------------------
-# Planar layout: (N, C, L), each plane contiguous; strides sn/sc in elements.
-# A channel's elements are numbered e = n*L + l; a task covers [e0, e1).
+# Planar layout: (N, C, L), each (n, c) plane of L contiguous; strides in elements.
+# A channel's elements are numbered e = n*L + l.  A task: channels [c0, c0+cw) x
+# elements [e0, e1); for each n it walks the planes of its channels, which are
+# adjacent in memory for NCHW, so small planes still make long runs.
 # ---------------------------------------------------------------------------
 
-cdef inline double _tree8(const double *a) noexcept nogil:
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+cdef inline void _plane_sums(const floating *z, const floating *dy, Py_ssize_t szn, Py_ssize_t szc,
+                             Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0,
+                             Py_ssize_t e1, Py_ssize_t cw, const double *m,
+                             double *sum_dy, double *sum_dy_zm) noexcept nogil:
+    if floating is float:
+        bn_plane_sums_f(z, dy, szn, szc, sdyn, sdyc, L, e0, e1, cw, m, sum_dy, sum_dy_zm)
+    else:
+        bn_plane_sums_d(z, dy, szn, szc, sdyn, sdyc, L, e0, e1, cw, m, sum_dy, sum_dy_zm)
 
 
-cdef void _plane_bwd_sums(const floating *z, const floating *dy,
-                          Py_ssize_t szn, Py_ssize_t sdyn, Py_ssize_t L,
-                          Py_ssize_t e0, Py_ssize_t e1, double m,
-                          double *sum_dy, double *sum_dy_zm) noexcept nogil:
-    cdef double a_dy[NACC]
-    cdef double a_zm[NACC]
-    cdef Py_ssize_t n, l0, l1, i, j, n8
-    cdef const floating *zp
-    cdef const floating *dyp
-    cdef double v
-    for j in range(NACC):
-        a_dy[j] = 0.0
-        a_zm[j] = 0.0
-    n = e0 // L
-    while n * L < e1:
-        l0 = e0 - n * L if e0 > n * L else 0
-        l1 = e1 - n * L if e1 - n * L < L else L
-        zp = z + n * szn + l0
-        dyp = dy + n * sdyn + l0
-        n8 = (l1 - l0) // NACC * NACC
-        for i in range(0, n8, 8):  # 8 == NACC
-            for j in range(NACC):
-                v = dyp[i + j]
-                a_dy[j] += v
-                a_zm[j] += v * (zp[i + j] - m)
-        for i in range(n8, l1 - l0):
-            v = dyp[i]
-            a_dy[0] += v
-            a_zm[0] += v * (zp[i] - m)
-        n += 1
-    sum_dy[0] = _tree8(a_dy)
-    sum_dy_zm[0] = _tree8(a_zm)
+cdef inline void _plane_affine(const floating *z, const floating *dy, floating *out,
+                               Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
+                               Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
+                               Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
+                               const double *B, const double *Cc) noexcept nogil:
+    if floating is float:
+        bn_plane_affine_f(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
+                          m, A, B, Cc)
+    else:
+        bn_plane_affine_d(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
+                          m, A, B, Cc)
 
 
-cdef void _plane_affine(const floating *z, const floating *dy, floating *out,
-                        Py_ssize_t szn, Py_ssize_t sdyn, Py_ssize_t soutn, Py_ssize_t L,
-                        Py_ssize_t e0, Py_ssize_t e1, double m,
-                        double a, double b, double cc) noexcept nogil:
-    """out := a*dy + b*(z - m) + cc over elements e0:e1 of one channel (dy may be NULL)"""
-    cdef Py_ssize_t n, l0, l1, i
-    cdef const floating *zp
-    cdef const floating *dyp
-    cdef floating *op
-    n = e0 // L
-    while n * L < e1:
-        l0 = e0 - n * L if e0 > n * L else 0
-        l1 = e1 - n * L if e1 - n * L < L else L
-        zp = z + n * szn
-        op = out + n * soutn
-        if dy == NULL:
-            for i in range(l0, l1):
-                op[i] = <floating>(b * (zp[i] - m) + cc)
-        else:
-            dyp = dy + n * sdyn
-            for i in range(l0, l1):
-                op[i] = <floating>(a * dyp[i] + b * (zp[i] - m) + cc)
-        n += 1
-
-
-cdef void _plane_moments(const floating *x, Py_ssize_t sxn, Py_ssize_t L,
-                         Py_ssize_t e0, Py_ssize_t e1, double *mean, double *m2) noexcept nogil:
-    cdef double acc[NACC]
-    cdef double acc2[NACC]
-    cdef Py_ssize_t n, l0, l1, i, j, n8
-    cdef const floating *xp
-    cdef double m0 = 0.0, d, d1, cnt = e1 - e0
-    cdef int pass_
-    for pass_ in range(2):
-        for j in range(NACC):
-            acc[j] = 0.0
-            acc2[j] = 0.0
-        n = e0 // L
-        while n * L < e1:
-            l0 = e0 - n * L if e0 > n * L else 0
-            l1 = e1 - n * L if e1 - n * L < L else L
-            xp = x + n * sxn + l0
-            n8 = (l1 - l0) // NACC * NACC
-            if pass_ == 0:
-                for i in range(0, n8, 8):  # 8 == NACC
-                    for j in range(NACC):
-                        acc[j] += xp[i + j]
-                for i in range(n8, l1 - l0):
-                    acc[0] += xp[i]
-            else:
-                for i in range(0, n8, 8):  # 8 == NACC
-                    for j in range(NACC):
-                        d = xp[i + j] - m0
-                        acc[j] += d
-                        acc2[j] += d * d
-                for i in range(n8, l1 - l0):
-                    d = xp[i] - m0
-                    acc[0] += d
-                    acc2[0] += d * d
-            n += 1
-        if pass_ == 0:
-            m0 = _tree8(acc) / cnt
-    d1 = _tree8(acc)
-    mean[0] = m0 + d1 / cnt
-    m2[0] = _tree8(acc2) - d1 * d1 / cnt
-    if m2[0] < 0.0:
-        m2[0] = 0.0
+cdef inline void _plane_moments(const floating *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
+                                Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
+                                double *mean, double *m2, double *d1) noexcept nogil:
+    if floating is float:
+        bn_plane_moments_f(x, sxn, sxc, L, e0, e1, cw, mean, m2, d1)
+    else:
+        bn_plane_moments_d(x, sxn, sxc, L, e0, e1, cw, mean, m2, d1)
 
 
 cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
@@ -539,46 +522,53 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                          const double *m, const double *q, const double *g, const double *k,
                          bint train, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
     cdef Py_ssize_t E = N * L
-    cdef Py_ssize_t chunk = _plane_chunk(E, sizeof(floating), 2)
-    cdef Py_ssize_t n_chunks = _cdiv(E, chunk)
-    cdef Py_ssize_t n_tasks = C * n_chunks
-    cdef int nt = _n_threads(n_threads, n_tasks, E * C)
+    cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 2)
+    cdef int nt = _n_threads(n_threads, p.n_tasks, E * C)
     cdef double inv_m = 1.0 / E
-    cdef double *A = <double *>malloc((3 + 2 * n_chunks) * C * sizeof(double))
+    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
     cdef double *part
-    cdef Py_ssize_t t, c, ci, e0
+    cdef int tid
+    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
     B = A + C
     Cc = B + C
-    part = Cc + C
-    if n_chunks == 1:
-        for c in prange(C, schedule='static', num_threads=nt):
-            _plane_bwd_sums(z + c * szc, dy + c * sdyc, szn, sdyn, L, 0, E, m[c], A + c, B + c)
-            _bwd_coefs(c, A[c], B[c], q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
-            _plane_affine(z + c * szc, dy + c * sdyc, dx + c * sdxc, szn, sdyn, sdxn, L,
-                          0, E, m[c], A[c], B[c], Cc[c])
+    part = Cc + C   # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    if p.n_chunks == 1:
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
+                            part + c0, part + C + c0)
+                for c in range(c0, c0 + cw):
+                    _bwd_coefs(c, part[c], part[C + c], q, g, k, inv_m, train,
+                               dgamma, dbeta, A, B, Cc)
+                _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
     else:
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            c = t // n_chunks
-            e0 = (t % n_chunks) * chunk
-            _plane_bwd_sums(z + c * szc, dy + c * sdyc, szn, sdyn, L, e0, min(E, e0 + chunk),
-                            m[c], part + 2 * t, part + 2 * t + 1)
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                ci = t % p.n_chunks
+                _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
+                            part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
         for c in range(C):
             s_dy = 0.0
             s_zm = 0.0
-            for ci in range(n_chunks):
-                s_dy = s_dy + part[2 * (c * n_chunks + ci)]
-                s_zm = s_zm + part[2 * (c * n_chunks + ci) + 1]
+            for ci in range(p.n_chunks):
+                s_dy = s_dy + part[ci * C + c]
+                s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
             _bwd_coefs(c, s_dy, s_zm, q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            c = t // n_chunks
-            e0 = (t % n_chunks) * chunk
-            _plane_affine(z + c * szc, dy + c * sdyc, dx + c * sdxc, szn, sdyn, sdxn, L,
-                          e0, min(E, e0 + chunk), m[c], A[c], B[c], Cc[c])
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            t = _share(p.n_tasks, tid + 1, nt) - 1
+            while t >= _share(p.n_tasks, tid, nt):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
+                t = t - 1
     free(A)
     return 0
 
@@ -589,46 +579,63 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                         const double *gamma, const double *beta,
                         double *mean, double *var, double *invstd, int n_threads) noexcept nogil:
     cdef Py_ssize_t E = N * L
-    cdef Py_ssize_t chunk = _plane_chunk(E, sizeof(floating), 1)
-    cdef Py_ssize_t n_chunks = _cdiv(E, chunk) if train else 1
-    cdef Py_ssize_t n_tasks = C * n_chunks
-    cdef int nt = _n_threads(n_threads, n_tasks, E * C)
-    cdef double *G = <double *>malloc((1 + 2 * n_chunks) * C * sizeof(double))
+    cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 1)
+    cdef int nt
+    cdef double *G = <double *>malloc((1 + 3 * p.n_chunks) * C * sizeof(double))
     cdef double *part
-    cdef Py_ssize_t t, c, ci, e0
+    cdef int tid
+    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double n_a, mean_a, m2_a
     if G == NULL:
         return -1
-    part = G + C
+    part = G + C    # [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch
+    if not train and p.n_chunks > 1:   # elementwise: whole channels per task are fine
+        p.cb = 1
+        p.chunk = E
+        p.n_chunks = 1
+        p.n_blocks = C
+        p.n_tasks = C
+    nt = _n_threads(n_threads, p.n_tasks, E * C)
     if not train:
-        for c in prange(C, schedule='static', num_threads=nt):
-            G[c] = gamma[c] * invstd[c]
-            _plane_affine(x + c * sxc, <const floating *>NULL, out + c * soutc, sxn, 0, soutn, L,
-                          0, E, mean[c], 0.0, G[c], beta[c])
-    elif n_chunks == 1:
-        for c in prange(C, schedule='static', num_threads=nt):
-            _plane_moments(x + c * sxc, sxn, L, 0, E, mean + c, var + c)
-            _fwd_finish(c, mean[c], var[c], E, eps, std_mode, gamma, mean, var, invstd, G)
-            _plane_affine(x + c * sxc, <const floating *>NULL, out + c * soutc, sxn, 0, soutn, L,
-                          0, E, mean[c], 0.0, G[c], beta[c])
-    else:
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            c = t // n_chunks
-            e0 = (t % n_chunks) * chunk
-            _plane_moments(x + c * sxc, sxn, L, e0, min(E, e0 + chunk), part + 2 * t, part + 2 * t + 1)
         for c in range(C):
-            n_a = min(chunk, E)
-            mean_a = part[2 * c * n_chunks]
-            m2_a = part[2 * c * n_chunks + 1]
-            for ci in range(1, n_chunks):
-                _chan_merge(&n_a, &mean_a, &m2_a, min(chunk, E - ci * chunk),
-                            part[2 * (c * n_chunks + ci)], part[2 * (c * n_chunks + ci) + 1])
+            G[c] = gamma[c] * invstd[c]
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
+                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+    elif p.n_chunks == 1:
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, mean + c0, var + c0, part + c0)
+                for c in range(c0, c0 + cw):
+                    _fwd_finish(c, mean[c], var[c], E, eps, std_mode, gamma, mean, var, invstd, G)
+                _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
+                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+    else:
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                ci = t % p.n_chunks
+                _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, part + ci * C + c0,
+                               part + (p.n_chunks + ci) * C + c0,
+                               part + (2 * p.n_chunks + ci) * C + c0)
+        for c in range(C):
+            n_a = min(p.chunk, E)
+            mean_a = part[c]
+            m2_a = part[p.n_chunks * C + c]
+            for ci in range(1, p.n_chunks):
+                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, E - ci * p.chunk),
+                            part[ci * C + c], part[(p.n_chunks + ci) * C + c])
             _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, gamma, mean, var, invstd, G)
-        for t in prange(n_tasks, schedule='static', num_threads=nt):
-            c = t // n_chunks
-            e0 = (t % n_chunks) * chunk
-            _plane_affine(x + c * sxc, <const floating *>NULL, out + c * soutc, sxn, 0, soutn, L,
-                          e0, min(E, e0 + chunk), mean[c], 0.0, G[c], beta[c])
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            t = _share(p.n_tasks, tid + 1, nt) - 1
+            while t >= _share(p.n_tasks, tid, nt):
+                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
+                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+                t = t - 1
     free(G)
     return 0
 
@@ -755,9 +762,15 @@ def forward_planar(cnp.ndarray x, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, P
 
 cdef void _stream_add(const floating *a, const floating *b, floating *out,
                       Py_ssize_t n, int nt) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in prange(n, schedule='static', num_threads=nt):
-        out[i] = a[i] + b[i]
+    cdef int tid
+    cdef Py_ssize_t lo, hi
+    for tid in prange(nt, schedule='static', num_threads=nt):
+        lo = _share(n, tid, nt)
+        hi = _share(n, tid + 1, nt)
+        if floating is float:
+            bn_stream_add_f(a + lo, b + lo, out + lo, hi - lo)
+        else:
+            bn_stream_add_d(a + lo, b + lo, out + lo, hi - lo)
 
 
 def stream_add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads=0):

@@ -1,0 +1,316 @@
+/* Innermost loops of the batch-norm kernels, included by _kernels.pyx once per dtype.
+ *
+ * Before including, define BN_T (float or double) and BN_FN(name) (a suffix per dtype).
+ * The loops are C so they can say what Cython cannot: `restrict` (inputs, outputs and
+ * accumulators never alias) and `omp simd` (vectorize this loop).  Reductions over a
+ * contiguous run keep BN_LANES independent float64 accumulators, one per vector lane,
+ * summed by a fixed tree at the end: the order of every sum is fixed by the code, not by
+ * the vector width or the thread count.  BN_CLONES compiles each task-level function for
+ * AVX-512, AVX2 and baseline x86-64 and picks one when the module loads; with
+ * -ffp-contract=off all of them give bitwise the same results.
+ *
+ * Conventions: z is x (or xhat for a seed-style cache) and m its per-channel shift;
+ * every loop forms (z - m) in float64.  Pointers are already offset to the task's
+ * first channel; strides are in elements.
+ */
+
+/* ---- rows layout: nrows rows of cw contiguous channels ---- */
+
+/* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j])
+ * Rows go four at a time so each accumulator is loaded and stored once per four rows;
+ * the additions stay in row order. */
+static BN_CLONES void BN_FN(bn_rows_sums)(
+    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+    Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
+    double *restrict s_dy, double *restrict s_zm)
+{
+    /* narrow blocks of long rows stride past the hardware prefetcher: fetch ahead */
+    const int pf = cw * (Py_ssize_t)sizeof(BN_T) <= 1024 && (sz != cw || sdy != cw);
+    Py_ssize_t r = 0, j, b, k;
+    for (j = 0; j < cw; j++) {
+        s_dy[j] = 0.0;
+        s_zm[j] = 0.0;
+    }
+    for (; r + 4 <= nrows; r += 4) {
+        const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
+        const BN_T *restrict z2 = z1 + sz, *restrict z3 = z2 + sz;
+        const BN_T *restrict d0 = dy + r * sdy, *restrict d1 = d0 + sdy;
+        const BN_T *restrict d2 = d1 + sdy, *restrict d3 = d2 + sdy;
+        if (pf && r + BN_PREFETCH_ROWS + 4 <= nrows) {
+            for (k = BN_PREFETCH_ROWS; k < BN_PREFETCH_ROWS + 4; k++)
+                for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
+                    bn_prefetch(z0 + k * sz + b);
+                    bn_prefetch(d0 + k * sdy + b);
+                }
+        }
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            const double mj = m[j];
+            const double v0 = d0[j], v1 = d1[j], v2 = d2[j], v3 = d3[j];
+            double a = s_dy[j], c = s_zm[j];
+            a += v0;
+            c += v0 * ((double)z0[j] - mj);
+            a += v1;
+            c += v1 * ((double)z1[j] - mj);
+            a += v2;
+            c += v2 * ((double)z2[j] - mj);
+            a += v3;
+            c += v3 * ((double)z3[j] - mj);
+            s_dy[j] = a;
+            s_zm[j] = c;
+        }
+    }
+    for (; r < nrows; r++) {
+        const BN_T *restrict zr = z + r * sz;
+        const BN_T *restrict dyr = dy + r * sdy;
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            double v = dyr[j];
+            s_dy[j] += v;
+            s_zm[j] += v * ((double)zr[j] - m[j]);
+        }
+    }
+}
+
+/* out[r, j] := A[j]*dy[r, j] + B[j]*(z[r, j] - m[j]) + Cc[j];  without dy: no A term.
+ * Two rows at a time: the coefficients are loaded once for both. */
+static BN_CLONES void BN_FN(bn_rows_affine)(
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
+    Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw,
+    const double *restrict m, const double *restrict A, const double *restrict B,
+    const double *restrict Cc)
+{
+    Py_ssize_t r = 0, j;
+    if (dy == NULL) {
+        for (; r + 2 <= nrows; r += 2) {
+            const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
+            BN_T *restrict o0 = out + r * sout, *restrict o1 = o0 + sout;
+            BN_SIMD
+            for (j = 0; j < cw; j++) {
+                const double mj = m[j], bj = B[j], cj = Cc[j];
+                o0[j] = (BN_T)(bj * ((double)z0[j] - mj) + cj);
+                o1[j] = (BN_T)(bj * ((double)z1[j] - mj) + cj);
+            }
+        }
+        for (; r < nrows; r++) {
+            const BN_T *restrict zr = z + r * sz;
+            BN_T *restrict outr = out + r * sout;
+            BN_SIMD
+            for (j = 0; j < cw; j++)
+                outr[j] = (BN_T)(B[j] * ((double)zr[j] - m[j]) + Cc[j]);
+        }
+        return;
+    }
+    for (; r + 2 <= nrows; r += 2) {
+        const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
+        const BN_T *restrict d0 = dy + r * sdy, *restrict d1 = d0 + sdy;
+        BN_T *restrict o0 = out + r * sout, *restrict o1 = o0 + sout;
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            const double mj = m[j], aj = A[j], bj = B[j], cj = Cc[j];
+            o0[j] = (BN_T)(aj * (double)d0[j] + bj * ((double)z0[j] - mj) + cj);
+            o1[j] = (BN_T)(aj * (double)d1[j] + bj * ((double)z1[j] - mj) + cj);
+        }
+    }
+    for (; r < nrows; r++) {
+        const BN_T *restrict zr = z + r * sz;
+        const BN_T *restrict dyr = dy + r * sdy;
+        BN_T *restrict outr = out + r * sout;
+        BN_SIMD
+        for (j = 0; j < cw; j++)
+            outr[j] = (BN_T)(A[j] * (double)dyr[j] + B[j] * ((double)zr[j] - m[j]) + Cc[j]);
+    }
+}
+
+/* Corrected two-pass mean and M2 = sum (x - mean)^2 over nrows rows; d1: scratch of cw.
+ * The correction makes the mean exact for a constant channel; M2 is clamped at 0. */
+static BN_CLONES void BN_FN(bn_rows_moments)(
+    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+    double *restrict mean, double *restrict m2, double *restrict d1)
+{
+    const int pf = cw * (Py_ssize_t)sizeof(BN_T) <= 1024 && sx != cw;
+    const double n = (double)nrows;
+    Py_ssize_t r, j, b;
+    for (j = 0; j < cw; j++) {
+        mean[j] = 0.0;
+        m2[j] = 0.0;
+        d1[j] = 0.0;
+    }
+    for (r = 0; r < nrows; r++) {
+        const BN_T *restrict xr = x + r * sx;
+        if (pf && r + BN_PREFETCH_ROWS < nrows)
+            for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T))
+                bn_prefetch(xr + BN_PREFETCH_ROWS * sx + b);
+        BN_SIMD
+        for (j = 0; j < cw; j++)
+            mean[j] += (double)xr[j];
+    }
+    for (j = 0; j < cw; j++)
+        mean[j] /= n;
+    for (r = 0; r < nrows; r++) {
+        const BN_T *restrict xr = x + r * sx;
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            double d = (double)xr[j] - mean[j];
+            d1[j] += d;
+            m2[j] += d * d;
+        }
+    }
+    for (j = 0; j < cw; j++) {
+        mean[j] += d1[j] / n;
+        m2[j] -= d1[j] * d1[j] / n;
+        if (m2[j] < 0.0)
+            m2[j] = 0.0;
+    }
+}
+
+/* ---- planar layout: runs of contiguous elements ---- */
+
+/* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n */
+static inline void BN_FN(bn_run_sums)(
+    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t n, double m,
+    double *restrict s_dy, double *restrict s_zm)
+{
+    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
+    Py_ssize_t i = 0, j;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        BN_SIMD
+        for (j = 0; j < BN_LANES; j++) {
+            double v = dy[i + j];
+            a[j] += v;
+            b[j] += v * ((double)z[i + j] - m);
+        }
+    }
+    for (j = 0; i < n; i++, j++) {
+        double v = dy[i];
+        a[j] += v;
+        b[j] += v * ((double)z[i] - m);
+    }
+    *s_dy += bn_tree(a);
+    *s_zm += bn_tree(b);
+}
+
+/* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2 (if s2)  over a run of n */
+static inline void BN_FN(bn_run_moments)(
+    const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
+{
+    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
+    Py_ssize_t i = 0, j;
+    if (s2 == NULL) {
+        for (; i + BN_LANES <= n; i += BN_LANES) {
+            BN_SIMD
+            for (j = 0; j < BN_LANES; j++)
+                a[j] += (double)x[i + j];
+        }
+        for (j = 0; i < n; i++, j++)
+            a[j] += (double)x[i];
+    } else {
+        for (; i + BN_LANES <= n; i += BN_LANES) {
+            BN_SIMD
+            for (j = 0; j < BN_LANES; j++) {
+                double d = (double)x[i + j] - m0;
+                a[j] += d;
+                b[j] += d * d;
+            }
+        }
+        for (j = 0; i < n; i++, j++) {
+            double d = (double)x[i] - m0;
+            a[j] += d;
+            b[j] += d * d;
+        }
+        *s2 += bn_tree(b);
+    }
+    *s1 += bn_tree(a);
+}
+
+/* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c */
+static BN_CLONES void BN_FN(bn_plane_sums)(
+    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t szn, Py_ssize_t szc,
+    Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+    Py_ssize_t cw, const double *restrict m, double *restrict s_dy, double *restrict s_zm)
+{
+    Py_ssize_t n, c, l0, l1;
+    for (c = 0; c < cw; c++) {
+        s_dy[c] = 0.0;
+        s_zm[c] = 0.0;
+    }
+    for (n = e0 / L; n * L < e1; n++) {
+        bn_span(n, L, e0, e1, &l0, &l1);
+        for (c = 0; c < cw; c++)
+            BN_FN(bn_run_sums)(z + n * szn + c * szc + l0, dy + n * sdyn + c * sdyc + l0,
+                               l1 - l0, m[c], s_dy + c, s_zm + c);
+    }
+}
+
+/* out := A[c]*dy + B[c]*(z - m[c]) + Cc[c] over elements [e0, e1); without dy: no A term */
+static BN_CLONES void BN_FN(bn_plane_affine)(
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
+    Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
+    Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+    Py_ssize_t cw, const double *restrict m, const double *restrict A,
+    const double *restrict B, const double *restrict Cc)
+{
+    Py_ssize_t n, c, l0, l1, i;
+    for (n = e0 / L; n * L < e1; n++) {
+        bn_span(n, L, e0, e1, &l0, &l1);
+        for (c = 0; c < cw; c++) {
+            const BN_T *restrict zp = z + n * szn + c * szc;
+            BN_T *restrict op = out + n * soutn + c * soutc;
+            const double mc = m[c], a = A[c], b = B[c], cc = Cc[c];
+            if (dy == NULL) {
+                BN_SIMD
+                for (i = l0; i < l1; i++)
+                    op[i] = (BN_T)(b * ((double)zp[i] - mc) + cc);
+            } else {
+                const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
+                BN_SIMD
+                for (i = l0; i < l1; i++)
+                    op[i] = (BN_T)(a * (double)dyp[i] + b * ((double)zp[i] - mc) + cc);
+            }
+        }
+    }
+}
+
+/* Corrected two-pass mean and M2 of cw channels over elements [e0, e1); d1: scratch of cw. */
+static BN_CLONES void BN_FN(bn_plane_moments)(
+    const BN_T *restrict x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
+    Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
+    double *restrict mean, double *restrict m2, double *restrict d1)
+{
+    const double cnt = (double)(e1 - e0);
+    Py_ssize_t n, c, l0, l1;
+    for (c = 0; c < cw; c++) {
+        mean[c] = 0.0;
+        m2[c] = 0.0;
+        d1[c] = 0.0;
+    }
+    for (n = e0 / L; n * L < e1; n++) {
+        bn_span(n, L, e0, e1, &l0, &l1);
+        for (c = 0; c < cw; c++)
+            BN_FN(bn_run_moments)(x + n * sxn + c * sxc + l0, l1 - l0, 0.0, mean + c, NULL);
+    }
+    for (c = 0; c < cw; c++)
+        mean[c] /= cnt;
+    for (n = e0 / L; n * L < e1; n++) {
+        bn_span(n, L, e0, e1, &l0, &l1);
+        for (c = 0; c < cw; c++)
+            BN_FN(bn_run_moments)(x + n * sxn + c * sxc + l0, l1 - l0, mean[c], d1 + c, m2 + c);
+    }
+    for (c = 0; c < cw; c++) {
+        mean[c] += d1[c] / cnt;
+        m2[c] -= d1[c] * d1[c] / cnt;
+        if (m2[c] < 0.0)
+            m2[c] = 0.0;
+    }
+}
+
+/* out := a + b: the roofline pass of the benchmark (read two arrays, write one) */
+static BN_CLONES void BN_FN(bn_stream_add)(
+    const BN_T *restrict a, const BN_T *restrict b, BN_T *restrict out, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    BN_SIMD
+    for (i = 0; i < n; i++)
+        out[i] = a[i] + b[i];
+}
+
