@@ -207,9 +207,10 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
 # ---------------------------------------------------------------------------
 
 def _unpack(cache):
-    """(z, axis, train, m, q, g, k) from a forward() cache or a seed-style dict.
+    """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train).
 
-    dx = g*dy + B*(z - m) + Cc with B = -g*k*sum(dy*(z-m))/M; dgamma = q*sum(dy*(z-m)).
+    z is the cached x, with mean and scale = invstd; or, for a seed-style cache, x_hat
+    with mean 0 and scale = denom.  The kernels derive the coefficients from these.
     """
     if not isinstance(cache, dict):
         raise TypeError("cache must be the dict returned by bnkernels.forward, got %s"
@@ -223,17 +224,9 @@ def _unpack(cache):
         _float_dtype("cache['x']", z)
         ax = _channel_axis(cache["axis"], z.ndim)
         C = z.shape[ax]
-        invstd = _f64(_per_channel("cache['invstd']", cache["invstd"], C, z.shape))
-        m = _f64(_per_channel("cache['mean']", cache["mean"], C, z.shape))
-        gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
-        train = cache["mode"] == "train"
-        if cache["eps_mode"] == "std":
-            std = np.sqrt(_f64(_per_channel("cache['var']", cache["var"], C, z.shape)))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                k = np.where(std > 0, invstd / std, 0.0)
-        else:
-            k = invstd * invstd
-        return z, ax, train, m, invstd, gamma * invstd, k
+        vecs = [_f64(_per_channel("cache[%r]" % key, cache[key], C, z.shape))
+                for key in ("mean", "invstd", "gamma", "var")]
+        return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
     if all(key in cache for key in _SEED_KEYS):
         z = np.asarray(cache["x_hat"])
         _float_dtype("cache['x_hat']", z)
@@ -243,8 +236,8 @@ def _unpack(cache):
         C = z.shape[1]
         denom = _f64(_per_channel("cache['denom']", cache["denom"], C, z.shape))
         gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
-        ones = np.ones(C)
-        return z, 1, True, np.zeros(C), ones, gamma / denom, ones
+        zeros = np.zeros(C)
+        return z, 1, [zeros, denom, gamma, zeros], True, False, True
     raise ValueError("cache must come from bnkernels.forward (keys %s) or be a seed-style dict "
                      "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS)))
 
@@ -280,7 +273,7 @@ def backward(dout, cache, *, num_threads=None):
     with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'``.  Test mode
     (running statistics): ``dx = gamma/d * dy``.
     """
-    z, ax, train, m, q, g, k = _unpack(cache)
+    z, ax, vecs, xhat_form, std_mode, train = _unpack(cache)
     dout = np.asarray(dout)
     _float_dtype("dout", dout)
     if dout.shape != z.shape:
@@ -303,12 +296,12 @@ def backward(dout, cache, *, num_threads=None):
         lay = choose([zk, dyk, dxk], 1)
     if lay[0] == "rows":
         _, R, _, (sz, sdy, sdx) = lay
-        _kernels.backward_rows(zk, dyk, dxk, R, C, sz, sdy, sdx, m, q, g, k, train,
-                               dgamma, dbeta, nt)
+        _kernels.backward_rows(zk, dyk, dxk, R, C, sz, sdy, sdx, *vecs, xhat_form, std_mode,
+                               train, dgamma, dbeta, nt)
     else:
         _, N, _, L, ((szn, szc), (sdyn, sdyc), (sdxn, sdxc)) = lay
         _kernels.backward_planar(zk, dyk, dxk, N, C, L, szn, szc, sdyn, sdyc, sdxn, sdxc,
-                                 m, q, g, k, train, dgamma, dbeta, nt)
+                                 *vecs, xhat_form, std_mode, train, dgamma, dbeta, nt)
     if dxk is not dx:
         np.moveaxis(dx, ax, 1)[...] = dxk
     return dx, dgamma, dbeta

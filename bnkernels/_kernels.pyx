@@ -3,39 +3,45 @@
 Design
 ------
 Batch norm is memory-bound: per channel it needs two reductions over all of the
-channel's elements before any output can be written.  The kernels therefore cut
-the work into tasks that fit in L2 and touch memory once per task when they can:
+channel's elements before any output can be written.  The work is cut into tasks
+(a block of channels x a range of their elements) sized from the shape and dtype,
+so that a task's inputs fit in L2/L3 (TASK_BYTES):
 
 * rows layout: a (R, C) view, channels contiguous, any row stride (NC, NHWC,
-  channels-last NCHW).  A task is a block of ``cb`` channels (256 bytes, four
-  cache lines) over a chunk of rows.  The inner loops run across the channels
-  of the block: unit stride, one independent accumulator per channel, so they
-  vectorize without reassociating any sum.
+  channels-last NCHW).  Inner loops run across the channels of a row: unit
+  stride, one float64 accumulator per channel, no reassociated sum.
 * planar layout: a (N, C, L) view, each (n, c) plane of L contiguous (NCHW,
-  (N, C) in Fortran order as N=1).  A task is one channel over a chunk of its
-  N*L elements, walked plane by plane with NACC interleaved accumulators.
+  (N, C) in Fortran order as N=1).  A task walks, plane by plane, the planes of
+  its channels, which are adjacent in memory for NCHW: short planes still make
+  long runs.  Each run is reduced in BN_LANES interleaved float64 accumulators.
 
-When a task holds every row (or element) of its channels ("fused"), the sums,
-the per-channel coefficients and the output are done in one task while the
-data is still in cache.  Otherwise each task writes partial sums, the partials
-are combined per channel in chunk order, and a second parallel sweep writes the
-output.  Chunk sizes depend on the shape and dtype only, never on the number of
-threads, so results are bitwise identical for every ``n_threads``.
+Fused: when one task holds all of its channels' data, it does the sums, the
+per-channel coefficients and the output in one go while the data is cached, so
+memory sees one read of each input and one write.  Otherwise (very tall data)
+tasks write partial sums, which are combined per channel in chunk order, and a
+second sweep writes the output, each thread walking its tasks backwards so the
+last data it read is still in cache.
 
-Sums are accumulated in float64 for both dtypes; ``x - mean`` is formed in
-float64 too, which keeps float32 inputs with large offsets accurate.
+Tasks depend on the shape and dtype only, never on the thread count, and every
+sum runs in a fixed order: results are bitwise identical for any ``n_threads``.
+Sums are float64 for both dtypes, and ``x - mean`` is formed in float64, which
+keeps float32 inputs with large offsets accurate.
 
-Backward, per channel (``z`` is x, or xhat for a seed-style cache; ``m`` its
-shift, ``q`` the scale from ``z - m`` to xhat, ``g = gamma * invstd``):
+The innermost loops are C (``_loops.h``) so they can carry ``restrict`` and
+``omp simd``; they are compiled for AVX-512, AVX2 and baseline x86-64 and the
+best is chosen when the module loads (all give the same bits: no FMA
+contraction).  This module owns the decomposition, the threads and the math
+per channel.
 
-    sum_dy = sum(dy);  sum_dy_zm = sum(dy * (z - m))
+Backward, per channel (``z`` is x, or xhat for a seed-style cache)::
+
+    sum_dy = sum(dy);  sum_dy_zm = sum(dy * (z - mean))
     dbeta = sum_dy;    dgamma = q * sum_dy_zm
-    dx = g*dy + B*(z - m) + Cc,  B = -g*k*sum_dy_zm/M,  Cc = -g*sum_dy/M  (train)
-                                 B = Cc = 0                               (test)
+    dx = A*dy + B*(z - mean) + Cc      (see _bwd_coefs)
 
-Forward: chunk-local two-pass mean and M2 (exact mean for a constant channel,
-M2 never negative), chunks merged in order with Chan's formula, then
-out = gamma*invstd*(x - mean) + beta.
+Forward: task-local corrected two-pass mean and M2 (the mean is exact for a
+constant channel, M2 never negative), tasks merged in order with Chan's formula,
+then out = gamma*invstd*(x - mean) + beta.
 """
 
 cimport numpy as cnp
@@ -280,17 +286,46 @@ cdef inline Py_ssize_t _share(Py_ssize_t n, int tid, int nt) noexcept nogil:
 # Per-channel coefficients
 # ---------------------------------------------------------------------------
 
-cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm,
-                            const double *q, const double *g, const double *k,
-                            double inv_m, bint train,
-                            floating *dgamma, floating *dbeta,
+cdef struct Coefs:
+    # per-channel inputs of the backward, float64 (C,)
+    const double *mean     # shift of z: the batch (or running) mean; zeros for xhat
+    const double *scale    # invstd; for a seed-style cache (z = xhat) denom = 1/invstd
+    const double *gamma
+    const double *var      # read in 'std' eps mode only
+    bint xhat_form         # z is xhat, not x
+    bint std_mode          # xhat = (x - mean) / (sqrt(var) + eps)
+    bint train             # batch statistics (else running: mean, var are constants)
+
+
+cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm, const Coefs *cf,
+                            double inv_m, floating *dgamma, floating *dbeta,
                             double *A, double *B, double *Cc) noexcept nogil:
+    """dx = A*dy + B*(z - mean) + Cc for channel c, and dgamma, dbeta.
+
+    With r = invstd and xhat = q*(z - mean):  dgamma = q*sum_dy_zm,  A = gamma*r,
+    B = -A*k*sum_dy_zm/M,  Cc = -A*sum_dy/M, where k*(z - mean) is the (z - mean)
+    coefficient of the variance term: k = r**2 ('var'), r/sqrt(var) ('std'; 0 at
+    var = 0, the subgradient of sqrt), 1 for xhat itself.
+    """
+    cdef double r, q, k, s
+    if cf.xhat_form:
+        r = 1.0 / cf.scale[c]
+        q = 1.0
+        k = 1.0
+    else:
+        r = cf.scale[c]
+        q = r
+        if cf.std_mode:
+            s = sqrt(cf.var[c])
+            k = r / s if s > 0.0 else 0.0
+        else:
+            k = r * r
     dbeta[c] = <floating>sum_dy
-    dgamma[c] = <floating>(q[c] * sum_dy_zm)
-    A[c] = g[c]
-    if train:
-        B[c] = -g[c] * k[c] * sum_dy_zm * inv_m
-        Cc[c] = -g[c] * sum_dy * inv_m
+    dgamma[c] = <floating>(q * sum_dy_zm)
+    A[c] = cf.gamma[c] * r
+    if cf.train:
+        B[c] = -A[c] * k * sum_dy_zm * inv_m
+        Cc[c] = -A[c] * sum_dy * inv_m
     else:
         B[c] = 0.0
         Cc[c] = 0.0
@@ -357,11 +392,11 @@ cdef inline void _rows_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrow
 
 cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                         Py_ssize_t R, Py_ssize_t C, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
-                        const double *m, const double *q, const double *g, const double *k,
-                        bint train, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
+                        const Coefs *cf, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
     cdef Plan p = _rows_plan(R, C, sizeof(floating), 2)
     cdef int nt = _n_threads(n_threads, p.n_tasks, R * C)
     cdef double inv_m = 1.0 / R
+    cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
@@ -382,8 +417,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                 _rows_sums(z + r0 * sz + c0, dy + r0 * sdy + c0, sz, sdy, r1 - r0, cw, m + c0,
                            part + c0, part + C + c0)
                 for c in range(c0, c0 + cw):
-                    _bwd_coefs(c, part[c], part[C + c], q, g, k, inv_m, train,
-                               dgamma, dbeta, A, B, Cc)
+                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
                 _rows_affine(z + r0 * sz + c0, dy + r0 * sdy + c0, dx + r0 * sdx + c0, sz, sdy, sdx,
                              r1 - r0, cw, m + c0, A + c0, B + c0, Cc + c0)
     else:
@@ -399,7 +433,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, B, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             # each thread walks its own tasks backwards: the last ones read are still cached
             t = _share(p.n_tasks, tid + 1, nt) - 1
@@ -519,12 +553,12 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                          Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                          Py_ssize_t sdxn, Py_ssize_t sdxc,
-                         const double *m, const double *q, const double *g, const double *k,
-                         bint train, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
+                         const Coefs *cf, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
     cdef Py_ssize_t E = N * L
     cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 2)
     cdef int nt = _n_threads(n_threads, p.n_tasks, E * C)
     cdef double inv_m = 1.0 / E
+    cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
@@ -544,8 +578,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + c0, part + C + c0)
                 for c in range(c0, c0 + cw):
-                    _bwd_coefs(c, part[c], part[C + c], q, g, k, inv_m, train,
-                               dgamma, dbeta, A, B, Cc)
+                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
                               sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
     else:
@@ -561,7 +594,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, q, g, k, inv_m, train, dgamma, dbeta, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, B, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
@@ -646,32 +679,40 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
 # vectors float64 and contiguous, outputs allocated.
 # ---------------------------------------------------------------------------
 
+cdef Coefs _coefs(cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
+                  bint xhat_form, bint std_mode, bint train):
+    cdef Coefs cf
+    cf.mean = <const double *>cnp.PyArray_DATA(mean)
+    cf.scale = <const double *>cnp.PyArray_DATA(scale)
+    cf.gamma = <const double *>cnp.PyArray_DATA(gamma)
+    cf.var = <const double *>cnp.PyArray_DATA(var)
+    cf.xhat_form = xhat_form
+    cf.std_mode = std_mode
+    cf.train = train
+    return cf
+
+
 def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN, IN, OUT
                   Py_ssize_t R, Py_ssize_t C, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
-                  cnp.ndarray m, cnp.ndarray q, cnp.ndarray g, cnp.ndarray k,  # IN (C,) float64
-                  bint train, cnp.ndarray dgamma, cnp.ndarray dbeta,         # OUT (C,)
-                  int n_threads):
-    """Backward over a rows view (R, C); see the module docstring for the math."""
+                  cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
+                  bint xhat_form, bint std_mode, bint train,               # IN (C,) float64
+                  cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):   # OUT (C,)
+    """Backward over a rows view (R, C); see _bwd_coefs for the per-channel inputs."""
+    cdef Coefs cf = _coefs(mean, scale, gamma, var, xhat_form, std_mode, train)
     cdef void *zp = cnp.PyArray_DATA(z)
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *dxp = cnp.PyArray_DATA(dx)
     cdef void *dgp = cnp.PyArray_DATA(dgamma)
     cdef void *dbp = cnp.PyArray_DATA(dbeta)
-    cdef const double *mp = <const double *>cnp.PyArray_DATA(m)
-    cdef const double *qp = <const double *>cnp.PyArray_DATA(q)
-    cdef const double *gp = <const double *>cnp.PyArray_DATA(g)
-    cdef const double *kp = <const double *>cnp.PyArray_DATA(k)
     cdef bint single = cnp.PyArray_TYPE(z) == cnp.NPY_FLOAT32
     cdef int rc
     with nogil:
         if single:
             rc = _rows_backward(<const float *>zp, <const float *>dyp, <float *>dxp,
-                                R, C, sz, sdy, sdx, mp, qp, gp, kp, train,
-                                <float *>dgp, <float *>dbp, n_threads)
+                                R, C, sz, sdy, sdx, &cf, <float *>dgp, <float *>dbp, n_threads)
         else:
             rc = _rows_backward(<const double *>zp, <const double *>dyp, <double *>dxp,
-                                R, C, sz, sdy, sdx, mp, qp, gp, kp, train,
-                                <double *>dgp, <double *>dbp, n_threads)
+                                R, C, sz, sdy, sdx, &cf, <double *>dgp, <double *>dbp, n_threads)
     if rc != 0:
         raise MemoryError()
 
@@ -680,30 +721,27 @@ def backward_planar(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,         # IN,
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                     Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                     Py_ssize_t sdxn, Py_ssize_t sdxc,
-                    cnp.ndarray m, cnp.ndarray q, cnp.ndarray g, cnp.ndarray k,  # IN (C,) float64
-                    bint train, cnp.ndarray dgamma, cnp.ndarray dbeta,       # OUT (C,)
-                    int n_threads):
-    """Backward over a planar view (N, C, L); see the module docstring for the math."""
+                    cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
+                    bint xhat_form, bint std_mode, bint train,             # IN (C,) float64
+                    cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):  # OUT (C,)
+    """Backward over a planar view (N, C, L); see _bwd_coefs for the per-channel inputs."""
+    cdef Coefs cf = _coefs(mean, scale, gamma, var, xhat_form, std_mode, train)
     cdef void *zp = cnp.PyArray_DATA(z)
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *dxp = cnp.PyArray_DATA(dx)
     cdef void *dgp = cnp.PyArray_DATA(dgamma)
     cdef void *dbp = cnp.PyArray_DATA(dbeta)
-    cdef const double *mp = <const double *>cnp.PyArray_DATA(m)
-    cdef const double *qp = <const double *>cnp.PyArray_DATA(q)
-    cdef const double *gp = <const double *>cnp.PyArray_DATA(g)
-    cdef const double *kp = <const double *>cnp.PyArray_DATA(k)
     cdef bint single = cnp.PyArray_TYPE(z) == cnp.NPY_FLOAT32
     cdef int rc
     with nogil:
         if single:
             rc = _plane_backward(<const float *>zp, <const float *>dyp, <float *>dxp,
                                  N, C, L, szn, szc, sdyn, sdyc, sdxn, sdxc,
-                                 mp, qp, gp, kp, train, <float *>dgp, <float *>dbp, n_threads)
+                                 &cf, <float *>dgp, <float *>dbp, n_threads)
         else:
             rc = _plane_backward(<const double *>zp, <const double *>dyp, <double *>dxp,
                                  N, C, L, szn, szc, sdyn, sdyc, sdxn, sdxc,
-                                 mp, qp, gp, kp, train, <double *>dgp, <double *>dbp, n_threads)
+                                 &cf, <double *>dgp, <double *>dbp, n_threads)
     if rc != 0:
         raise MemoryError()
 

@@ -67,6 +67,14 @@ def choose(arrays, axis):
     """
     a0 = arrays[0]
     C = a0.shape[axis]
+    if all(a.flags.c_contiguous for a in arrays):
+        # the common case, without looking at every stride
+        L = prod(a0.shape[axis + 1:])
+        if L >= MIN_PLANAR_RUN:
+            N = a0.size // (C * L)
+            return ("planar", N, C, L, [(C * L, L)] * len(arrays))
+        if L == 1:
+            return ("rows", a0.size // C, C, [C] * len(arrays))
     planar = [planar_strides(a, axis) for a in arrays]
     if all(p is not None for p in planar):
         # all share N and L: they have one shape and fold the same axes
