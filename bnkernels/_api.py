@@ -281,6 +281,9 @@ def backward(dout, cache, *, num_threads=None):
     if dout.dtype != z.dtype:
         raise TypeError("dout and the cache must share one dtype, got dout %s and cache %s"
                         % (dout.dtype, z.dtype))
+    if dout.size == 0:
+        raise ValueError("dout is empty (shape %s): batch norm needs at least one element per "
+                         "channel" % (dout.shape,))
     nt = _n_threads(num_threads)
     if dout.dtype not in _KERNEL_DTYPES:
         return reference.backward_alt(dout, cache)
