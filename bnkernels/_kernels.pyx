@@ -214,7 +214,7 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t isz, Py_ssize_t n_ar
     cdef Plan p
     cdef Py_ssize_t line = LINE_BYTES // isz
     cdef Py_ssize_t min_cb = MIN_BLOCK_BYTES // isz
-    cdef Py_ssize_t fit = TASK_BYTES // (R * isz * n_arrays)   # channels whose rows fit a task
+    cdef Py_ssize_t fit = TASK_BYTES // max(1, R * isz * n_arrays)   # channels whose rows fit a task
     if fit >= min(C, min_cb):
         p.cb = _clamp(_cdiv(_cdiv(C, PAR_TASKS), line) * line, min_cb, max(min_cb, fit // line * line))
         p.cb = min(p.cb, C)
@@ -232,7 +232,7 @@ cdef Plan _planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                        Py_ssize_t n_arrays) noexcept nogil:
     cdef Plan p
     cdef Py_ssize_t E = N * L
-    cdef Py_ssize_t fit = TASK_BYTES // (E * isz * n_arrays)   # whole channels that fit a task
+    cdef Py_ssize_t fit = TASK_BYTES // max(1, E * isz * n_arrays)   # whole channels that fit a task
     if fit >= 1:
         p.cb = _clamp(_cdiv(C, PAR_TASKS), 1, fit)
         p.chunk = E
@@ -706,6 +706,8 @@ def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN
     cdef void *dbp = cnp.PyArray_DATA(dbeta)
     cdef bint single = cnp.PyArray_TYPE(z) == cnp.NPY_FLOAT32
     cdef int rc
+    if R <= 0 or C <= 0:
+        raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
             rc = _rows_backward(<const float *>zp, <const float *>dyp, <float *>dxp,
@@ -733,6 +735,8 @@ def backward_planar(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,         # IN,
     cdef void *dbp = cnp.PyArray_DATA(dbeta)
     cdef bint single = cnp.PyArray_TYPE(z) == cnp.NPY_FLOAT32
     cdef int rc
+    if N * L <= 0 or C <= 0:
+        raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
             rc = _plane_backward(<const float *>zp, <const float *>dyp, <float *>dxp,
@@ -761,6 +765,8 @@ def forward_rows(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t C,   #
     cdef double *ip = <double *>cnp.PyArray_DATA(invstd)
     cdef bint single = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef int rc
+    if R <= 0 or C <= 0:
+        raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
             rc = _rows_forward(<const float *>xp, <float *>op, R, C, sx, sout,
@@ -787,6 +793,8 @@ def forward_planar(cnp.ndarray x, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, P
     cdef double *ip = <double *>cnp.PyArray_DATA(invstd)
     cdef bint single = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef int rc
+    if N * L <= 0 or C <= 0:
+        raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
             rc = _plane_forward(<const float *>xp, <float *>op, N, C, L, sxn, sxc, soutn, soutc,
