@@ -392,11 +392,10 @@ def run_case(data, threads, torch, budget):
     return recs
 
 
-def run_scaling(data, counts, torch, budget):
+def run_scaling(data, counts, budget):
     """bnkernels (both passes) and the backward roofline at each thread count."""
     recs = []
     for n in counts:
-        _set_torch_threads(torch, n)
         bwd = data.backward_fns(n)
         recs.append(_record(data.case, "backward", "bnkernels", n, measure(bwd["bnkernels"], budget)))
         recs.append(_record(data.case, "backward", "roofline", n, measure(bwd["roofline"], budget)))
@@ -643,8 +642,7 @@ def main(argv=None):
     if cores > 1:
         for case in _scaling_cases(cases, args.quick):
             _progress("scaling %s: 1 and %d threads ..." % (case.name, cores))
-            scaling += run_scaling(CaseData(case), (1, cores), torch, budget)
-    _set_torch_threads(torch, threads)
+            scaling += run_scaling(CaseData(case), (1, cores), budget)
     elapsed = time.perf_counter() - started
 
     info = machine_info(torch, omp_default)

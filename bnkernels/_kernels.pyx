@@ -161,6 +161,7 @@ cdef extern from *:
 cdef enum:
     LINE_BYTES = 64           # cache line
     MIN_BLOCK_BYTES = 256     # narrowest channel block of a fused rows task
+    SEGMENT_BYTES = 1024      # preferred width of a rows task's block
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
     TASK_BYTES = 4 << 20      # input bytes of one task: its second sweep hits L2/L3
     PAR_TASKS = 16            # aim for this many fused tasks when the data allows
@@ -216,7 +217,9 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t isz, Py_ssize_t n_ar
     cdef Py_ssize_t min_cb = MIN_BLOCK_BYTES // isz
     cdef Py_ssize_t fit = TASK_BYTES // max(1, R * isz * n_arrays)   # channels whose rows fit a task
     if fit >= min(C, min_cb):
-        p.cb = _clamp(_cdiv(_cdiv(C, PAR_TASKS), line) * line, min_cb, max(min_cb, fit // line * line))
+        # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
+        p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, SEGMENT_BYTES // isz)
+        p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
         p.cb = min(p.cb, C)
         p.chunk = R
     else:

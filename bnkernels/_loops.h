@@ -25,7 +25,7 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
     double *restrict s_dy, double *restrict s_zm)
 {
     /* narrow blocks of long rows stride past the hardware prefetcher: fetch ahead */
-    const int pf = cw * (Py_ssize_t)sizeof(BN_T) <= 1024 && (sz != cw || sdy != cw);
+    const int pf = cw * (Py_ssize_t)sizeof(BN_T) < 1024 && (sz != cw || sdy != cw);
     Py_ssize_t r = 0, j, b, k;
     for (j = 0; j < cw; j++) {
         s_dy[j] = 0.0;
@@ -128,7 +128,7 @@ static BN_CLONES void BN_FN(bn_rows_moments)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     double *restrict mean, double *restrict m2, double *restrict d1)
 {
-    const int pf = cw * (Py_ssize_t)sizeof(BN_T) <= 1024 && sx != cw;
+    const int pf = cw * (Py_ssize_t)sizeof(BN_T) < 1024 && sx != cw;
     const double n = (double)nrows;
     Py_ssize_t r, j, b;
     for (j = 0; j < cw; j++) {
