@@ -4,7 +4,12 @@ float32 and float64 run the compiled kernels; other float dtypes (float16,
 longdouble) run :mod:`bnkernels.reference`.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _kernels, reference
 from ._layout import choose
@@ -99,36 +104,75 @@ def _standard(a, axis):
 # forward
 # ---------------------------------------------------------------------------
 
-def forward(x, gamma, beta, bn_param, *, axis=1):
+def forward(
+    x: npt.ArrayLike,
+    gamma: npt.ArrayLike,
+    beta: npt.ArrayLike,
+    bn_param: dict[str, Any],
+    *,
+    axis: int = 1,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Batch normalization forward pass.
+
+    Normalizes every channel of ``x`` over all the other axes, then scales and
+    shifts it: ``out = gamma * xhat + beta``.
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, ...) or channels-last with ``axis=-1``
-        float32 or float64 run the compiled kernels; float16 and longdouble run the
-        NumPy reference.  Any strides; the output has the memory layout of ``x``.
-    gamma, beta : ndarray, shape (C,), same dtype as x
-        Scale and shift.
+    x : ndarray, shape (N, C, ...), or channels-last (N, ..., C) with ``axis=-1``
+        The batch.  float32 and float64 run the compiled kernels; float16 and
+        longdouble run :mod:`bnkernels.reference` and keep their dtype.  Any
+        strides (channels-last, transposed, sliced); not modified, may be read-only.
+    gamma, beta : ndarray, shape (C,), the dtype of x
+        Scale and shift per channel.
     bn_param : dict
-        ``'mode'``: ``'train'`` or ``'test'`` (required).
-        ``'eps'`` (1e-5), ``'momentum'`` (0.9),
-        ``'running_mean'``, ``'running_var'``: shape (C,), zeros when missing;
-        updated in train mode as ``momentum*running + (1-momentum)*batch`` (biased
-        batch variance) and stored back into ``bn_param``.
-        ``'eps_mode'``: ``'var'`` (default): ``xhat = (x-mu)/sqrt(var+eps)``;
-        ``'std'``: ``xhat = (x-mu)/(sqrt(var)+eps)``.
-    axis : int
-        The channel axis; every other axis is reduced.  1 for (N, C, ...), -1 for
-        channels-last arrays.
+        The CS231n-style parameter dict, updated in place in train mode:
+
+        - ``'mode'``: ``'train'`` (batch statistics) or ``'test'`` (running
+          statistics); required.
+        - ``'eps'``: float, default 1e-5.  ``'momentum'``: float, default 0.9.
+        - ``'running_mean'``, ``'running_var'``: ndarray, shape (C,); zeros when
+          missing.  In train mode replaced by
+          ``momentum * running + (1 - momentum) * batch_stat`` (biased batch
+          variance), in the dtype they had.
+        - ``'eps_mode'``: ``'var'`` (default), ``xhat = (x - mean) / sqrt(var + eps)``;
+          or ``'std'``, ``xhat = (x - mean) / (sqrt(var) + eps)``.
+    axis : int, default 1
+        The channel axis (any axis but 0, the batch axis); every other axis is
+        reduced.  1 for (N, C, ...), -1 for channels-last arrays.
 
     Returns
     -------
-    out : ndarray, same shape, dtype and memory layout as x
+    out : ndarray, the shape, dtype and memory layout of x
         ``gamma * xhat + beta``.
     cache : dict
-        What :func:`backward` needs: ``x`` (the input itself, not a copy), per-channel
-        float64 ``mean``, ``var``, ``invstd``, and ``gamma``, ``eps``, ``eps_mode``,
-        ``mode``, ``axis``.
+        What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
+        per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (float64, shape
+        (C,)), ``'gamma'``, ``'eps'``, ``'eps_mode'``, ``'mode'`` and ``'axis'``
+        (normalized to a non-negative int).
+
+    Raises
+    ------
+    TypeError
+        x, gamma or beta is not a floating-point array, their dtypes differ, or
+        ``bn_param`` is not a dict.
+    ValueError
+        x has ndim < 2 or no elements, ``axis`` is 0 or out of range, a per-channel
+        array has the wrong shape, or ``bn_param`` holds an invalid value.
+
+    See Also
+    --------
+    backward : the matching backward pass.
+    bnkernels.reference.forward : the NumPy version it is tested against.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernels
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> out, cache = bnkernels.forward(x, np.ones(3, np.float32), np.zeros(3, np.float32),
+    ...                                {"mode": "train"})
+    >>> out.shape, out.dtype
+    ((4, 3), dtype('float32'))
     """
     x = np.asarray(x)
     ax = _channel_axis(axis, x.ndim)
@@ -242,25 +286,54 @@ def _unpack(cache):
                      "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS)))
 
 
-def backward(dout, cache, *, num_threads=None):
-    """Batch normalization backward pass.
+def backward(
+    dout: npt.ArrayLike,
+    cache: dict[str, Any],
+    *,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch normalization backward pass: the gradients of the loss for x, gamma, beta.
 
     Parameters
     ----------
-    dout : ndarray, same shape and dtype as the forward input
-        Upstream gradient dL/dout.  Any strides; dx comes back in its memory layout.
+    dout : ndarray, the shape and dtype of the forward input x
+        Upstream gradient dL/dout.  Any strides; not modified, may be read-only.
+        float32 and float64 run the compiled kernels; float16 and longdouble run
+        :func:`bnkernels.reference.backward_alt`.
     cache : dict
-        The cache :func:`forward` returned (or :func:`bnkernels.reference.forward`), or a
-        seed-style dict for a (N, D) batch with ``'x_hat'``, ``'gamma'`` and
-        ``'denom'`` (= sqrt(var + eps)).
-    num_threads : int or None
-        OpenMP threads; None uses the OpenMP default (``OMP_NUM_THREADS``,
-        ``threadpoolctl``).  Results are bitwise identical for every value.
+        The cache :func:`forward` (or :func:`bnkernels.reference.forward`) returned.
+        Or a seed-style dict for a (N, D) batch, as hand-written CS231n code keeps
+        it: ``'x_hat'`` (shape (N, D)), ``'gamma'`` and ``'denom'``
+        (= ``sqrt(var + eps)``), both shape (D,); other keys are ignored.
+    num_threads : int or None, default None
+        OpenMP threads for this call.  None uses the OpenMP default, which
+        ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(n,
+        user_api="openmp")`` control.  The results are bitwise identical for every
+        thread count.
 
     Returns
     -------
-    dx : ndarray, same shape, dtype and memory layout as dout
-    dgamma, dbeta : ndarray, shape (C,), dtype of dout
+    dx : ndarray, the shape, dtype and memory layout of dout
+        dL/dx.
+    dgamma : ndarray, shape (C,), the dtype of dout
+        dL/dgamma.
+    dbeta : ndarray, shape (C,), the dtype of dout
+        dL/dbeta.
+
+    Raises
+    ------
+    TypeError
+        ``cache`` is not a dict, dout is not a floating-point array, its dtype
+        differs from the cached input's, or ``num_threads`` is not an int.
+    ValueError
+        The cache is incomplete or of neither kind, dout's shape differs from the
+        cached input's, dout is empty, or ``num_threads < 1``.
+
+    See Also
+    --------
+    forward : the forward pass that makes the cache.
+    bnkernels.reference.backward_graph, bnkernels.reference.backward_alt :
+        the NumPy versions it is tested against.
 
     Notes
     -----
@@ -270,9 +343,21 @@ def backward(dout, cache, *, num_threads=None):
         dgamma = sum(dy * xhat)
         dx     = gamma/d * (dy - dbeta/M - xhat * dgamma * k/M)
 
-    with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'``.  Test mode
-    (running statistics): ``dx = gamma/d * dy``.
+    with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'`` (0 where
+    var = 0).  Test mode (running statistics, constants of the graph):
+    ``dx = gamma/d * dy``.  Sums are accumulated in float64 for float32 input too.
+
+    Examples
+    --------
+    >>> import numpy as np, bnkernels
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+    >>> out, cache = bnkernels.forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
+    >>> dx, dgamma, dbeta = bnkernels.backward(np.ones_like(out), cache)
+    >>> dx.shape, dgamma.shape
+    ((8, 3, 4, 4), (3,))
     """
+    # mean, scale, gamma, var: typed as a 4-tuple so mypy can count the kernels' arguments
+    vecs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     z, ax, vecs, xhat_form, std_mode, train = _unpack(cache)
     dout = np.asarray(dout)
     _float_dtype("dout", dout)
