@@ -228,8 +228,8 @@ def forward(
         lay = choose([xk, outk], 1)
     args = (train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, 0)
     if lay[0] == "rows":
-        _, R, _, (sx, so) = lay
-        _kernels.forward_rows(xk, outk, R, C, sx, so, *args)
+        _, R, _, L, (sx, so) = lay
+        _kernels.forward_rows(xk, outk, R, C, L, sx, so, *args)
     else:
         _, N, _, L, ((sxn, sxc), (son, soc)) = lay
         _kernels.forward_planar(xk, outk, N, C, L, sxn, sxc, son, soc, *args)
@@ -383,8 +383,8 @@ def backward(
         dxk = np.empty_like(dyk)
         lay = choose([zk, dyk, dxk], 1)
     if lay[0] == "rows":
-        _, R, _, (sz, sdy, sdx) = lay
-        _kernels.backward_rows(zk, dyk, dxk, R, C, sz, sdy, sdx, *vecs, xhat_form, std_mode,
+        _, R, _, L, (sz, sdy, sdx) = lay
+        _kernels.backward_rows(zk, dyk, dxk, R, C, L, sz, sdy, sdx, *vecs, xhat_form, std_mode,
                                train, dgamma, dbeta, nt)
     else:
         _, N, _, L, ((szn, szc), (sdyn, sdyc), (sdxn, sdxc)) = lay

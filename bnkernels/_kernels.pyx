@@ -127,10 +127,14 @@ cdef extern from *:
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
                           Py_ssize_t cw, const double *m, const double *A, const double *B,
                           const double *Cc) nogil
-    void bn_rows_moments_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                           double *mean, double *m2, double *d1) nogil
-    void bn_rows_moments_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                           double *mean, double *m2, double *d1) nogil
+    void bn_rows_colsum_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                          double *s1) nogil
+    void bn_rows_colsum_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                          double *s1) nogil
+    void bn_rows_centered_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                            const double *m0, double *d1, double *d2) nogil
+    void bn_rows_centered_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                            const double *m0, double *d1, double *d2) nogil
     void bn_plane_sums_f(const float *z, const float *dy, Py_ssize_t szn, Py_ssize_t szc,
                          Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0,
                          Py_ssize_t e1, Py_ssize_t cw, const double *m,
@@ -211,20 +215,23 @@ cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexce
     return lo if v < lo else (hi if v > hi else v)
 
 
-cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t isz, Py_ssize_t n_arrays) noexcept nogil:
+cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
+                     Py_ssize_t n_arrays) noexcept nogil:
+    """Rows of C channels of L contiguous columns each (L = 1 but for small NCHW planes)."""
     cdef Plan p
-    cdef Py_ssize_t line = LINE_BYTES // isz
-    cdef Py_ssize_t min_cb = MIN_BLOCK_BYTES // isz
-    cdef Py_ssize_t fit = TASK_BYTES // max(1, R * isz * n_arrays)   # channels whose rows fit a task
+    cdef Py_ssize_t width = L * isz                    # bytes of one channel in a row
+    cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
+    cdef Py_ssize_t min_cb = max(1, MIN_BLOCK_BYTES // width)
+    cdef Py_ssize_t fit = TASK_BYTES // max(1, R * width * n_arrays)   # channels whose rows fit
     if fit >= min(C, min_cb):
         # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
-        p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, SEGMENT_BYTES // isz)
+        p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
         p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
         p.cb = min(p.cb, C)
         p.chunk = R
     else:
-        p.cb = min(C, WIDE_BLOCK_BYTES // isz)
-        p.chunk = max(1, TASK_BYTES // (p.cb * isz * n_arrays))
+        p.cb = min(C, max(1, WIDE_BLOCK_BYTES // width))
+        p.chunk = max(1, TASK_BYTES // (p.cb * width * n_arrays))
     p.n_blocks = _cdiv(C, p.cb)
     p.n_chunks = _cdiv(R, p.chunk)
     p.n_tasks = p.n_blocks * p.n_chunks
@@ -248,9 +255,10 @@ cdef Plan _planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     return p
 
 
-def rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize, Py_ssize_t n_arrays):
+def rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize, Py_ssize_t n_arrays,
+              Py_ssize_t L=1):
     """(channels_per_block, n_blocks, rows_per_chunk, n_chunks) of the rows layout."""
-    cdef Plan p = _rows_plan(R, C, itemsize, n_arrays)
+    cdef Plan p = _rows_plan(R, C, L, itemsize, n_arrays)
     return p.cb, p.n_blocks, p.chunk, p.n_chunks
 
 
@@ -269,15 +277,23 @@ cdef inline int _n_threads(int requested, Py_ssize_t n_tasks, Py_ssize_t n_elems
     return nt if nt > 0 else 1
 
 
-cdef inline void _task(const Plan *p, Py_ssize_t t, Py_ssize_t C, Py_ssize_t extent,
-                       Py_ssize_t *c0, Py_ssize_t *cw, Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
-    """Channels [c0, c0+cw) and rows/elements [i0, i1) of task t."""
+cdef struct Span:
+    Py_ssize_t c0, cw   # channels [c0, c0 + cw)
+    Py_ssize_t i0, i1   # rows (rows layout) or elements of each channel (planar) [i0, i1)
+    Py_ssize_t ci       # chunk index
+
+
+cdef inline Span _task(const Plan *p, Py_ssize_t t, Py_ssize_t C, Py_ssize_t extent) noexcept nogil:
+    """The channels and rows/elements of task t.  Returned by value: inside prange,
+    variables written through pointers would be shared between threads."""
+    cdef Span sp
     cdef Py_ssize_t bi = t // p.n_chunks
-    cdef Py_ssize_t ci = t - bi * p.n_chunks
-    c0[0] = bi * p.cb
-    cw[0] = min(p.cb, C - c0[0])
-    i0[0] = ci * p.chunk
-    i1[0] = min(extent, i0[0] + p.chunk)
+    sp.ci = t - bi * p.n_chunks
+    sp.c0 = bi * p.cb
+    sp.cw = min(p.cb, C - sp.c0)
+    sp.i0 = sp.ci * p.chunk
+    sp.i1 = min(extent, sp.i0 + p.chunk)
+    return sp
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, int tid, int nt) noexcept nogil:
@@ -385,51 +401,147 @@ cdef inline void _rows_affine(const floating *z, const floating *dy, floating *o
         bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
 
 
-cdef inline void _rows_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                               double *mean, double *m2, double *d1) noexcept nogil:
+cdef inline void _rows_colsum(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                              double *s1) noexcept nogil:
     if floating is float:
-        bn_rows_moments_f(x, sx, nrows, cw, mean, m2, d1)
+        bn_rows_colsum_f(x, sx, nrows, cw, s1)
     else:
-        bn_rows_moments_d(x, sx, nrows, cw, mean, m2, d1)
+        bn_rows_colsum_d(x, sx, nrows, cw, s1)
+
+
+cdef inline void _rows_centered(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                                const double *m0, double *d1, double *d2) noexcept nogil:
+    if floating is float:
+        bn_rows_centered_f(x, sx, nrows, cw, m0, d1, d2)
+    else:
+        bn_rows_centered_d(x, sx, nrows, cw, m0, d1, d2)
+
+
+# A rows task covers channels [c0, c0+cw): columns [c0*L, (c0+cw)*L) of each row.
+# The C loops work per column; these helpers spread per-channel vectors over the
+# columns and fold per-column sums back into channels (in column order).  `scratch`
+# holds 4*cw*L doubles, one buffer per thread.
+
+cdef inline void _spread(const double *v, Py_ssize_t cw, Py_ssize_t L, double *out) noexcept nogil:
+    cdef Py_ssize_t c, l
+    for c in range(cw):
+        for l in range(L):
+            out[c * L + l] = v[c]
+
+
+cdef inline void _fold(const double *v, Py_ssize_t cw, Py_ssize_t L, double *out) noexcept nogil:
+    cdef Py_ssize_t c, l
+    cdef double s
+    for c in range(cw):
+        s = 0.0
+        for l in range(L):
+            s = s + v[c * L + l]
+        out[c] = s
+
+
+cdef void _rows_task_sums(const floating *z, const floating *dy, Py_ssize_t sz, Py_ssize_t sdy,
+                          Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t L, const double *m,
+                          double *sum_dy, double *sum_dy_zm, double *scratch) noexcept nogil:
+    """sum_dy[c], sum_dy_zm[c] of channels 0:cw of the task (pointers at its first column)"""
+    cdef Py_ssize_t cols = cw * L
+    if L == 1:
+        _rows_sums(z, dy, sz, sdy, nrows, cw, m, sum_dy, sum_dy_zm)
+        return
+    _spread(m, cw, L, scratch)
+    _rows_sums(z, dy, sz, sdy, nrows, cols, scratch, scratch + cols, scratch + 2 * cols)
+    _fold(scratch + cols, cw, L, sum_dy)
+    _fold(scratch + 2 * cols, cw, L, sum_dy_zm)
+
+
+cdef void _rows_task_affine(const floating *z, const floating *dy, floating *out,
+                            Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
+                            Py_ssize_t cw, Py_ssize_t L, const double *m, const double *A,
+                            const double *B, const double *Cc, double *scratch) noexcept nogil:
+    """out := A*dy + B*(z - m) + Cc per channel over the task (no A term when dy is NULL)"""
+    cdef Py_ssize_t cols = cw * L
+    if L == 1:
+        _rows_affine(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+        return
+    _spread(m, cw, L, scratch)
+    _spread(A, cw, L, scratch + cols)
+    _spread(B, cw, L, scratch + 2 * cols)
+    _spread(Cc, cw, L, scratch + 3 * cols)
+    _rows_affine(z, dy, out, sz, sdy, sout, nrows, cols, scratch, scratch + cols,
+                 scratch + 2 * cols, scratch + 3 * cols)
+
+
+cdef void _rows_task_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+                             Py_ssize_t L, double *mean, double *m2, double *scratch) noexcept nogil:
+    """Corrected two-pass mean and M2 of channels 0:cw over the task's nrows*L elements each.
+
+    The correction (mean += mean of the deviations) makes the mean exact for a constant
+    channel; M2 is clamped at 0.
+    """
+    cdef Py_ssize_t cols = cw * L, c
+    cdef double n = nrows * L
+    cdef double d1
+    _rows_colsum(x, sx, nrows, cols, scratch)
+    _fold(scratch, cw, L, mean)
+    for c in range(cw):
+        mean[c] = mean[c] / n
+    _spread(mean, cw, L, scratch)
+    _rows_centered(x, sx, nrows, cols, scratch, scratch + cols, scratch + 2 * cols)
+    _fold(scratch + 2 * cols, cw, L, m2)
+    _fold(scratch + cols, cw, L, scratch)
+    for c in range(cw):
+        d1 = scratch[c]
+        mean[c] = mean[c] + d1 / n
+        m2[c] = m2[c] - d1 * d1 / n
+        if m2[c] < 0.0:
+            m2[c] = 0.0
 
 
 cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
-                        Py_ssize_t R, Py_ssize_t C, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
+                        Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
+                        Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
                         const Coefs *cf, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
-    cdef Plan p = _rows_plan(R, C, sizeof(floating), 2)
-    cdef int nt = _n_threads(n_threads, p.n_tasks, R * C)
-    cdef double inv_m = 1.0 / R
+    cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 2)
+    cdef int nt = _n_threads(n_threads, p.n_tasks, R * C * L)
+    cdef double inv_m = 1.0 / (R * L)
     cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
     cdef double *part
-    cdef int tid
-    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
+    cdef double *scratch
+    cdef Span sp
+    cdef int tid, failed = 0
+    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci, o_z, o_dy, o_dx
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
     B = A + C
     Cc = B + C
     part = Cc + C   # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
-    if p.n_chunks == 1:
-        # fused: each block's rows stay in cache between the sums and dx
-        for tid in prange(nt, schedule='static', num_threads=nt):
+    for tid in prange(nt, schedule='static', num_threads=nt):
+        scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+        if scratch == NULL:
+            failed += 1
+        else:
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
-                _rows_sums(z + r0 * sz + c0, dy + r0 * sdy + c0, sz, sdy, r1 - r0, cw, m + c0,
-                           part + c0, part + C + c0)
-                for c in range(c0, c0 + cw):
-                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
-                _rows_affine(z + r0 * sz + c0, dy + r0 * sdy + c0, dx + r0 * sdx + c0, sz, sdy, sdx,
-                             r1 - r0, cw, m + c0, A + c0, B + c0, Cc + c0)
-    else:
-        for tid in prange(nt, schedule='static', num_threads=nt):
-            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                sp = _task(&p, t, C, R)
+                c0 = sp.c0
+                cw = sp.cw
+                r0 = sp.i0
+                r1 = sp.i1
+                o_z = r0 * sz + c0 * L
+                o_dy = r0 * sdy + c0 * L
                 ci = t % p.n_chunks
-                _rows_sums(z + r0 * sz + c0, dy + r0 * sdy + c0, sz, sdy, r1 - r0, cw, m + c0,
-                           part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
+                _rows_task_sums(z + o_z, dy + o_dy, sz, sdy, r1 - r0, cw, L, m + c0,
+                                part + ci * C + c0, part + (p.n_chunks + ci) * C + c0, scratch)
+                if p.n_chunks == 1:
+                    # fused: the block's data is still in cache for dx
+                    for c in range(c0, c0 + cw):
+                        _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
+                    _rows_task_affine(z + o_z, dy + o_dy, dx + r0 * sdx + c0 * L, sz, sdy, sdx,
+                                      r1 - r0, cw, L, m + c0, A + c0, B + c0, Cc + c0, scratch)
+            free(scratch)
+    if p.n_chunks > 1 and not failed:
         for c in range(C):
             s_dy = 0.0
             s_zm = 0.0
@@ -438,79 +550,104 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
             _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, B, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
-            # each thread walks its own tasks backwards: the last ones read are still cached
-            t = _share(p.n_tasks, tid + 1, nt) - 1
-            while t >= _share(p.n_tasks, tid, nt):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
-                _rows_affine(z + r0 * sz + c0, dy + r0 * sdy + c0, dx + r0 * sdx + c0, sz, sdy, sdx,
-                             r1 - r0, cw, m + c0, A + c0, B + c0, Cc + c0)
-                t = t - 1
+            scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+            if scratch == NULL:
+                failed += 1
+            else:
+                # each thread walks its own tasks backwards: the last ones read are still cached
+                t = _share(p.n_tasks, tid + 1, nt) - 1
+                while t >= _share(p.n_tasks, tid, nt):
+                    sp = _task(&p, t, C, R)
+                    c0 = sp.c0
+                    cw = sp.cw
+                    r0 = sp.i0
+                    r1 = sp.i1
+                    _rows_task_affine(z + r0 * sz + c0 * L, dy + r0 * sdy + c0 * L,
+                                      dx + r0 * sdx + c0 * L, sz, sdy, sdx, r1 - r0, cw, L,
+                                      m + c0, A + c0, B + c0, Cc + c0, scratch)
+                    t = t - 1
+                free(scratch)
     free(A)
-    return 0
+    return -1 if failed else 0
 
 
-cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_t C,
+cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
                        Py_ssize_t sx, Py_ssize_t sout, bint train, double eps, bint std_mode,
                        const double *gamma, const double *beta,
                        double *mean, double *var, double *invstd, int n_threads) noexcept nogil:
     """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
-    cdef Plan p = _rows_plan(R, C, sizeof(floating), 1)
+    cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef double *G = <double *>malloc((2 + 3 * p.n_chunks) * C * sizeof(double))
+    cdef double *G = <double *>malloc((1 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *part
-    cdef int tid
+    cdef double *scratch
+    cdef Span sp
+    cdef int tid, failed = 0
     cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
     cdef double n_a, mean_a, m2_a
     if G == NULL:
         return -1
-    part = G + C    # [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch, [C] zeros
-    if not train:
+    part = G + C    # [n_chunks, C] chunk means, then [n_chunks, C] chunk M2
+    if not train:   # elementwise: any block of whole rows will do
         p.chunk = R
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
-    nt = _n_threads(n_threads, p.n_tasks, R * C)
-    if not train:
         for c in range(C):
             G[c] = gamma[c] * invstd[c]
-        for tid in prange(nt, schedule='static', num_threads=nt):
+    nt = _n_threads(n_threads, p.n_tasks, R * C * L)
+    for tid in prange(nt, schedule='static', num_threads=nt):
+        scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+        if scratch == NULL:
+            failed += 1
+        else:
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
-                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
-                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
-    elif p.n_chunks == 1:
-        for tid in prange(nt, schedule='static', num_threads=nt):
-            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
-                _rows_moments(x + r0 * sx + c0, sx, r1 - r0, cw, mean + c0, var + c0, part + c0)
-                for c in range(c0, c0 + cw):
-                    _fwd_finish(c, mean[c], var[c], R, eps, std_mode, gamma, mean, var, invstd, G)
-                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
-                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
-    else:
-        for tid in prange(nt, schedule='static', num_threads=nt):
-            for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
+                sp = _task(&p, t, C, R)
+                c0 = sp.c0
+                cw = sp.cw
+                r0 = sp.i0
+                r1 = sp.i1
                 ci = t % p.n_chunks
-                _rows_moments(x + r0 * sx + c0, sx, r1 - r0, cw, part + ci * C + c0,
-                              part + (p.n_chunks + ci) * C + c0,
-                              part + (2 * p.n_chunks + ci) * C + c0)
+                if train:
+                    _rows_task_moments(x + r0 * sx + c0 * L, sx, r1 - r0, cw, L,
+                                       part + ci * C + c0, part + (p.n_chunks + ci) * C + c0,
+                                       scratch)
+                if train and p.n_chunks == 1:
+                    for c in range(c0, c0 + cw):
+                        _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode, gamma,
+                                    mean, var, invstd, G)
+                if not train or p.n_chunks == 1:
+                    _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
+                                      out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
+                                      mean + c0, G + c0, G + c0, beta + c0, scratch)
+            free(scratch)
+    if train and p.n_chunks > 1 and not failed:
         for c in range(C):
-            n_a = min(p.chunk, R)
+            n_a = min(p.chunk, R) * L
             mean_a = part[c]
             m2_a = part[p.n_chunks * C + c]
             for ci in range(1, p.n_chunks):
-                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk),
+                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk) * L,
                             part[ci * C + c], part[(p.n_chunks + ci) * C + c])
-            _fwd_finish(c, mean_a, m2_a, R, eps, std_mode, gamma, mean, var, invstd, G)
+            _fwd_finish(c, mean_a, m2_a, R * L, eps, std_mode, gamma, mean, var, invstd, G)
         for tid in prange(nt, schedule='static', num_threads=nt):
-            t = _share(p.n_tasks, tid + 1, nt) - 1
-            while t >= _share(p.n_tasks, tid, nt):
-                _task(&p, t, C, R, &c0, &cw, &r0, &r1)
-                _rows_affine(x + r0 * sx + c0, <const floating *>NULL, out + r0 * sout + c0, sx, 0,
-                             sout, r1 - r0, cw, mean + c0, G + c0, G + c0, beta + c0)
-                t = t - 1
+            scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+            if scratch == NULL:
+                failed += 1
+            else:
+                t = _share(p.n_tasks, tid + 1, nt) - 1
+                while t >= _share(p.n_tasks, tid, nt):
+                    sp = _task(&p, t, C, R)
+                    c0 = sp.c0
+                    cw = sp.cw
+                    r0 = sp.i0
+                    r1 = sp.i1
+                    _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
+                                      out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
+                                      mean + c0, G + c0, G + c0, beta + c0, scratch)
+                    t = t - 1
+                free(scratch)
     free(G)
-    return 0
+    return -1 if failed else 0
 
 
 # ---------------------------------------------------------------------------
@@ -566,6 +703,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef double *B
     cdef double *Cc
     cdef double *part
+    cdef Span sp
     cdef int tid
     cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double s_dy, s_zm
@@ -577,7 +715,11 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     if p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + c0, part + C + c0)
                 for c in range(c0, c0 + cw):
@@ -587,7 +729,11 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 ci = t % p.n_chunks
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
@@ -601,7 +747,11 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
                               sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
                 t = t - 1
@@ -619,6 +769,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     cdef int nt
     cdef double *G = <double *>malloc((1 + 3 * p.n_chunks) * C * sizeof(double))
     cdef double *part
+    cdef Span sp
     cdef int tid
     cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double n_a, mean_a, m2_a
@@ -637,13 +788,21 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
             G[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
                               soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
     elif p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, mean + c0, var + c0, part + c0)
                 for c in range(c0, c0 + cw):
                     _fwd_finish(c, mean[c], var[c], E, eps, std_mode, gamma, mean, var, invstd, G)
@@ -652,7 +811,11 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 ci = t % p.n_chunks
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, part + ci * C + c0,
                                part + (p.n_chunks + ci) * C + c0,
@@ -668,7 +831,11 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
-                _task(&p, t, C, E, &c0, &cw, &e0, &e1)
+                sp = _task(&p, t, C, E)
+                c0 = sp.c0
+                cw = sp.cw
+                e0 = sp.i0
+                e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
                               soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
                 t = t - 1
@@ -696,11 +863,15 @@ cdef Coefs _coefs(cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.nd
 
 
 def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN, IN, OUT
-                  Py_ssize_t R, Py_ssize_t C, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
+                  Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
+                  Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
                   cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
                   bint xhat_form, bint std_mode, bint train,               # IN (C,) float64
                   cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):   # OUT (C,)
-    """Backward over a rows view (R, C); see _bwd_coefs for the per-channel inputs."""
+    """Backward over a rows view (R, C*L): channel c owns columns c*L:(c+1)*L of each row.
+
+    See _bwd_coefs for the per-channel inputs.
+    """
     cdef Coefs cf = _coefs(mean, scale, gamma, var, xhat_form, std_mode, train)
     cdef void *zp = cnp.PyArray_DATA(z)
     cdef void *dyp = cnp.PyArray_DATA(dy)
@@ -709,15 +880,15 @@ def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN
     cdef void *dbp = cnp.PyArray_DATA(dbeta)
     cdef bint single = cnp.PyArray_TYPE(z) == cnp.NPY_FLOAT32
     cdef int rc
-    if R <= 0 or C <= 0:
+    if R <= 0 or C <= 0 or L <= 0:
         raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
             rc = _rows_backward(<const float *>zp, <const float *>dyp, <float *>dxp,
-                                R, C, sz, sdy, sdx, &cf, <float *>dgp, <float *>dbp, n_threads)
+                                R, C, L, sz, sdy, sdx, &cf, <float *>dgp, <float *>dbp, n_threads)
         else:
             rc = _rows_backward(<const double *>zp, <const double *>dyp, <double *>dxp,
-                                R, C, sz, sdy, sdx, &cf, <double *>dgp, <double *>dbp, n_threads)
+                                R, C, L, sz, sdy, sdx, &cf, <double *>dgp, <double *>dbp, n_threads)
     if rc != 0:
         raise MemoryError()
 
@@ -753,12 +924,12 @@ def backward_planar(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,         # IN,
         raise MemoryError()
 
 
-def forward_rows(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t C,   # IN, OUT
+def forward_rows(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
                  Py_ssize_t sx, Py_ssize_t sout, bint train, double eps, bint std_mode,
                  cnp.ndarray gamma, cnp.ndarray beta,                  # IN (C,) float64
                  cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,  # OUT (train) / IN (test)
                  int n_threads):
-    """Forward over a rows view (R, C): statistics (train) and out."""
+    """Forward over a rows view (R, C*L): statistics (train) and out."""
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *op = cnp.PyArray_DATA(out)
     cdef const double *gp = <const double *>cnp.PyArray_DATA(gamma)
@@ -768,14 +939,14 @@ def forward_rows(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t C,   #
     cdef double *ip = <double *>cnp.PyArray_DATA(invstd)
     cdef bint single = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef int rc
-    if R <= 0 or C <= 0:
+    if R <= 0 or C <= 0 or L <= 0:
         raise ValueError("empty input: every channel needs at least one element")
     with nogil:
         if single:
-            rc = _rows_forward(<const float *>xp, <float *>op, R, C, sx, sout,
+            rc = _rows_forward(<const float *>xp, <float *>op, R, C, L, sx, sout,
                                train, eps, std_mode, gp, bp, mp, vp, ip, n_threads)
         else:
-            rc = _rows_forward(<const double *>xp, <double *>op, R, C, sx, sout,
+            rc = _rows_forward(<const double *>xp, <double *>op, R, C, L, sx, sout,
                                train, eps, std_mode, gp, bp, mp, vp, ip, n_threads)
     if rc != 0:
         raise MemoryError()

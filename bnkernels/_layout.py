@@ -1,10 +1,11 @@
 """Memory layouts the kernels run on, read from shapes and strides (no copies).
 
-rows:    channels contiguous, every other axis folds into one row stride:
-         (N, C), (N, H, W, C) with axis=-1, x_nhwc.transpose(0, 3, 1, 2).
-         View (R, C) with one row stride per array.
+rows:    each row holds C channels of L contiguous elements, channel c at columns
+         c*L:(c+1)*L; every other axis folds into one row stride.  L = 1 for (N, C),
+         (N, H, W, C) with axis=-1, x_nhwc.transpose(0, 3, 1, 2); L = H*W for NCHW
+         with small planes.  View (R, C*L) with one row stride per array.
 planar:  the axes after the channel axis fold into one contiguous run of L
-         elements, the axes before it into one stride: (N, C, H, W), (N, C).T.T...
+         elements, the axes before it into one stride: (N, C, H, W) with large planes.
          View (N, C, L) with strides (sn, sc) per array.
 
 Strides are returned in elements.  Every array of one call must fit the same
@@ -13,8 +14,8 @@ layout (each with its own strides); otherwise the caller copies.
 
 from math import prod
 
-# a planar run shorter than this is slower than the rows kernel
-MIN_PLANAR_RUN = 16
+# planes shorter than this run faster as rows of C*L columns (when planes are adjacent)
+ROWS_MAX_PLANE = 512
 
 
 def _fold(dims):
@@ -63,27 +64,28 @@ def planar_strides(a, axis):
 def choose(arrays, axis):
     """The layout all ``arrays`` (one shape) share.
 
-    Returns ("planar", N, C, L, [(sn, sc), ...]), ("rows", R, C, [sr, ...]) or None.
+    Returns ("rows", R, C, L, [row stride, ...]), ("planar", N, C, L, [(sn, sc), ...]) or None.
     """
     a0 = arrays[0]
     C = a0.shape[axis]
     if all(a.flags.c_contiguous for a in arrays):
         # the common case, without looking at every stride
         L = prod(a0.shape[axis + 1:])
-        if L >= MIN_PLANAR_RUN:
-            N = a0.size // (C * L)
-            return ("planar", N, C, L, [(C * L, L)] * len(arrays))
-        if L == 1:
-            return ("rows", a0.size // C, C, [C] * len(arrays))
+        N = a0.size // (C * L)
+        if L < ROWS_MAX_PLANE:
+            return ("rows", N, C, L, [C * L] * len(arrays))
+        return ("planar", N, C, L, [(C * L, L)] * len(arrays))
     planar = [planar_strides(a, axis) for a in arrays]
-    if all(p is not None for p in planar):
-        # all share N and L: they have one shape and fold the same axes
+    if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
         N, L = planar[0][0], planar[0][1]
-        if L >= MIN_PLANAR_RUN and all(p[:2] == (N, L) for p in planar):
+        if L >= ROWS_MAX_PLANE:
             return ("planar", N, C, L, [p[2:] for p in planar])
+        if all(p[3] == L or C == 1 for p in planar):
+            # adjacent planes: each n is one row of C*L contiguous elements
+            return ("rows", N, C, L, [p[2] for p in planar])
     rows = [rows_strides(a, axis) for a in arrays]
     if all(r is not None for r in rows):
-        return ("rows", a0.size // C, C, rows)
+        return ("rows", a0.size // C, C, 1, rows)
     if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
         N, L = planar[0][0], planar[0][1]
         return ("planar", N, C, L, [p[2:] for p in planar])

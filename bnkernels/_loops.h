@@ -122,45 +122,76 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 }
 
-/* Corrected two-pass mean and M2 = sum (x - mean)^2 over nrows rows; d1: scratch of cw.
- * The correction makes the mean exact for a constant channel; M2 is clamped at 0. */
-static BN_CLONES void BN_FN(bn_rows_moments)(
+/* s1[j] := sum_r x[r, j] */
+static BN_CLONES void BN_FN(bn_rows_colsum)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-    double *restrict mean, double *restrict m2, double *restrict d1)
+    double *restrict s1)
 {
     const int pf = cw * (Py_ssize_t)sizeof(BN_T) < 1024 && sx != cw;
-    const double n = (double)nrows;
-    Py_ssize_t r, j, b;
-    for (j = 0; j < cw; j++) {
-        mean[j] = 0.0;
-        m2[j] = 0.0;
-        d1[j] = 0.0;
+    Py_ssize_t r = 0, j, b;
+    for (j = 0; j < cw; j++)
+        s1[j] = 0.0;
+    for (; r + 4 <= nrows; r += 4) {
+        const BN_T *restrict x0 = x + r * sx, *restrict x1 = x0 + sx;
+        const BN_T *restrict x2 = x1 + sx, *restrict x3 = x2 + sx;
+        if (pf && r + BN_PREFETCH_ROWS + 4 <= nrows)
+            for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
+                bn_prefetch(x0 + BN_PREFETCH_ROWS * sx + b);
+                bn_prefetch(x1 + BN_PREFETCH_ROWS * sx + b);
+                bn_prefetch(x2 + BN_PREFETCH_ROWS * sx + b);
+                bn_prefetch(x3 + BN_PREFETCH_ROWS * sx + b);
+            }
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            double a = s1[j];
+            a += (double)x0[j];
+            a += (double)x1[j];
+            a += (double)x2[j];
+            a += (double)x3[j];
+            s1[j] = a;
+        }
     }
-    for (r = 0; r < nrows; r++) {
+    for (; r < nrows; r++) {
         const BN_T *restrict xr = x + r * sx;
-        if (pf && r + BN_PREFETCH_ROWS < nrows)
-            for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T))
-                bn_prefetch(xr + BN_PREFETCH_ROWS * sx + b);
         BN_SIMD
         for (j = 0; j < cw; j++)
-            mean[j] += (double)xr[j];
+            s1[j] += (double)xr[j];
     }
-    for (j = 0; j < cw; j++)
-        mean[j] /= n;
-    for (r = 0; r < nrows; r++) {
+}
+
+/* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2 */
+static BN_CLONES void BN_FN(bn_rows_centered)(
+    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+    const double *restrict m0, double *restrict d1, double *restrict d2)
+{
+    Py_ssize_t r = 0, j;
+    for (j = 0; j < cw; j++) {
+        d1[j] = 0.0;
+        d2[j] = 0.0;
+    }
+    for (; r + 2 <= nrows; r += 2) {
+        const BN_T *restrict x0 = x + r * sx, *restrict x1 = x0 + sx;
+        BN_SIMD
+        for (j = 0; j < cw; j++) {
+            const double mj = m0[j];
+            const double e0 = (double)x0[j] - mj, e1 = (double)x1[j] - mj;
+            double a = d1[j], b = d2[j];
+            a += e0;
+            b += e0 * e0;
+            a += e1;
+            b += e1 * e1;
+            d1[j] = a;
+            d2[j] = b;
+        }
+    }
+    for (; r < nrows; r++) {
         const BN_T *restrict xr = x + r * sx;
         BN_SIMD
         for (j = 0; j < cw; j++) {
-            double d = (double)xr[j] - mean[j];
-            d1[j] += d;
-            m2[j] += d * d;
+            const double e = (double)xr[j] - m0[j];
+            d1[j] += e;
+            d2[j] += e * e;
         }
-    }
-    for (j = 0; j < cw; j++) {
-        mean[j] += d1[j] / n;
-        m2[j] -= d1[j] * d1[j] / n;
-        if (m2[j] < 0.0)
-            m2[j] = 0.0;
     }
 }
 
