@@ -162,8 +162,8 @@ def forward(
 
     See Also
     --------
-    backward : the matching backward pass.
-    bnkernels.reference.forward : the NumPy version it is tested against.
+    backward : The matching backward pass.
+    bnkernels.reference.forward : The NumPy version it is tested against.
 
     Examples
     --------
@@ -314,11 +314,11 @@ def backward(
     Returns
     -------
     dx : ndarray, the shape, dtype and memory layout of dout
-        dL/dx.
+        The gradient dL/dx.
     dgamma : ndarray, shape (C,), the dtype of dout
-        dL/dgamma.
+        The gradient dL/dgamma.
     dbeta : ndarray, shape (C,), the dtype of dout
-        dL/dbeta.
+        The gradient dL/dbeta.
 
     Raises
     ------
@@ -331,9 +331,9 @@ def backward(
 
     See Also
     --------
-    forward : the forward pass that makes the cache.
+    forward : The forward pass that makes the cache.
     bnkernels.reference.backward_graph, bnkernels.reference.backward_alt :
-        the NumPy versions it is tested against.
+        The NumPy versions it is tested against.
 
     Notes
     -----

@@ -52,7 +52,43 @@ def _denominator(var, eps, eps_mode):
 
 
 def forward(x, gamma, beta, bn_param, *, axis=1):
-    """Batch-norm forward in NumPy; same contract as :func:`bnkernels.forward`."""
+    """Batch normalization forward pass in NumPy; the contract of :func:`bnkernels.forward`.
+
+    Arithmetic runs in the dtype of ``x`` (float16 in float32, rounded back), and
+    nothing is validated beyond ``'mode'`` and ``'eps_mode'``: this is the oracle,
+    kept as plain as hand-written NumPy code.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, ...), or channels-last (N, ..., C) with ``axis=-1``
+        Any floating dtype, any strides.
+    gamma, beta : ndarray, shape (C,)
+        Scale and shift per channel, cast to the work dtype.
+    bn_param : dict
+        ``'mode'`` (``'train'`` or ``'test'``, required), ``'eps'`` (1e-5),
+        ``'momentum'`` (0.9), ``'eps_mode'`` (``'var'`` or ``'std'``),
+        ``'running_mean'`` and ``'running_var'`` (shape (C,), zeros when missing).
+        In train mode the running statistics are replaced by
+        ``momentum * running + (1 - momentum) * batch_stat`` (biased variance).
+    axis : int, default 1
+        The channel axis; every other axis is reduced.
+
+    Returns
+    -------
+    out : ndarray, the shape and dtype of x
+        ``gamma * xhat + beta``.
+    cache : dict
+        ``'x'`` (the input, not a copy), ``'mean'``, ``'var'``, ``'invstd'`` (shape
+        (C,), the work dtype), ``'gamma'``, ``'eps'``, ``'eps_mode'``, ``'mode'``,
+        ``'axis'`` (non-negative).  Accepted by :func:`bnkernels.backward` too.
+
+    Raises
+    ------
+    KeyError
+        ``bn_param`` has no ``'mode'``.
+    ValueError
+        ``'mode'`` or ``'eps_mode'`` has an unknown value.
+    """
     x = np.asarray(x)
     axis = axis % x.ndim
     mode = bn_param["mode"]
@@ -140,11 +176,34 @@ def _unpack(dout, cache):
 
 
 def backward_graph(dout, cache):
-    """Staged computational-graph backward: one gate at a time, as in CS231n.
+    """Batch normalization backward through the staged computational graph, gate by gate.
 
-    Forward graph (per channel, broadcast over the reduced axes):
-    xmu = x - mu;  var = mean(xmu**2);  denom = sqrt(var + eps) or sqrt(var) + eps;
-    invd = 1/denom;  xhat = xmu * invd;  out = gamma * xhat + beta.
+    The way the CS231n notes build it: every node of the forward graph (per channel,
+    broadcast over the reduced axes) gets its upstream gradient in turn::
+
+        xmu = x - mu;  var = mean(xmu**2);  denom = sqrt(var + eps) or sqrt(var) + eps;
+        invd = 1/denom;  xhat = xmu * invd;  out = gamma * xhat + beta
+
+    Parameters
+    ----------
+    dout : ndarray, the shape of the cached input
+        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype
+        (float16 in float32).
+    cache : dict
+        The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
+        seed-style dict for a (N, D) batch: ``'x_hat'`` (shape (N, D)), ``'gamma'``
+        and ``'denom'`` (= ``sqrt(var + eps)``), both shape (D,).
+
+    Returns
+    -------
+    dx : ndarray, the shape and dtype of dout
+        The gradient dL/dx.
+    dgamma, dbeta : ndarray, shape (C,), the dtype of dout
+        The gradients dL/dgamma and dL/dbeta.
+
+    See Also
+    --------
+    backward_alt : The same gradients from the simplified closed form.
     """
     dtype = np.asarray(dout).dtype
     wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
@@ -174,7 +233,37 @@ def backward_graph(dout, cache):
 
 
 def backward_alt(dout, cache):
-    """Simplified backward: dx = gamma/d * (dy - sum(dy)/M - xhat*sum(dy*xhat)*k/M)."""
+    """Batch normalization backward from the simplified closed form.
+
+    Per channel, with M reduced elements and d the denominator of xhat, train mode::
+
+        dx = gamma/d * (dy - sum(dy)/M - xhat * sum(dy*xhat) * k/M)
+
+    with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'`` (0 where
+    var = 0); test mode: ``dx = gamma/d * dy``.
+
+    Parameters
+    ----------
+    dout : ndarray, the shape of the cached input
+        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype
+        (float16 in float32).
+    cache : dict
+        The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
+        seed-style dict for a (N, D) batch: ``'x_hat'`` (shape (N, D)), ``'gamma'``
+        and ``'denom'`` (= ``sqrt(var + eps)``), both shape (D,).
+
+    Returns
+    -------
+    dx : ndarray, the shape and dtype of dout
+        The gradient dL/dx.
+    dgamma, dbeta : ndarray, shape (C,), the dtype of dout
+        The gradients dL/dgamma and dL/dbeta.
+
+    See Also
+    --------
+    backward_graph : The same gradients, gate by gate.
+    bnkernels.backward : The compiled version.
+    """
     dtype = np.asarray(dout).dtype
     wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
     dy = np.asarray(dout, dtype=wt)
