@@ -1,0 +1,119 @@
+# Type stub for the compiled module bnkernels/_kernels.pyx.
+#
+# The comments give the Cython types: "floating" arrays are float32 or float64 (one dtype per
+# call), "float64[C]" arrays are contiguous per-channel vectors, strides are in elements, and
+# `n_threads <= 0` means the OpenMP default (omp_get_max_threads at call time).  The kernels
+# trust their caller (bnkernels._api): shapes, strides and dtypes are not re-checked.
+
+import numpy as np
+
+CHANNEL_BLOCK_BYTES: int  # narrowest channel block of a fused rows task, bytes
+TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2/L3)
+
+def openmp_enabled() -> bool: ...
+def max_threads() -> int: ...  # omp_get_max_threads(); 1 for a serial build
+def build_flags() -> str: ...
+def simd_targets() -> str: ...
+def rows_plan(
+    R: int,  # Py_ssize_t, rows of the (R, C*L) view
+    C: int,  # Py_ssize_t
+    itemsize: int,  # Py_ssize_t, 4 or 8
+    n_arrays: int,  # Py_ssize_t, arrays a task streams
+    L: int = ...,  # Py_ssize_t, contiguous elements per channel in a row; 1
+) -> tuple[int, int, int, int]: ...  # (channels_per_block, n_blocks, rows_per_chunk, n_chunks)
+def planar_plan(
+    N: int,  # Py_ssize_t
+    C: int,  # Py_ssize_t
+    L: int,  # Py_ssize_t, contiguous run of one (n, c) plane
+    itemsize: int,  # Py_ssize_t, 4 or 8
+    n_arrays: int,  # Py_ssize_t
+) -> tuple[int, int, int, int]: ...  # (channels_per_block, n_blocks, elements_per_chunk, n_chunks)
+def backward_rows(
+    z: np.ndarray,  # const floating, rows view (R, C*L): x, or xhat when xhat_form
+    dy: np.ndarray,  # const floating, rows view, dtype of z
+    dx: np.ndarray,  # floating, rows view, dtype of z; written
+    R: int,  # Py_ssize_t
+    C: int,  # Py_ssize_t
+    L: int,  # Py_ssize_t, channel c owns columns c*L:(c+1)*L of a row
+    sz: int,  # Py_ssize_t, row stride of z
+    sdy: int,  # Py_ssize_t
+    sdx: int,  # Py_ssize_t
+    mean: np.ndarray,  # const float64[C]; zeros when xhat_form
+    scale: np.ndarray,  # const float64[C]; invstd, or denom when xhat_form
+    gamma: np.ndarray,  # const float64[C]
+    var: np.ndarray,  # const float64[C]; read when std_mode
+    xhat_form: bool,  # bint
+    std_mode: bool,  # bint
+    train: bool,  # bint
+    dgamma: np.ndarray,  # floating[C], dtype of z; written
+    dbeta: np.ndarray,  # floating[C], dtype of z; written
+    n_threads: int,  # int
+) -> None: ...
+def backward_planar(
+    z: np.ndarray,  # const floating, planar view (N, C, L), each plane contiguous
+    dy: np.ndarray,  # const floating, planar view, dtype of z
+    dx: np.ndarray,  # floating, planar view, dtype of z; written
+    N: int,  # Py_ssize_t
+    C: int,  # Py_ssize_t
+    L: int,  # Py_ssize_t
+    szn: int,  # Py_ssize_t, stride of z between n
+    szc: int,  # Py_ssize_t, stride of z between c
+    sdyn: int,  # Py_ssize_t
+    sdyc: int,  # Py_ssize_t
+    sdxn: int,  # Py_ssize_t
+    sdxc: int,  # Py_ssize_t
+    mean: np.ndarray,  # const float64[C]
+    scale: np.ndarray,  # const float64[C]
+    gamma: np.ndarray,  # const float64[C]
+    var: np.ndarray,  # const float64[C]
+    xhat_form: bool,  # bint
+    std_mode: bool,  # bint
+    train: bool,  # bint
+    dgamma: np.ndarray,  # floating[C]; written
+    dbeta: np.ndarray,  # floating[C]; written
+    n_threads: int,  # int
+) -> None: ...
+def forward_rows(
+    x: np.ndarray,  # const floating, rows view (R, C*L)
+    out: np.ndarray,  # floating, rows view, dtype of x; written
+    R: int,  # Py_ssize_t
+    C: int,  # Py_ssize_t
+    L: int,  # Py_ssize_t, channel c owns columns c*L:(c+1)*L of a row
+    sx: int,  # Py_ssize_t
+    sout: int,  # Py_ssize_t
+    train: bool,  # bint
+    eps: float,  # double
+    std_mode: bool,  # bint
+    gamma: np.ndarray,  # const float64[C]
+    beta: np.ndarray,  # const float64[C]
+    mean: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    var: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    invstd: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    n_threads: int,  # int
+) -> None: ...
+def forward_planar(
+    x: np.ndarray,  # const floating, planar view (N, C, L)
+    out: np.ndarray,  # floating, planar view, dtype of x; written
+    N: int,  # Py_ssize_t
+    C: int,  # Py_ssize_t
+    L: int,  # Py_ssize_t
+    sxn: int,  # Py_ssize_t
+    sxc: int,  # Py_ssize_t
+    soutn: int,  # Py_ssize_t
+    soutc: int,  # Py_ssize_t
+    train: bool,  # bint
+    eps: float,  # double
+    std_mode: bool,  # bint
+    gamma: np.ndarray,  # const float64[C]
+    beta: np.ndarray,  # const float64[C]
+    mean: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    var: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    invstd: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    n_threads: int,  # int
+) -> None: ...
+def stream_add(
+    a: np.ndarray,  # const floating, C-contiguous
+    b: np.ndarray,  # const floating, C-contiguous, size and dtype of a
+    out: np.ndarray,  # floating, C-contiguous, size and dtype of a; written
+    n_threads: int = ...,  # int, 0: the OpenMP default
+) -> None: ...
