@@ -1,8 +1,12 @@
 """python -m bnkernels            version, OpenMP, self-check against the reference, timings
 python -m bnkernels bench ...  the benchmark (see ``python -m bnkernels bench --help``)"""
 
+import importlib
+import os
+import platform
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -18,6 +22,85 @@ SELF_CHECK = [
 ]
 TIMED = [((256, 512), 1, np.float32), ((32, 64, 56, 56), 1, np.float32)]
 RTOL = {np.float32: 1e-4, np.float64: 1e-10}
+
+
+# the runtimes threadpoolctl knows as OpenMP, by file name
+OPENMP_LIBS = ("libgomp", "libomp", "libiomp")
+# the CPU features GCC's resolver wants before it picks the x86-64-v4 / -v3 clone
+# (/proc/cpuinfo names; numpy's names in NUMPY_CPU_NAMES)
+V4_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")
+V3_FLAGS = ("avx2", "fma", "bmi2")
+NUMPY_CPU_NAMES = {"avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
+                   "avx512dq": "AVX512DQ", "avx512cd": "AVX512CD", "avx2": "AVX2",
+                   "fma": "FMA3", "bmi2": "BMI2"}
+
+
+def openmp_runtime():
+    """The OpenMP runtime(s) loaded in this process: threadpoolctl's view, else /proc/self/maps."""
+    if not _kernels.openmp_enabled():
+        return "none (serial build)"
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        libs = [i for i in threadpool_info() if i.get("internal_api") == "openmp"]
+        if libs:
+            return "; ".join("%s %s at %s" % (i.get("prefix"), i.get("version") or "(version n/a)",
+                                               i.get("filepath")) for i in libs)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return "unknown (no threadpoolctl, no /proc/self/maps)"
+    found = sorted(p for p in paths if os.path.basename(p).startswith(OPENMP_LIBS))
+    if not found:
+        return "unknown (none found in /proc/self/maps)"
+    return "; ".join("%s at %s" % (os.path.basename(p).split(".so")[0], p) for p in found)
+
+
+def cpu_flags():
+    """The CPU features this module asks about, as a set of /proc/cpuinfo names, or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        feats = importlib.import_module("numpy._core._multiarray_umath").__cpu_features__
+    except (ImportError, AttributeError):
+        return None
+    found = {name for name, key in NUMPY_CPU_NAMES.items() if feats.get(key)}
+    if "BMI2" not in feats and "avx2" in found:
+        found.add("bmi2")  # older numpy lists no BMI2; every AVX2 CPU has it
+    return found
+
+
+def simd_clone(targets=None, flags=None, machine=None):
+    """Which compiled variant of the inner loops this CPU runs."""
+    targets = _kernels.simd_targets() if targets is None else targets
+    machine = platform.machine() if machine is None else machine
+    if "chosen at load" not in targets or machine.lower() not in ("x86_64", "amd64"):
+        return "as compiled"
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return "unknown (no /proc/cpuinfo, no numpy CPU features)"
+    if all(f in flags for f in V3_FLAGS + V4_FLAGS):
+        return "x86-64-v4 (AVX-512)"
+    if all(f in flags for f in V3_FLAGS):
+        return "x86-64-v3 (AVX2)"
+    return "x86-64 (baseline)"
+
+
+def build_report():
+    """Lines describing how the kernels were built and what they run on here."""
+    return [
+        "build flags: %s" % _kernels.build_flags(),
+        "OpenMP runtime: %s" % openmp_runtime(),
+        "SIMD: %s; this CPU runs %s" % (_kernels.simd_targets(), simd_clone()),
+    ]
 
 
 def _median_time(fn, repeat):
@@ -59,7 +142,8 @@ def main(argv=None):
     print("bnkernels %s  numpy %s" % (bnkernels.__version__, np.__version__))
     print("OpenMP: %s, %d threads by default" % (
         "on" if _kernels.openmp_enabled() else "off (serial build)", _kernels.max_threads()))
-    print("build flags: %s" % _kernels.build_flags())
+    for line in build_report():
+        print(line)
     rng = np.random.default_rng(0)
     ok = True
     print("self-check against bnkernels.reference (max relative error):")
@@ -75,15 +159,16 @@ def main(argv=None):
         C = shape[axis]
         _, cache = bnkernels.forward(x, np.ones(C, dtype), np.zeros(C, dtype), {"mode": "train"},
                                      axis=axis)
-        _, ref_cache = reference.forward(x, np.ones(C, dtype), np.zeros(C, dtype), {"mode": "train"},
-                                         axis=axis)
-        t_graph = _median_time(lambda: reference.backward_graph(dy, ref_cache), 5)
-        t_alt = _median_time(lambda: reference.backward_alt(dy, ref_cache), 5)
-        t_bk = _median_time(lambda: bnkernels.backward(dy, cache), 20)
+        _, ref_cache = reference.forward(x, np.ones(C, dtype), np.zeros(C, dtype),
+                                         {"mode": "train"}, axis=axis)
+        t_graph = _median_time(partial(reference.backward_graph, dy, ref_cache), 5)
+        t_alt = _median_time(partial(reference.backward_alt, dy, ref_cache), 5)
+        t_bk = _median_time(partial(bnkernels.backward, dy, cache), 20)
         print("  %-20s %-8s graph %8.3f  alt %8.3f  bnkernels %7.3f   (%.0fx over alt)" % (
             shape, np.dtype(dtype).name, t_graph * 1e3, t_alt * 1e3, t_bk * 1e3, t_alt / t_bk))
     if not ok:
-        print("SELF-CHECK FAILED: the compiled kernels disagree with the reference", file=sys.stderr)
+        print("SELF-CHECK FAILED: the compiled kernels disagree with the reference",
+              file=sys.stderr)
         return 1
     print("self-check passed")
     return 0
