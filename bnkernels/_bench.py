@@ -297,7 +297,9 @@ def measure(fn, budget):
             t1 = time.perf_counter()
             times.append(t1 - t0)
             n = len(times)
-            if n >= budget.max_repeats or (n >= budget.min_repeats and t1 - start >= budget.seconds):
+            if n >= budget.max_repeats:
+                break
+            if n >= budget.min_repeats and t1 - start >= budget.seconds:
                 break
     finally:
         if gc_on:
@@ -397,8 +399,8 @@ def run_scaling(data, counts, budget):
     recs = []
     for n in counts:
         bwd = data.backward_fns(n)
-        recs.append(_record(data.case, "backward", "bnkernels", n, measure(bwd["bnkernels"], budget)))
-        recs.append(_record(data.case, "backward", "roofline", n, measure(bwd["roofline"], budget)))
+        for impl in ("bnkernels", "roofline"):
+            recs.append(_record(data.case, "backward", impl, n, measure(bwd[impl], budget)))
         with openmp_limit(n):
             if _kernels.max_threads() == n:  # else the limit did not take (no threadpoolctl)
                 fwd = data.forward_fns(n)
@@ -563,7 +565,7 @@ def _positive_int(s):
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s)
+        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s) from None
     if v < 1:
         raise argparse.ArgumentTypeError("expected a positive integer, got %d" % v)
     return v
