@@ -1,0 +1,194 @@
+"""float32 accuracy where naive float32 code breaks down.
+
+The oracle is the reference run in float64 on the very same float32 values, so
+any error is the kernels' own: the input is exact, only the result's final
+rounding to float32 is allowed for.  Shapes cover both layouts, fused tasks and
+several chunks (the chunk merge), so every summation path is exercised.
+"""
+
+import numpy as np
+import pytest
+
+import bnkernels
+from bnkernels import _kernels, reference
+
+RTOL = 1e-4
+
+# (shape, axis): rows fused, rows in several row chunks, planar fused, planar in several chunks,
+# channels-last
+_ROWS_CHUNK = _kernels.rows_plan(10**9, 3, 4, 1)[2]
+_PLANE_CHUNK = _kernels.planar_plan(10**6, 2, 1000, 4, 1)[2]
+SHAPES = {
+    "rows": ((512, 24), 1),
+    "rows_chunked": ((_ROWS_CHUNK * 2 + 5, 3), 1),
+    "planar": ((4, 3, 24, 24), 1),
+    "small_planes": ((16, 3, 20, 20), 1),  # NCHW planes below 512 elements: rows of C*L columns
+    "planar_chunked": ((_PLANE_CHUNK // 1000 + 1, 2, 1000), 1),
+    "channels_last": ((8, 10, 10, 5), -1),
+}
+
+
+def test_shapes_reach_the_chunked_paths():
+    for name, isz_arrays in [("rows_chunked", 1), ("rows_chunked", 2)]:
+        (R, C), _ = SHAPES[name]
+        assert _kernels.rows_plan(R, C, 4, isz_arrays)[3] > 1
+    (N, C, L), _ = SHAPES["planar_chunked"]
+    for n_arrays in (1, 2):
+        assert _kernels.planar_plan(N, C, L, 4, n_arrays)[3] > 1
+    (R, C), _ = SHAPES["rows"]
+    assert _kernels.rows_plan(R, C, 4, 1)[3] == 1
+    from bnkernels._layout import choose
+
+    for name, kind in [("planar", "planar"), ("small_planes", "rows"), ("planar_chunked", "planar"),
+                       ("rows_chunked", "rows")]:
+        shape, axis = SHAPES[name]
+        x = np.empty(shape, np.float32)
+        assert choose([x, x], axis)[0] == kind, name
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def assert_rel(name, got, want):
+    """Within RTOL of the float64 result, relative to the array's magnitude."""
+    got = np.asarray(got)
+    assert got.dtype == np.float32, name
+    assert np.all(np.isfinite(got)), "%s has inf/NaN" % name
+    scale = np.abs(want).max()
+    err = np.abs(f64(got) - want).max()
+    assert err <= RTOL * scale, "%s: max error %.3g, %.3g relative (want <= %g)" % (
+        name, err, err / scale, RTOL)
+
+
+def run_both(x, dy, axis, eps_mode, mode="train", gamma=None, beta=None, running=None):
+    """(compiled results, float64 reference results), forward and backward."""
+    C = x.shape[axis]
+    rng = np.random.default_rng(C)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32) if gamma is None else gamma
+    beta = rng.standard_normal(C).astype(np.float32) if beta is None else beta
+    param = {"mode": mode, "eps_mode": eps_mode}
+    if running is not None:
+        param["running_mean"], param["running_var"] = running
+    out, cache = bnkernels.forward(x, gamma, beta, dict(param), axis=axis)
+    grads = bnkernels.backward(dy, cache)
+    ref_param = {k: (f64(v) if isinstance(v, np.ndarray) else v) for k, v in param.items()}
+    ref_out, ref_cache = reference.forward(f64(x), f64(gamma), f64(beta), ref_param, axis=axis)
+    ref_grads = reference.backward_alt(f64(dy), ref_cache)
+    return (out, cache, grads), (ref_out, ref_cache, ref_grads)
+
+
+def check_all(got, want):
+    (out, cache, (dx, dgamma, dbeta)), (ref_out, ref_cache, (rdx, rdgamma, rdbeta)) = got, want
+    assert_rel("out", out, ref_out)
+    # the mean to double precision of the data's magnitude (it may itself be ~0)
+    scale = np.abs(ref_cache["mean"]) + np.sqrt(ref_cache["var"])
+    np.testing.assert_allclose(cache["mean"], ref_cache["mean"], rtol=0, atol=1e-12 * scale.max())
+    np.testing.assert_allclose(cache["var"], ref_cache["var"], rtol=1e-9)
+    assert_rel("dx", dx, rdx)
+    assert_rel("dgamma", dgamma, rdgamma)
+    assert_rel("dbeta", dbeta, rdbeta)
+
+
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("loc, std", [(1e4, 1.0), (0.0, 1e-3**0.5), (1e4, 1e-3**0.5),
+                                      (-3e4, 0.1)],
+                         ids=["offset1e4", "var1e-3", "offset1e4-var1e-3", "offset-3e4"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_large_offset_and_tiny_variance(layout, loc, std, eps_mode):
+    shape, axis = SHAPES[layout]
+    rng = np.random.default_rng(11)
+    # per-channel offsets around loc, so channels differ
+    C = shape[axis]
+    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    offsets = loc * (1 + 0.01 * np.arange(C)).reshape(bshape)
+    x = (offsets + std * rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    check_all(*run_both(x, dy, axis, eps_mode))
+
+
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_large_offset_in_test_mode(layout, eps_mode):
+    shape, axis = SHAPES[layout]
+    rng = np.random.default_rng(12)
+    C = shape[axis]
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    running = ((1e4 + rng.standard_normal(C)).astype(np.float32),
+               rng.uniform(0.5, 2, C).astype(np.float32))
+    check_all(*run_both(x, dy, axis, eps_mode, mode="test", running=running))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_constant_channel_has_zero_variance_and_zero_xhat(layout, eps_mode, dtype):
+    shape, axis = SHAPES[layout]
+    C = shape[axis]
+    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    # 0.1, 1e4+0.1, ...: not representable, so a sum-then-divide mean is off by rounding
+    values = np.array([0.1, 1e4 + 0.1, -7.3, 1 / 3, 3e-5] * C, dtype=dtype)[:C]
+    x = np.broadcast_to(values.reshape(bshape), shape).copy()
+    gamma = np.linspace(0.5, 2, C).astype(dtype)
+    beta = np.linspace(-1, 1, C).astype(dtype)
+    out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps_mode": eps_mode},
+                                   axis=axis)
+    assert np.all(cache["var"] >= 0)
+    assert np.all(cache["var"] == 0), cache["var"]
+    assert np.array_equal(cache["mean"], values.astype(np.float64))
+    # xhat is exactly 0, so out is exactly beta
+    assert np.array_equal(out, np.broadcast_to(beta.reshape(bshape), shape))
+    dy = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    dx, dgamma, dbeta = bnkernels.backward(dy, cache)
+    assert np.all(dgamma == 0)
+    assert np.all(np.isfinite(dx))
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_variance_never_negative_near_constant(layout):
+    # a huge offset with spread below float32 resolution: var must come out >= 0, never < 0
+    shape, axis = SHAPES[layout]
+    rng = np.random.default_rng(6)
+    x = (np.float32(1e4) + rng.integers(-1, 2, shape) * np.spacing(np.float32(1e4))).astype(
+        np.float32)
+    for eps_mode in ("var", "std"):
+        out, cache = bnkernels.forward(x, np.ones(x.shape[axis], np.float32),
+                                       np.zeros(x.shape[axis], np.float32),
+                                       {"mode": "train", "eps_mode": eps_mode, "eps": 0.0},
+                                       axis=axis)
+        assert np.all(cache["var"] >= 0)
+        assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("dy_scale", [1.0, 1e30])
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_huge_values_do_not_overflow(layout, eps_mode, dy_scale):
+    # x ~ 1e30 in float32: x**2 overflows float32, not the true result
+    shape, axis = SHAPES[layout]
+    rng = np.random.default_rng(7)
+    x = (1e30 * rng.standard_normal(shape) + 2e30).astype(np.float32)
+    dy = (dy_scale * rng.standard_normal(shape)).astype(np.float32)
+    assert np.all(np.isfinite(x)) and np.all(np.isfinite(dy))
+    got, want = run_both(x, dy, axis, eps_mode)
+    for name, w in [("out", want[0]), ("dx", want[2][0]), ("dgamma", want[2][1]),
+                    ("dbeta", want[2][2])]:
+        # the true results fit in float32, so finite float32 answers exist
+        assert np.all(np.abs(w) < np.finfo(np.float32).max), name
+    check_all(got, want)
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_huge_values_in_test_mode(layout):
+    shape, axis = SHAPES[layout]
+    C = shape[axis]
+    rng = np.random.default_rng(8)
+    x = (1e30 * rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    running = ((1e29 * rng.standard_normal(C)).astype(np.float32),
+               np.full(C, 1e38, np.float32))  # std 1e19: xhat ~ 1e11
+    got, want = run_both(x, dy, axis, "var", mode="test", running=running)
+    for w in (want[0],) + tuple(want[2]):
+        assert np.all(np.abs(w) < np.finfo(np.float32).max)
+    check_all(got, want)
