@@ -164,10 +164,10 @@ cdef extern from *:
 
 cdef enum:
     LINE_BYTES = 64           # cache line
-    MIN_BLOCK_BYTES = 256     # narrowest channel block of a fused rows task
+    MIN_BLOCK_BYTES = 1024    # narrowest channel block of a fused rows task
     SEGMENT_BYTES = 1024      # preferred width of a rows task's block
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
-    TASK_BYTES = 4 << 20      # input bytes of one task: its second sweep hits L2/L3
+    TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
     PAR_TASKS = 16            # aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
 

@@ -16,58 +16,50 @@
 
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
 
-/* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j])
- * Rows go four at a time so each accumulator is loaded and stored once per four rows;
- * the additions stay in row order. */
+/* Column blocks of BN_RBLOCK keep their accumulators in registers for a whole sweep down
+ * the rows; the rows of a block are strided, so the next rows are prefetched. */
+#define BN_RBLOCK 64
+#define BN_RPREFETCH 16
+
+static inline void BN_FN(bn_prefetch_rows)(const BN_T *p, Py_ssize_t s, Py_ssize_t jw)
+{
+    Py_ssize_t b;
+    for (b = 0; b < jw; b += 64 / (Py_ssize_t)sizeof(BN_T))
+        bn_prefetch(p + BN_RPREFETCH * s + b);
+}
+
+/* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
 static BN_CLONES void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
 {
-    /* narrow blocks of long rows stride past the hardware prefetcher: fetch ahead */
-    const int pf = cw * (Py_ssize_t)sizeof(BN_T) < 1024 && (sz != cw || sdy != cw);
-    Py_ssize_t r = 0, j, b, k;
-    for (j = 0; j < cw; j++) {
-        s_dy[j] = 0.0;
-        s_zm[j] = 0.0;
-    }
-    for (; r + 4 <= nrows; r += 4) {
-        const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
-        const BN_T *restrict z2 = z1 + sz, *restrict z3 = z2 + sz;
-        const BN_T *restrict d0 = dy + r * sdy, *restrict d1 = d0 + sdy;
-        const BN_T *restrict d2 = d1 + sdy, *restrict d3 = d2 + sdy;
-        if (pf && r + BN_PREFETCH_ROWS + 4 <= nrows) {
-            for (k = BN_PREFETCH_ROWS; k < BN_PREFETCH_ROWS + 4; k++)
-                for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
-                    bn_prefetch(z0 + k * sz + b);
-                    bn_prefetch(d0 + k * sdy + b);
-                }
+    Py_ssize_t j0, j, r;
+    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
+        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
+        double a[BN_RBLOCK], c[BN_RBLOCK], mb[BN_RBLOCK];
+        for (j = 0; j < jw; j++) {
+            a[j] = 0.0;
+            c[j] = 0.0;
+            mb[j] = m[j0 + j];
         }
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            const double mj = m[j];
-            const double v0 = d0[j], v1 = d1[j], v2 = d2[j], v3 = d3[j];
-            double a = s_dy[j], c = s_zm[j];
-            a += v0;
-            c += v0 * ((double)z0[j] - mj);
-            a += v1;
-            c += v1 * ((double)z1[j] - mj);
-            a += v2;
-            c += v2 * ((double)z2[j] - mj);
-            a += v3;
-            c += v3 * ((double)z3[j] - mj);
-            s_dy[j] = a;
-            s_zm[j] = c;
+        for (r = 0; r < nrows; r++) {
+            const BN_T *restrict zr = z + r * sz + j0;
+            const BN_T *restrict dyr = dy + r * sdy + j0;
+            if (r + BN_RPREFETCH < nrows) {
+                BN_FN(bn_prefetch_rows)(zr, sz, jw);
+                BN_FN(bn_prefetch_rows)(dyr, sdy, jw);
+            }
+            BN_SIMD
+            for (j = 0; j < jw; j++) {
+                const double v = dyr[j];
+                a[j] += v;
+                c[j] += v * ((double)zr[j] - mb[j]);
+            }
         }
-    }
-    for (; r < nrows; r++) {
-        const BN_T *restrict zr = z + r * sz;
-        const BN_T *restrict dyr = dy + r * sdy;
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            double v = dyr[j];
-            s_dy[j] += v;
-            s_zm[j] += v * ((double)zr[j] - m[j]);
+        for (j = 0; j < jw; j++) {
+            s_dy[j0 + j] = a[j];
+            s_zm[j0 + j] = c[j];
         }
     }
 }
@@ -122,75 +114,56 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 }
 
-/* s1[j] := sum_r x[r, j] */
+/* s1[j] := sum_r x[r, j], in row order */
 static BN_CLONES void BN_FN(bn_rows_colsum)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     double *restrict s1)
 {
-    const int pf = cw * (Py_ssize_t)sizeof(BN_T) < 1024 && sx != cw;
-    Py_ssize_t r = 0, j, b;
-    for (j = 0; j < cw; j++)
-        s1[j] = 0.0;
-    for (; r + 4 <= nrows; r += 4) {
-        const BN_T *restrict x0 = x + r * sx, *restrict x1 = x0 + sx;
-        const BN_T *restrict x2 = x1 + sx, *restrict x3 = x2 + sx;
-        if (pf && r + BN_PREFETCH_ROWS + 4 <= nrows)
-            for (b = 0; b < cw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
-                bn_prefetch(x0 + BN_PREFETCH_ROWS * sx + b);
-                bn_prefetch(x1 + BN_PREFETCH_ROWS * sx + b);
-                bn_prefetch(x2 + BN_PREFETCH_ROWS * sx + b);
-                bn_prefetch(x3 + BN_PREFETCH_ROWS * sx + b);
-            }
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            double a = s1[j];
-            a += (double)x0[j];
-            a += (double)x1[j];
-            a += (double)x2[j];
-            a += (double)x3[j];
-            s1[j] = a;
+    Py_ssize_t j0, j, r;
+    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
+        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
+        double a[BN_RBLOCK];
+        for (j = 0; j < jw; j++)
+            a[j] = 0.0;
+        for (r = 0; r < nrows; r++) {
+            const BN_T *restrict xr = x + r * sx + j0;
+            if (r + BN_RPREFETCH < nrows)
+                BN_FN(bn_prefetch_rows)(xr, sx, jw);
+            BN_SIMD
+            for (j = 0; j < jw; j++)
+                a[j] += (double)xr[j];
         }
-    }
-    for (; r < nrows; r++) {
-        const BN_T *restrict xr = x + r * sx;
-        BN_SIMD
-        for (j = 0; j < cw; j++)
-            s1[j] += (double)xr[j];
+        for (j = 0; j < jw; j++)
+            s1[j0 + j] = a[j];
     }
 }
 
-/* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2 */
+/* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2, in row order */
 static BN_CLONES void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
-    Py_ssize_t r = 0, j;
-    for (j = 0; j < cw; j++) {
-        d1[j] = 0.0;
-        d2[j] = 0.0;
-    }
-    for (; r + 2 <= nrows; r += 2) {
-        const BN_T *restrict x0 = x + r * sx, *restrict x1 = x0 + sx;
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            const double mj = m0[j];
-            const double e0 = (double)x0[j] - mj, e1 = (double)x1[j] - mj;
-            double a = d1[j], b = d2[j];
-            a += e0;
-            b += e0 * e0;
-            a += e1;
-            b += e1 * e1;
-            d1[j] = a;
-            d2[j] = b;
+    Py_ssize_t j0, j, r;
+    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
+        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
+        double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];
+        for (j = 0; j < jw; j++) {
+            a[j] = 0.0;
+            b[j] = 0.0;
+            mb[j] = m0[j0 + j];
         }
-    }
-    for (; r < nrows; r++) {
-        const BN_T *restrict xr = x + r * sx;
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            const double e = (double)xr[j] - m0[j];
-            d1[j] += e;
-            d2[j] += e * e;
+        for (r = 0; r < nrows; r++) {
+            const BN_T *restrict xr = x + r * sx + j0;
+            BN_SIMD
+            for (j = 0; j < jw; j++) {
+                const double e = (double)xr[j] - mb[j];
+                a[j] += e;
+                b[j] += e * e;
+            }
+        }
+        for (j = 0; j < jw; j++) {
+            d1[j0 + j] = a[j];
+            d2[j0 + j] = b[j];
         }
     }
 }
