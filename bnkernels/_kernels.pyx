@@ -37,7 +37,7 @@ Backward, per channel (``z`` is x, or xhat for a seed-style cache)::
 
     sum_dy = sum(dy);  sum_dy_zm = sum(dy * (z - mean))
     dbeta = sum_dy;    dgamma = q * sum_dy_zm
-    dx = A*dy + B*(z - mean) + Cc      (see _bwd_coefs)
+    dx = A*(dy + Cc) + B*(z - mean)    (see _bwd_coefs)
 
 Forward: task-local corrected two-pass mean and M2 (the mean is exact for a
 constant channel, M2 never negative), tasks merged in order with Chan's formula,
@@ -121,12 +121,12 @@ cdef extern from *:
                         double *s_dy, double *s_zm) nogil
     void bn_rows_affine_f(const float *z, const float *dy, float *out,
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                          Py_ssize_t cw, const double *m, const double *A, const double *B,
-                          const double *Cc) nogil
+                          Py_ssize_t cw, const double *m, const double *Q, const double *A,
+                          const double *B, const double *Cc) nogil
     void bn_rows_affine_d(const double *z, const double *dy, double *out,
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                          Py_ssize_t cw, const double *m, const double *A, const double *B,
-                          const double *Cc) nogil
+                          Py_ssize_t cw, const double *m, const double *Q, const double *A,
+                          const double *B, const double *Cc) nogil
     void bn_rows_colsum_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                           double *s1) nogil
     void bn_rows_colsum_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -146,13 +146,13 @@ cdef extern from *:
     void bn_plane_affine_f(const float *z, const float *dy, float *out,
                            Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                            Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
-                           const double *B, const double *Cc) nogil
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
+                           const double *A, const double *B, const double *Cc) nogil
     void bn_plane_affine_d(const double *z, const double *dy, double *out,
                            Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                            Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
-                           const double *B, const double *Cc) nogil
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
+                           const double *A, const double *B, const double *Cc) nogil
     void bn_plane_moments_f(const float *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
                             Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
                             double *mean, double *m2, double *d1) nogil
@@ -170,6 +170,7 @@ cdef enum:
     TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
     PAR_TASKS = 16            # aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
+    SCRATCH = 5               # per-column vectors a rows task spreads (m, Q, A, B, Cc)
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
@@ -318,42 +319,40 @@ cdef struct Coefs:
 
 cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm, const Coefs *cf,
                             double inv_m, floating *dgamma, floating *dbeta,
-                            double *A, double *B, double *Cc) noexcept nogil:
-    """dx = A*dy + B*(z - mean) + Cc for channel c, and dgamma, dbeta.
+                            double *Q, double *A, double *B, double *Cc) noexcept nogil:
+    """dx = A*(dy + Cc) + B*xhat for channel c, xhat = (z - mean)*Q; and dgamma, dbeta.
 
-    With r = invstd and xhat = q*(z - mean):  dgamma = q*sum_dy_zm,  A = gamma*r,
-    B = -A*k*sum_dy_zm/M,  Cc = -A*sum_dy/M, where k*(z - mean) is the (z - mean)
-    coefficient of the variance term: k = r**2 ('var'), r/sqrt(var) ('std'; 0 at
-    var = 0, the subgradient of sqrt), 1 for xhat itself.
+    With r = invstd:  dgamma = Q*sum_dy_zm,  A = gamma*r,  Cc = -sum_dy/M,
+    B = -A*kq*sum_dy_zm/M, where kq*xhat is the variance term: kq = r ('var'),
+    1/sqrt(var) ('std'; 0 at var = 0, the subgradient of sqrt), 1 when z is xhat.
     """
-    cdef double r, q, k, s
+    cdef double r, s
     if cf.xhat_form:
         r = 1.0 / cf.scale[c]
-        q = 1.0
-        k = 1.0
+        Q[c] = 1.0
+        s = 1.0
     else:
         r = cf.scale[c]
-        q = r
+        Q[c] = r
         if cf.std_mode:
             s = sqrt(cf.var[c])
-            k = r / s if s > 0.0 else 0.0
+            s = 1.0 / s if s > 0.0 else 0.0
         else:
-            k = r * r
+            s = r
     dbeta[c] = <floating>sum_dy
-    dgamma[c] = <floating>(q * sum_dy_zm)
+    dgamma[c] = <floating>(Q[c] * sum_dy_zm)
     A[c] = cf.gamma[c] * r
     if cf.train:
-        B[c] = -A[c] * k * sum_dy_zm * inv_m
-        Cc[c] = -A[c] * sum_dy * inv_m
+        B[c] = -A[c] * s * sum_dy_zm * inv_m
+        Cc[c] = -sum_dy * inv_m   # dy - mean(dy) first: exact 0 when M = 1
     else:
         B[c] = 0.0
         Cc[c] = 0.0
 
 
 cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
-                             double eps, bint std_mode, const double *gamma,
-                             double *mean_out, double *var_out, double *invstd_out,
-                             double *G) noexcept nogil:
+                             double eps, bint std_mode,
+                             double *mean_out, double *var_out, double *invstd_out) noexcept nogil:
     cdef double var = m2 / M
     if var < 0.0:
         var = 0.0
@@ -363,7 +362,6 @@ cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
         invstd_out[c] = 1.0 / (sqrt(var) + eps)
     else:
         invstd_out[c] = 1.0 / sqrt(var + eps)
-    G[c] = gamma[c] * invstd_out[c]
 
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
@@ -393,12 +391,12 @@ cdef inline void _rows_sums(const floating *z, const floating *dy, Py_ssize_t sz
 
 cdef inline void _rows_affine(const floating *z, const floating *dy, floating *out,
                               Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-                              Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *A,
-                              const double *B, const double *Cc) noexcept nogil:
+                              Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *Q,
+                              const double *A, const double *B, const double *Cc) noexcept nogil:
     if floating is float:
-        bn_rows_affine_f(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+        bn_rows_affine_f(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
     else:
-        bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+        bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
 
 
 cdef inline void _rows_colsum(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -420,7 +418,7 @@ cdef inline void _rows_centered(const floating *x, Py_ssize_t sx, Py_ssize_t nro
 # A rows task covers channels [c0, c0+cw): columns [c0*L, (c0+cw)*L) of each row.
 # The C loops work per column; these helpers spread per-channel vectors over the
 # columns and fold per-column sums back into channels (in column order).  `scratch`
-# holds 4*cw*L doubles, one buffer per thread.
+# holds SCRATCH*cw*L doubles, one buffer per thread.
 
 cdef inline void _spread(const double *v, Py_ssize_t cw, Py_ssize_t L, double *out) noexcept nogil:
     cdef Py_ssize_t c, l
@@ -455,19 +453,21 @@ cdef void _rows_task_sums(const floating *z, const floating *dy, Py_ssize_t sz, 
 
 cdef void _rows_task_affine(const floating *z, const floating *dy, floating *out,
                             Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                            Py_ssize_t cw, Py_ssize_t L, const double *m, const double *A,
-                            const double *B, const double *Cc, double *scratch) noexcept nogil:
-    """out := A*dy + B*(z - m) + Cc per channel over the task (no A term when dy is NULL)"""
+                            Py_ssize_t cw, Py_ssize_t L, const double *m, const double *Q,
+                            const double *A, const double *B, const double *Cc,
+                            double *scratch) noexcept nogil:
+    """out := A*(dy + Cc) + B*(z - m)*Q per channel over the task; B*(z - m)*Q + Cc without dy"""
     cdef Py_ssize_t cols = cw * L
     if L == 1:
-        _rows_affine(z, dy, out, sz, sdy, sout, nrows, cw, m, A, B, Cc)
+        _rows_affine(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
         return
     _spread(m, cw, L, scratch)
-    _spread(A, cw, L, scratch + cols)
-    _spread(B, cw, L, scratch + 2 * cols)
-    _spread(Cc, cw, L, scratch + 3 * cols)
+    _spread(Q, cw, L, scratch + cols)
+    _spread(A, cw, L, scratch + 2 * cols)
+    _spread(B, cw, L, scratch + 3 * cols)
+    _spread(Cc, cw, L, scratch + 4 * cols)
     _rows_affine(z, dy, out, sz, sdy, sout, nrows, cols, scratch, scratch + cols,
-                 scratch + 2 * cols, scratch + 3 * cols)
+                 scratch + 2 * cols, scratch + 3 * cols, scratch + 4 * cols)
 
 
 cdef void _rows_task_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -504,9 +504,10 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     cdef int nt = _n_threads(n_threads, p.n_tasks, R * C * L)
     cdef double inv_m = 1.0 / (R * L)
     cdef const double *m = cf.mean
-    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
+    cdef double *A = <double *>malloc((4 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
+    cdef double *Q
     cdef double *part
     cdef double *scratch
     cdef Span sp
@@ -517,9 +518,10 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
         return -1
     B = A + C
     Cc = B + C
-    part = Cc + C   # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    Q = Cc + C
+    part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
     for tid in prange(nt, schedule='static', num_threads=nt):
-        scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+        scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
         if scratch == NULL:
             failed += 1
         else:
@@ -537,9 +539,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                 if p.n_chunks == 1:
                     # fused: the block's data is still in cache for dx
                     for c in range(c0, c0 + cw):
-                        _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
+                        _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
                     _rows_task_affine(z + o_z, dy + o_dy, dx + r0 * sdx + c0 * L, sz, sdy, sdx,
-                                      r1 - r0, cw, L, m + c0, A + c0, B + c0, Cc + c0, scratch)
+                                      r1 - r0, cw, L, m + c0, Q + c0, A + c0, B + c0, Cc + c0, scratch)
             free(scratch)
     if p.n_chunks > 1 and not failed:
         for c in range(C):
@@ -548,9 +550,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
-            scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+            scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
                 failed += 1
             else:
@@ -564,7 +566,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                     r1 = sp.i1
                     _rows_task_affine(z + r0 * sz + c0 * L, dy + r0 * sdy + c0 * L,
                                       dx + r0 * sdx + c0 * L, sz, sdy, sdx, r1 - r0, cw, L,
-                                      m + c0, A + c0, B + c0, Cc + c0, scratch)
+                                      m + c0, Q + c0, A + c0, B + c0, Cc + c0, scratch)
                     t = t - 1
                 free(scratch)
     free(A)
@@ -578,25 +580,22 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef double *G = <double *>malloc((1 + 2 * p.n_chunks) * C * sizeof(double))
-    cdef double *part
+    cdef double *part = <double *>malloc(2 * p.n_chunks * C * sizeof(double))
     cdef double *scratch
     cdef Span sp
     cdef int tid, failed = 0
     cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
     cdef double n_a, mean_a, m2_a
-    if G == NULL:
+    if part == NULL:
         return -1
-    part = G + C    # [n_chunks, C] chunk means, then [n_chunks, C] chunk M2
+    # part: [n_chunks, C] chunk means, then [n_chunks, C] chunk M2
     if not train:   # elementwise: any block of whole rows will do
         p.chunk = R
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
-        for c in range(C):
-            G[c] = gamma[c] * invstd[c]
     nt = _n_threads(n_threads, p.n_tasks, R * C * L)
     for tid in prange(nt, schedule='static', num_threads=nt):
-        scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+        scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
         if scratch == NULL:
             failed += 1
         else:
@@ -613,12 +612,12 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                                        scratch)
                 if train and p.n_chunks == 1:
                     for c in range(c0, c0 + cw):
-                        _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode, gamma,
-                                    mean, var, invstd, G)
+                        _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode,
+                                    mean, var, invstd)
                 if not train or p.n_chunks == 1:
                     _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
                                       out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
-                                      mean + c0, G + c0, G + c0, beta + c0, scratch)
+                                      mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0, scratch)
             free(scratch)
     if train and p.n_chunks > 1 and not failed:
         for c in range(C):
@@ -628,9 +627,9 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
             for ci in range(1, p.n_chunks):
                 _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk) * L,
                             part[ci * C + c], part[(p.n_chunks + ci) * C + c])
-            _fwd_finish(c, mean_a, m2_a, R * L, eps, std_mode, gamma, mean, var, invstd, G)
+            _fwd_finish(c, mean_a, m2_a, R * L, eps, std_mode, mean, var, invstd)
         for tid in prange(nt, schedule='static', num_threads=nt):
-            scratch = <double *>malloc(4 * p.cb * L * sizeof(double))
+            scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
                 failed += 1
             else:
@@ -643,10 +642,10 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                     r1 = sp.i1
                     _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
                                       out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
-                                      mean + c0, G + c0, G + c0, beta + c0, scratch)
+                                      mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0, scratch)
                     t = t - 1
                 free(scratch)
-    free(G)
+    free(part)
     return -1 if failed else 0
 
 
@@ -670,14 +669,14 @@ cdef inline void _plane_sums(const floating *z, const floating *dy, Py_ssize_t s
 cdef inline void _plane_affine(const floating *z, const floating *dy, floating *out,
                                Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                                Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                               Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *A,
-                               const double *B, const double *Cc) noexcept nogil:
+                               Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
+                               const double *A, const double *B, const double *Cc) noexcept nogil:
     if floating is float:
         bn_plane_affine_f(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
-                          m, A, B, Cc)
+                          m, Q, A, B, Cc)
     else:
         bn_plane_affine_d(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
-                          m, A, B, Cc)
+                          m, Q, A, B, Cc)
 
 
 cdef inline void _plane_moments(const floating *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
@@ -699,9 +698,10 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef int nt = _n_threads(n_threads, p.n_tasks, E * C)
     cdef double inv_m = 1.0 / E
     cdef const double *m = cf.mean
-    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
+    cdef double *A = <double *>malloc((4 + 2 * p.n_chunks) * C * sizeof(double))
     cdef double *B
     cdef double *Cc
+    cdef double *Q
     cdef double *part
     cdef Span sp
     cdef int tid
@@ -711,7 +711,8 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
         return -1
     B = A + C
     Cc = B + C
-    part = Cc + C   # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    Q = Cc + C
+    part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
     if p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -723,9 +724,9 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + c0, part + C + c0)
                 for c in range(c0, c0 + cw):
-                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, B, Cc)
+                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
-                              sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, Q + c0, A + c0, B + c0, Cc + c0)
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -743,7 +744,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
@@ -753,7 +754,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
-                              sdxn, sdxc, L, e0, e1, cw, m + c0, A + c0, B + c0, Cc + c0)
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, Q + c0, A + c0, B + c0, Cc + c0)
                 t = t - 1
     free(A)
     return 0
@@ -767,15 +768,14 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     cdef Py_ssize_t E = N * L
     cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef double *G = <double *>malloc((1 + 3 * p.n_chunks) * C * sizeof(double))
-    cdef double *part
+    cdef double *part = <double *>malloc(3 * p.n_chunks * C * sizeof(double))
     cdef Span sp
     cdef int tid
     cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double n_a, mean_a, m2_a
-    if G == NULL:
+    if part == NULL:
         return -1
-    part = G + C    # [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch
+    # part: [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch
     if not train and p.n_chunks > 1:   # elementwise: whole channels per task are fine
         p.cb = 1
         p.chunk = E
@@ -784,8 +784,6 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
         p.n_tasks = C
     nt = _n_threads(n_threads, p.n_tasks, E * C)
     if not train:
-        for c in range(C):
-            G[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
                 sp = _task(&p, t, C, E)
@@ -794,7 +792,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
     elif p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -805,9 +803,9 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e1 = sp.i1
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, mean + c0, var + c0, part + c0)
                 for c in range(c0, c0 + cw):
-                    _fwd_finish(c, mean[c], var[c], E, eps, std_mode, gamma, mean, var, invstd, G)
+                    _fwd_finish(c, mean[c], var[c], E, eps, std_mode, mean, var, invstd)
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -827,7 +825,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
             for ci in range(1, p.n_chunks):
                 _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, E - ci * p.chunk),
                             part[ci * C + c], part[(p.n_chunks + ci) * C + c])
-            _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, gamma, mean, var, invstd, G)
+            _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, mean, var, invstd)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
@@ -837,9 +835,9 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, G + c0, G + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
                 t = t - 1
-    free(G)
+    free(part)
     return 0
 
 

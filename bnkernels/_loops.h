@@ -9,8 +9,8 @@
  * AVX-512, AVX2 and baseline x86-64 and picks one when the module loads; with
  * -ffp-contract=off all of them give bitwise the same results.
  *
- * Conventions: z is x (or xhat for a seed-style cache) and m its per-channel shift;
- * every loop forms (z - m) in float64.  Pointers are already offset to the task's
+ * Conventions: z is x (or xhat for a seed-style cache) and m its per-channel shift.
+ * Everything is computed in float64 (z - m too) and rounded once when stored.  Pointers are already offset to the task's
  * first channel; strides are in elements.
  */
 
@@ -64,53 +64,42 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
     }
 }
 
-/* out[r, j] := A[j]*dy[r, j] + B[j]*(z[r, j] - m[j]) + Cc[j];  without dy: no A term.
- * Two rows at a time: the coefficients are loaded once for both. */
+/* out[r, j] := A[j]*(dy[r, j] + Cc[j]) + B[j]*xhat[r, j],  xhat = (z - m[j])*Q[j];
+ * without dy: out[r, j] := B[j]*xhat[r, j] + Cc[j].  In float64, rounded once at the end:
+ * the terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).
+ * Column blocks keep the coefficients in L1. */
 static BN_CLONES void BN_FN(bn_rows_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
     Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw,
-    const double *restrict m, const double *restrict A, const double *restrict B,
-    const double *restrict Cc)
+    const double *restrict m, const double *restrict Q, const double *restrict A,
+    const double *restrict B, const double *restrict Cc)
 {
-    Py_ssize_t r = 0, j;
-    if (dy == NULL) {
-        for (; r + 2 <= nrows; r += 2) {
-            const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
-            BN_T *restrict o0 = out + r * sout, *restrict o1 = o0 + sout;
-            BN_SIMD
-            for (j = 0; j < cw; j++) {
-                const double mj = m[j], bj = B[j], cj = Cc[j];
-                o0[j] = (BN_T)(bj * ((double)z0[j] - mj) + cj);
-                o1[j] = (BN_T)(bj * ((double)z1[j] - mj) + cj);
+    Py_ssize_t j0, j, r;
+    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
+        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
+        double ab[BN_RBLOCK], bb[BN_RBLOCK], cb[BN_RBLOCK], mb[BN_RBLOCK], qb[BN_RBLOCK];
+        for (j = 0; j < jw; j++) {
+            qb[j] = Q[j0 + j];
+            ab[j] = A[j0 + j];
+            bb[j] = B[j0 + j];
+            cb[j] = Cc[j0 + j];
+            mb[j] = m[j0 + j];
+        }
+        for (r = 0; r < nrows; r++) {
+            const BN_T *restrict zr = z + r * sz + j0;
+            BN_T *restrict outr = out + r * sout + j0;
+            if (dy == NULL) {
+                BN_SIMD
+                for (j = 0; j < jw; j++)
+                    outr[j] = (BN_T)(bb[j] * (((double)zr[j] - mb[j]) * qb[j]) + cb[j]);
+            } else {
+                const BN_T *restrict dyr = dy + r * sdy + j0;
+                BN_SIMD
+                for (j = 0; j < jw; j++)
+                    outr[j] = (BN_T)(ab[j] * ((double)dyr[j] + cb[j])
+                                     + bb[j] * (((double)zr[j] - mb[j]) * qb[j]));
             }
         }
-        for (; r < nrows; r++) {
-            const BN_T *restrict zr = z + r * sz;
-            BN_T *restrict outr = out + r * sout;
-            BN_SIMD
-            for (j = 0; j < cw; j++)
-                outr[j] = (BN_T)(B[j] * ((double)zr[j] - m[j]) + Cc[j]);
-        }
-        return;
-    }
-    for (; r + 2 <= nrows; r += 2) {
-        const BN_T *restrict z0 = z + r * sz, *restrict z1 = z0 + sz;
-        const BN_T *restrict d0 = dy + r * sdy, *restrict d1 = d0 + sdy;
-        BN_T *restrict o0 = out + r * sout, *restrict o1 = o0 + sout;
-        BN_SIMD
-        for (j = 0; j < cw; j++) {
-            const double mj = m[j], aj = A[j], bj = B[j], cj = Cc[j];
-            o0[j] = (BN_T)(aj * (double)d0[j] + bj * ((double)z0[j] - mj) + cj);
-            o1[j] = (BN_T)(aj * (double)d1[j] + bj * ((double)z1[j] - mj) + cj);
-        }
-    }
-    for (; r < nrows; r++) {
-        const BN_T *restrict zr = z + r * sz;
-        const BN_T *restrict dyr = dy + r * sdy;
-        BN_T *restrict outr = out + r * sout;
-        BN_SIMD
-        for (j = 0; j < cw; j++)
-            outr[j] = (BN_T)(A[j] * (double)dyr[j] + B[j] * ((double)zr[j] - m[j]) + Cc[j]);
     }
 }
 
@@ -246,13 +235,14 @@ static BN_CLONES void BN_FN(bn_plane_sums)(
     }
 }
 
-/* out := A[c]*dy + B[c]*(z - m[c]) + Cc[c] over elements [e0, e1); without dy: no A term */
+/* out := A[c]*(dy + Cc[c]) + B[c]*(z - m[c])*Q[c] over elements [e0, e1);
+ * without dy: out := B[c]*(z - m[c])*Q[c] + Cc[c]  (float64, as bn_rows_affine) */
 static BN_CLONES void BN_FN(bn_plane_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
     Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
     Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
-    Py_ssize_t cw, const double *restrict m, const double *restrict A,
-    const double *restrict B, const double *restrict Cc)
+    Py_ssize_t cw, const double *restrict m, const double *restrict Q,
+    const double *restrict A, const double *restrict B, const double *restrict Cc)
 {
     Py_ssize_t n, c, l0, l1, i;
     for (n = e0 / L; n * L < e1; n++) {
@@ -260,16 +250,16 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            const double mc = m[c], a = A[c], b = B[c], cc = Cc[c];
+            const double mc = m[c], a = A[c], b = B[c], cc = Cc[c], q = Q[c];
             if (dy == NULL) {
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(b * ((double)zp[i] - mc) + cc);
+                    op[i] = (BN_T)(b * (((double)zp[i] - mc) * q) + cc);
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(a * (double)dyp[i] + b * ((double)zp[i] - mc) + cc);
+                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + b * (((double)zp[i] - mc) * q));
             }
         }
     }
