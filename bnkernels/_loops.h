@@ -18,7 +18,9 @@
 
 /* Column blocks of BN_RBLOCK keep their accumulators in registers for a whole sweep down
  * the rows; the rows of a block are strided, so the next rows are prefetched. */
+#ifndef BN_RBLOCK
 #define BN_RBLOCK 64
+#endif
 #define BN_RPREFETCH 16
 
 static inline void BN_FN(bn_prefetch_rows)(const BN_T *p, Py_ssize_t s, Py_ssize_t jw)
@@ -77,11 +79,10 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     Py_ssize_t j0, j, r;
     for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
         const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
-        double ab[BN_RBLOCK], bb[BN_RBLOCK], cb[BN_RBLOCK], mb[BN_RBLOCK], qb[BN_RBLOCK];
+        double ab[BN_RBLOCK], bq[BN_RBLOCK], cb[BN_RBLOCK], mb[BN_RBLOCK];
         for (j = 0; j < jw; j++) {
-            qb[j] = Q[j0 + j];
             ab[j] = A[j0 + j];
-            bb[j] = B[j0 + j];
+            bq[j] = B[j0 + j] * Q[j0 + j];   /* finite in float64 whatever the scale */
             cb[j] = Cc[j0 + j];
             mb[j] = m[j0 + j];
         }
@@ -91,13 +92,13 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
             if (dy == NULL) {
                 BN_SIMD
                 for (j = 0; j < jw; j++)
-                    outr[j] = (BN_T)(bb[j] * (((double)zr[j] - mb[j]) * qb[j]) + cb[j]);
+                    outr[j] = (BN_T)(bq[j] * ((double)zr[j] - mb[j]) + cb[j]);
             } else {
                 const BN_T *restrict dyr = dy + r * sdy + j0;
                 BN_SIMD
                 for (j = 0; j < jw; j++)
                     outr[j] = (BN_T)(ab[j] * ((double)dyr[j] + cb[j])
-                                     + bb[j] * (((double)zr[j] - mb[j]) * qb[j]));
+                                     + bq[j] * ((double)zr[j] - mb[j]));
             }
         }
     }
@@ -250,16 +251,16 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            const double mc = m[c], a = A[c], b = B[c], cc = Cc[c], q = Q[c];
+            const double mc = m[c], a = A[c], bq = B[c] * Q[c], cc = Cc[c];
             if (dy == NULL) {
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(b * (((double)zp[i] - mc) * q) + cc);
+                    op[i] = (BN_T)(bq * ((double)zp[i] - mc) + cc);
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + b * (((double)zp[i] - mc) * q));
+                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + bq * ((double)zp[i] - mc));
             }
         }
     }
