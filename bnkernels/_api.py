@@ -42,14 +42,15 @@ def _same_dtype(names, arrays):
 
 def _channel_axis(axis, ndim):
     if ndim < 2:
-        raise ValueError("batch norm needs an array with ndim >= 2 (batch, channels, ...), got ndim %d"
-                         % ndim)
+        raise ValueError("batch norm needs an array with ndim >= 2 (batch, channels, ...), "
+                         "got ndim %d" % ndim)
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError("axis must be an int, got %r" % (axis,))
     if not -ndim <= axis < ndim:
         raise ValueError("axis %d is out of range for an array with ndim %d" % (axis, ndim))
     if axis % ndim == 0:
-        raise ValueError("axis 0 is the batch axis; the channel axis is 1 or -1 (or another axis > 0)")
+        raise ValueError("axis 0 is the batch axis; the channel axis is 1 or -1 "
+                         "(or another axis > 0)")
     return int(axis) % ndim
 
 
@@ -362,7 +363,8 @@ def backward(
     dout = np.asarray(dout)
     _float_dtype("dout", dout)
     if dout.shape != z.shape:
-        raise ValueError("dout has shape %s but the cached input has shape %s" % (dout.shape, z.shape))
+        raise ValueError("dout has shape %s but the cached input has shape %s"
+                         % (dout.shape, z.shape))
     if dout.dtype != z.dtype:
         raise TypeError("dout and the cache must share one dtype, got dout %s and cache %s"
                         % (dout.dtype, z.dtype))

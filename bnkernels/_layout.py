@@ -14,13 +14,15 @@ layout (each with its own strides); otherwise the caller copies.
 
 from math import prod
 
-# planes shorter than this run faster as rows of C*L columns (when planes are adjacent)
+# planes shorter than this run faster as rows of C*L columns (when planes are adjacent),
+# given enough rows to pay for spreading per-channel vectors over the columns
 ROWS_MAX_PLANE = 512
+ROWS_MIN_N = 16
 
 
 def _fold(dims):
     """(count, stride) of dims [(n, s), ...] that fold into one, else None."""
-    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+    for (_n0, s0), (n1, s1) in zip(dims, dims[1:]):
         if s0 != s1 * n1:
             return None
     if not dims:
@@ -72,13 +74,13 @@ def choose(arrays, axis):
         # the common case, without looking at every stride
         L = prod(a0.shape[axis + 1:])
         N = a0.size // (C * L)
-        if L < ROWS_MAX_PLANE:
+        if L == 1 or (L < ROWS_MAX_PLANE and N >= ROWS_MIN_N):
             return ("rows", N, C, L, [C * L] * len(arrays))
         return ("planar", N, C, L, [(C * L, L)] * len(arrays))
     planar = [planar_strides(a, axis) for a in arrays]
     if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
         N, L = planar[0][0], planar[0][1]
-        if L >= ROWS_MAX_PLANE:
+        if L > 1 and (L >= ROWS_MAX_PLANE or N < ROWS_MIN_N):
             return ("planar", N, C, L, [p[2:] for p in planar])
         if all(p[3] == L or C == 1 for p in planar):
             # adjacent planes: each n is one row of C*L contiguous elements

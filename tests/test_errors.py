@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Callable, NamedTuple, Type
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ import bnkernels
 class ErrorCase(NamedTuple):
     name: str                      # short human description of the bad input
     call: Callable[[], object]     # zero-argument callable that must raise
-    exc: Type[BaseException]       # the exception class it must raise
+    exc: type[BaseException]       # the exception class it must raise
     match: str                     # regex searched in the message
 
 

@@ -74,7 +74,7 @@ SHAPES = [((4, 8, 512), np.float64, 1), ((4100, 4), np.float32, 1),
           ((2, 8, 8, 64), np.float64, -1), ((2, 4096), np.float64, 1)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pool(shape, dtype):
     rng = np.random.default_rng(len(shape))
     return [rng.standard_normal(shape).astype(dtype) for _ in range(4)]

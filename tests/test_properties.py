@@ -15,7 +15,6 @@ Profiles (environment variable BNKERNELS_HYPOTHESIS_PROFILE):
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +43,7 @@ TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-11}
 # size limits per ndim keep an example (with a stepped base up to 2**ndim larger) small
 MAX_DIM = {2: 48, 3: 14, 4: 7, 5: 5}
 MIN_PLANE = 512  # elements per (n, c) plane from which NCHW-like arrays run the planar kernel
+MIN_ROWS = 16  # and below it, how many rows (n) they need to run as rows of C*L columns
 
 
 # ---------------------------------------------------------------------------
@@ -81,7 +81,8 @@ def problems(draw):
     ndim = draw(st.integers(2, 5))
     shape = [draw(st.integers(1, MAX_DIM[ndim])) for _ in range(ndim)]
     axis = draw(st.integers(1, ndim - 1))
-    size = draw(st.sampled_from(["small", "small", "many_channels", "big_planes"]))
+    size = draw(st.sampled_from(["small", "small", "many_channels", "big_planes",
+                                 "small_planes"]))
     if size == "many_channels":
         # past one channel block (32 float64 / 64 float32 channels) and ragged
         shape[axis] = draw(st.integers(1, 70))
@@ -93,6 +94,10 @@ def problems(draw):
         shape[-1] = draw(st.integers(MIN_PLANE, 2 * MIN_PLANE + 50))
         shape = [min(n, 2) if i != axis and i != ndim - 1 else n for i, n in enumerate(shape)]
         shape[axis] = min(shape[axis], 6)
+    elif size == "small_planes" and axis < ndim - 1:
+        # enough rows for small planes to run as rows of C*L columns
+        shape[0] = draw(st.integers(MIN_ROWS, 3 * MIN_ROWS))
+        shape = [min(n, 3) if 0 < i != axis else n for i, n in enumerate(shape)]
     return {
         "dtype": dtype,
         "shape": tuple(shape),
@@ -233,7 +238,7 @@ def test_layout_strategy_reaches_every_kernel_path():
     seen = set()
     for shape, layout in [
             ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, big planes
-            ((4, 5, 6, 7), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, small planes
+            ((MIN_ROWS, 5, 2, 3), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, small planes
             ((4, 5, 6, 7), ((0, 2, 3, 1), (1,) * 4, (False,) * 4)),  # channels-last
             ((4, 5, 6, 7), ((0, 1, 2, 3), (1, 1, 2, 1), (False,) * 4)),  # stepped H
             ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (True,) + (False,) * 3))]:  # N reversed
