@@ -39,9 +39,9 @@ Backward, per channel (``z`` is x, or xhat for a seed-style cache)::
     dbeta = sum_dy;    dgamma = q * sum_dy_zm
     dx = A*(dy + Cc) + B*(z - mean)    (see _bwd_coefs)
 
-Forward: task-local corrected two-pass mean and M2 (the mean is exact for a
-constant channel, M2 never negative), tasks merged in order with Chan's formula,
-then out = gamma*invstd*(x - mean) + beta.
+Forward: task-local mean and M2 in one pass over x - K, K the channel's first
+element (the mean is exact for a constant channel, M2 never negative), tasks
+merged in order with Chan's formula, then out = gamma*invstd*(x - mean) + beta.
 """
 
 cimport numpy as cnp
@@ -127,10 +127,6 @@ cdef extern from *:
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
                           Py_ssize_t cw, const double *m, const double *Q, const double *A,
                           const double *B, const double *Cc) nogil
-    void bn_rows_colsum_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                          double *s1) nogil
-    void bn_rows_colsum_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                          double *s1) nogil
     void bn_rows_centered_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                             const double *m0, double *d1, double *d2) nogil
     void bn_rows_centered_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -399,14 +395,6 @@ cdef inline void _rows_affine(const floating *z, const floating *dy, floating *o
         bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
 
 
-cdef inline void _rows_colsum(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-                              double *s1) noexcept nogil:
-    if floating is float:
-        bn_rows_colsum_f(x, sx, nrows, cw, s1)
-    else:
-        bn_rows_colsum_d(x, sx, nrows, cw, s1)
-
-
 cdef inline void _rows_centered(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                                 const double *m0, double *d1, double *d2) noexcept nogil:
     if floating is float:
@@ -472,18 +460,17 @@ cdef void _rows_task_affine(const floating *z, const floating *dy, floating *out
 
 cdef void _rows_task_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                              Py_ssize_t L, double *mean, double *m2, double *scratch) noexcept nogil:
-    """Corrected two-pass mean and M2 of channels 0:cw over the task's nrows*L elements each.
+    """Mean and M2 of channels 0:cw over the task's nrows*L elements each, in one pass.
 
-    The correction (mean += mean of the deviations) makes the mean exact for a constant
-    channel; M2 is clamped at 0.
+    Sums run over x - K with K the channel's first element (shifted data): no cancellation
+    unless the data sits many standard deviations from K, the mean of a constant channel
+    is exact and its M2 exactly 0; M2 is clamped at 0.
     """
     cdef Py_ssize_t cols = cw * L, c
     cdef double n = nrows * L
     cdef double d1
-    _rows_colsum(x, sx, nrows, cols, scratch)
-    _fold(scratch, cw, L, mean)
     for c in range(cw):
-        mean[c] = mean[c] / n
+        mean[c] = x[c * L]
     _spread(mean, cw, L, scratch)
     _rows_centered(x, sx, nrows, cols, scratch, scratch + cols, scratch + 2 * cols)
     _fold(scratch + 2 * cols, cw, L, m2)

@@ -104,30 +104,6 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 }
 
-/* s1[j] := sum_r x[r, j], in row order */
-static BN_CLONES void BN_FN(bn_rows_colsum)(
-    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-    double *restrict s1)
-{
-    Py_ssize_t j0, j, r;
-    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
-        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
-        double a[BN_RBLOCK];
-        for (j = 0; j < jw; j++)
-            a[j] = 0.0;
-        for (r = 0; r < nrows; r++) {
-            const BN_T *restrict xr = x + r * sx + j0;
-            if (r + BN_RPREFETCH < nrows)
-                BN_FN(bn_prefetch_rows)(xr, sx, jw);
-            BN_SIMD
-            for (j = 0; j < jw; j++)
-                a[j] += (double)xr[j];
-        }
-        for (j = 0; j < jw; j++)
-            s1[j0 + j] = a[j];
-    }
-}
-
 /* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2, in row order */
 static BN_CLONES void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -184,37 +160,27 @@ static inline void BN_FN(bn_run_sums)(
     *s_zm += bn_tree(b);
 }
 
-/* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2 (if s2)  over a run of n */
+/* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2  over a run of n */
 static inline void BN_FN(bn_run_moments)(
     const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i = 0, j;
-    if (s2 == NULL) {
-        for (; i + BN_LANES <= n; i += BN_LANES) {
-            BN_SIMD
-            for (j = 0; j < BN_LANES; j++)
-                a[j] += (double)x[i + j];
-        }
-        for (j = 0; i < n; i++, j++)
-            a[j] += (double)x[i];
-    } else {
-        for (; i + BN_LANES <= n; i += BN_LANES) {
-            BN_SIMD
-            for (j = 0; j < BN_LANES; j++) {
-                double d = (double)x[i + j] - m0;
-                a[j] += d;
-                b[j] += d * d;
-            }
-        }
-        for (j = 0; i < n; i++, j++) {
-            double d = (double)x[i] - m0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        BN_SIMD
+        for (j = 0; j < BN_LANES; j++) {
+            double d = (double)x[i + j] - m0;
             a[j] += d;
             b[j] += d * d;
         }
-        *s2 += bn_tree(b);
+    }
+    for (j = 0; i < n; i++, j++) {
+        double d = (double)x[i] - m0;
+        a[j] += d;
+        b[j] += d * d;
     }
     *s1 += bn_tree(a);
+    *s2 += bn_tree(b);
 }
 
 /* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c */
@@ -266,7 +232,8 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
     }
 }
 
-/* Corrected two-pass mean and M2 of cw channels over elements [e0, e1); d1: scratch of cw. */
+/* Mean and M2 of cw channels over elements [e0, e1) in one pass over x - K, K the
+ * channel's first element there (see _rows_task_moments); d1: scratch of cw. */
 static BN_CLONES void BN_FN(bn_plane_moments)(
     const BN_T *restrict x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
     Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
@@ -275,17 +242,10 @@ static BN_CLONES void BN_FN(bn_plane_moments)(
     const double cnt = (double)(e1 - e0);
     Py_ssize_t n, c, l0, l1;
     for (c = 0; c < cw; c++) {
-        mean[c] = 0.0;
+        mean[c] = (double)x[(e0 / L) * sxn + c * sxc + e0 % L];
         m2[c] = 0.0;
         d1[c] = 0.0;
     }
-    for (n = e0 / L; n * L < e1; n++) {
-        bn_span(n, L, e0, e1, &l0, &l1);
-        for (c = 0; c < cw; c++)
-            BN_FN(bn_run_moments)(x + n * sxn + c * sxc + l0, l1 - l0, 0.0, mean + c, NULL);
-    }
-    for (c = 0; c < cw; c++)
-        mean[c] /= cnt;
     for (n = e0 / L; n * L < e1; n++) {
         bn_span(n, L, e0, e1, &l0, &l1);
         for (c = 0; c < cw; c++)
