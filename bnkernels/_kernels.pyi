@@ -8,7 +8,7 @@
 import numpy as np
 
 CHANNEL_BLOCK_BYTES: int  # narrowest channel block of a fused rows task, bytes
-TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2/L3)
+TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2)
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...  # omp_get_max_threads(); 1 for a serial build

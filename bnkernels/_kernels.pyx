@@ -5,7 +5,7 @@ Design
 Batch norm is memory-bound: per channel it needs two reductions over all of the
 channel's elements before any output can be written.  The work is cut into tasks
 (a block of channels x a range of their elements) sized from the shape and dtype,
-so that a task's inputs fit in L2/L3 (TASK_BYTES):
+so that a task's inputs fit in L2 (TASK_BYTES):
 
 * rows layout: a (R, C) view, channels contiguous, any row stride (NC, NHWC,
   channels-last NCHW).  Inner loops run across the channels of a row: unit
