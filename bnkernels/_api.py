@@ -19,6 +19,9 @@ __all__ = ["forward", "backward"]
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SEED_KEYS = ("x_hat", "gamma", "denom")
 _CACHE_KEYS = ("x", "mean", "var", "invstd", "gamma", "eps", "eps_mode", "mode", "axis")
+_CACHE_KEY_SET = frozenset(_CACHE_KEYS)
+_CACHE_VECTORS = {key: "cache[%r]" % key for key in ("mean", "invstd", "gamma", "var")}
+_F64 = np.dtype(np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -70,6 +73,14 @@ def _n_threads(num_threads):
     if num_threads < 1:
         raise ValueError("num_threads must be None or >= 1, got %d" % num_threads)
     return int(num_threads)
+
+
+def _vec64(v, C, shape, name):
+    """A per-channel vector as contiguous float64: as it is when it already is one (the
+    vectors forward() caches), else validated and converted."""
+    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (C,) and v.flags.c_contiguous:
+        return v
+    return _f64(_per_channel(name, v, C, shape))
 
 
 def _f64(v):
@@ -261,16 +272,15 @@ def _unpack(cache):
         raise TypeError("cache must be the dict returned by bnkernels.forward, got %s"
                         % type(cache).__name__)
     if "x" in cache and "invstd" in cache:
-        missing = [key for key in _CACHE_KEYS if key not in cache]
-        if missing:
+        if not cache.keys() >= _CACHE_KEY_SET:
+            missing = [key for key in _CACHE_KEYS if key not in cache]
             raise ValueError("cache is missing %s; pass the cache bnkernels.forward returned"
                              % ", ".join(map(repr, missing)))
         z = np.asarray(cache["x"])
         _float_dtype("cache['x']", z)
         ax = _channel_axis(cache["axis"], z.ndim)
         C = z.shape[ax]
-        vecs = [_f64(_per_channel("cache[%r]" % key, cache[key], C, z.shape))
-                for key in ("mean", "invstd", "gamma", "var")]
+        vecs = [_vec64(cache[key], C, z.shape, name) for key, name in _CACHE_VECTORS.items()]
         return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
     if all(key in cache for key in _SEED_KEYS):
         z = np.asarray(cache["x_hat"])
