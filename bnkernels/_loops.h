@@ -23,11 +23,22 @@
 #endif
 #define BN_RPREFETCH 16
 
-static inline void BN_FN(bn_prefetch_rows)(const BN_T *p, Py_ssize_t s, Py_ssize_t jw)
+/* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
+ * block j0, or near the block's end a first row of the next block, so that the stream of
+ * requests does not stall at every block boundary. */
+static inline void BN_FN(bn_prefetch_ahead)(const BN_T *base, Py_ssize_t s, Py_ssize_t nrows,
+                                             Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r)
 {
-    Py_ssize_t b;
+    Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, jw, b;
+    if (rr >= nrows) {
+        rr -= nrows;
+        jj += BN_RBLOCK;
+        if (jj >= cw || rr >= nrows)
+            return;
+    }
+    jw = cw - jj < BN_RBLOCK ? cw - jj : BN_RBLOCK;
     for (b = 0; b < jw; b += 64 / (Py_ssize_t)sizeof(BN_T))
-        bn_prefetch(p + BN_RPREFETCH * s + b);
+        bn_prefetch(base + rr * s + jj + b);
 }
 
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
@@ -48,10 +59,8 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
         for (r = 0; r < nrows; r++) {
             const BN_T *restrict zr = z + r * sz + j0;
             const BN_T *restrict dyr = dy + r * sdy + j0;
-            if (r + BN_RPREFETCH < nrows) {
-                BN_FN(bn_prefetch_rows)(zr, sz, jw);
-                BN_FN(bn_prefetch_rows)(dyr, sdy, jw);
-            }
+            BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
+            BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
             BN_SIMD
             for (j = 0; j < jw; j++) {
                 const double v = dyr[j];
@@ -120,6 +129,7 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
         }
         for (r = 0; r < nrows; r++) {
             const BN_T *restrict xr = x + r * sx + j0;
+            BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
             BN_SIMD
             for (j = 0; j < jw; j++) {
                 const double e = (double)xr[j] - mb[j];
