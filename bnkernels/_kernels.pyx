@@ -499,7 +499,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     cdef double *scratch
     cdef Span sp
     cdef int tid, failed = 0
-    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci, o_z, o_dy, o_dx
+    cdef Py_ssize_t t, c0, cw, r0, r1, c, ci, o_z, o_dy
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
@@ -520,7 +520,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                 r1 = sp.i1
                 o_z = r0 * sz + c0 * L
                 o_dy = r0 * sdy + c0 * L
-                ci = t % p.n_chunks
+                ci = sp.ci
                 _rows_task_sums(z + o_z, dy + o_dy, sz, sdy, r1 - r0, cw, L, m + c0,
                                 part + ci * C + c0, part + (p.n_chunks + ci) * C + c0, scratch)
                 if p.n_chunks == 1:
@@ -592,7 +592,7 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                 cw = sp.cw
                 r0 = sp.i0
                 r1 = sp.i1
-                ci = t % p.n_chunks
+                ci = sp.ci
                 if train:
                     _rows_task_moments(x + r0 * sx + c0 * L, sx, r1 - r0, cw, L,
                                        part + ci * C + c0, part + (p.n_chunks + ci) * C + c0,
@@ -722,7 +722,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 cw = sp.cw
                 e0 = sp.i0
                 e1 = sp.i1
-                ci = t % p.n_chunks
+                ci = sp.ci
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
         for c in range(C):
@@ -801,7 +801,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 cw = sp.cw
                 e0 = sp.i0
                 e1 = sp.i1
-                ci = t % p.n_chunks
+                ci = sp.ci
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, part + ci * C + c0,
                                part + (p.n_chunks + ci) * C + c0,
                                part + (2 * p.n_chunks + ci) * C + c0)
