@@ -17,7 +17,9 @@ so that a task's inputs fit in L2 (TASK_BYTES):
 
 Fused: when one task holds all of its channels' data, it does the sums, the
 per-channel coefficients and the output in one go while the data is cached, so
-memory sees one read of each input and one write.  Otherwise (very tall data)
+memory sees one read of each input and one write.  Tall rows data that cannot
+give an L2-sized task a wide block gets narrow blocks (NARROW_BLOCK_ELEMS
+columns) of all rows, up to an L3 share (BIG_TASK_BYTES).  Otherwise (very tall data)
 tasks write partial sums, which are combined per channel in chunk order, and a
 second sweep writes the output, each thread walking its tasks backwards so the
 last data it read is still in cache.
@@ -164,12 +166,16 @@ cdef enum:
     SEGMENT_BYTES = 1024      # preferred width of a rows task's block
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
     TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
+    NARROW_BLOCK_ELEMS = 64   # narrowest fused rows block (columns) when all rows must fit
+    BIG_TASK_BYTES = 4 << 20  # input bytes of such a task: its second sweep hits L3
     PAR_TASKS = 16            # aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
     SCRATCH = 5               # per-column vectors a rows task spreads (m, Q, A, B, Cc)
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
+NARROW_BLOCK_COLUMNS = NARROW_BLOCK_ELEMS
+BIG_TASK_INPUT_BYTES = BIG_TASK_BYTES
 
 
 def openmp_enabled():
@@ -220,11 +226,16 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
     cdef Py_ssize_t min_cb = max(1, MIN_BLOCK_BYTES // width)
     cdef Py_ssize_t fit = TASK_BYTES // max(1, R * width * n_arrays)   # channels whose rows fit
+    cdef Py_ssize_t narrow = min(C, max(1, NARROW_BLOCK_ELEMS // L))
     if fit >= min(C, min_cb):
         # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
         p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
         p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
         p.cb = min(p.cb, C)
+        p.chunk = R
+    elif R * narrow * width * n_arrays <= BIG_TASK_BYTES:
+        # tall: a narrow block of all rows still fits a share of L3; its second sweep reads L3
+        p.cb = narrow
         p.chunk = R
     else:
         p.cb = min(C, max(1, WIDE_BLOCK_BYTES // width))

@@ -41,13 +41,36 @@ static inline void BN_FN(bn_prefetch_ahead)(const BN_T *base, Py_ssize_t s, Py_s
         bn_prefetch(base + rr * s + jj + b);
 }
 
+/* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows.
+ * Always inlined, so that a full block (jw == BN_RBLOCK) compiles with a constant width and
+ * its accumulators live in vector registers. */
+static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
+    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+    Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, const Py_ssize_t jw,
+    const double *restrict mb, double *restrict a, double *restrict c)
+{
+    Py_ssize_t j, r;
+    for (r = 0; r < nrows; r++) {
+        const BN_T *restrict zr = z + r * sz + j0;
+        const BN_T *restrict dyr = dy + r * sdy + j0;
+        BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
+        BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
+        BN_SIMD
+        for (j = 0; j < jw; j++) {
+            const double v = dyr[j];
+            a[j] += v;
+            c[j] += v * ((double)zr[j] - mb[j]);
+        }
+    }
+}
+
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
 static BN_CLONES void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
 {
-    Py_ssize_t j0, j, r;
+    Py_ssize_t j0, j;
     for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
         const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
         double a[BN_RBLOCK], c[BN_RBLOCK], mb[BN_RBLOCK];
@@ -56,18 +79,10 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
             c[j] = 0.0;
             mb[j] = m[j0 + j];
         }
-        for (r = 0; r < nrows; r++) {
-            const BN_T *restrict zr = z + r * sz + j0;
-            const BN_T *restrict dyr = dy + r * sdy + j0;
-            BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
-            BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
-            BN_SIMD
-            for (j = 0; j < jw; j++) {
-                const double v = dyr[j];
-                a[j] += v;
-                c[j] += v * ((double)zr[j] - mb[j]);
-            }
-        }
+        if (jw == BN_RBLOCK)
+            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, BN_RBLOCK, mb, a, c);
+        else
+            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, jw, mb, a, c);
         for (j = 0; j < jw; j++) {
             s_dy[j0 + j] = a[j];
             s_zm[j0 + j] = c[j];
@@ -113,12 +128,31 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 }
 
+/* One column block of bn_rows_centered (inlined as bn_rows_sums_block) */
+static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
+    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
+    Py_ssize_t j0, const Py_ssize_t jw,
+    const double *restrict mb, double *restrict a, double *restrict b)
+{
+    Py_ssize_t j, r;
+    for (r = 0; r < nrows; r++) {
+        const BN_T *restrict xr = x + r * sx + j0;
+        BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
+        BN_SIMD
+        for (j = 0; j < jw; j++) {
+            const double e = (double)xr[j] - mb[j];
+            a[j] += e;
+            b[j] += e * e;
+        }
+    }
+}
+
 /* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2, in row order */
 static BN_CLONES void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
-    Py_ssize_t j0, j, r;
+    Py_ssize_t j0, j;
     for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
         const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
         double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];
@@ -127,16 +161,10 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
             b[j] = 0.0;
             mb[j] = m0[j0 + j];
         }
-        for (r = 0; r < nrows; r++) {
-            const BN_T *restrict xr = x + r * sx + j0;
-            BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
-            BN_SIMD
-            for (j = 0; j < jw; j++) {
-                const double e = (double)xr[j] - mb[j];
-                a[j] += e;
-                b[j] += e * e;
-            }
-        }
+        if (jw == BN_RBLOCK)
+            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, BN_RBLOCK, mb, a, b);
+        else
+            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, mb, a, b);
         for (j = 0; j < jw; j++) {
             d1[j0 + j] = a[j];
             d2[j0 + j] = b[j];

@@ -19,6 +19,8 @@ from bnkernels import _kernels, reference
 
 MIN_BLOCK = _kernels.CHANNEL_BLOCK_BYTES  # narrowest channel block, bytes
 TASK = _kernels.TASK_INPUT_BYTES  # input bytes a task aims for
+NARROW = _kernels.NARROW_BLOCK_COLUMNS  # columns of a narrow fused block (tall data)
+BIG_TASK = _kernels.BIG_TASK_INPUT_BYTES  # input bytes of a narrow fused task at most
 ITEMSIZES = (4, 8)  # float32, float64: the only dtypes the kernels run
 N_ARRAYS = (1, 2)  # forward reads x; backward reads z and dy
 INT64_MAX = 2**63 - 1
@@ -41,14 +43,22 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     assert 1 <= chunk <= R
     assert n_chunks == -(-R // chunk)
     assert (n_chunks - 1) * chunk < R <= n_chunks * chunk
-    # sensible sizes: a block is at least MIN_BLOCK bytes wide (or all channels), a task's
-    # input stays within TASK bytes (unless one row of a block is more), and a split channel
-    # gets chunks of at least half a task, not slivers
-    assert cb >= min(C, max(1, MIN_BLOCK // width))
+    # sensible sizes: a block is at least MIN_BLOCK bytes wide (or all channels) and its task's
+    # input stays within TASK bytes (unless one row of a block is more); or, for data too tall
+    # for that, a narrow block of all rows within BIG_TASK bytes; else a split channel gets
+    # chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
-    assert task_bytes <= max(TASK, cb * width * n_arrays)
+    narrow = min(C, max(1, NARROW // L))
+    if n_chunks == 1 and (cb < min(C, max(1, MIN_BLOCK // width))
+                          or task_bytes > max(TASK, cb * width * n_arrays)):
+        assert cb == narrow
+        assert task_bytes <= BIG_TASK
+    else:
+        assert cb >= min(C, max(1, MIN_BLOCK // width))
+        assert task_bytes <= max(TASK, cb * width * n_arrays)
     if n_chunks > 1:
         assert task_bytes >= TASK // 2
+        assert R * narrow * width * n_arrays > BIG_TASK  # a narrow fused task would not fit
     return cb, n_blocks, chunk, n_chunks
 
 
@@ -163,7 +173,7 @@ def test_rows_results_across_chunk_edges(dtype, eps_mode):
     chunk = _kernels.rows_plan(10**9, C, isz, 1)[2]
     # the fewest rows past a whole number of chunks that the forward plan splits: full
     # chunks and a ragged last one of 3 rows
-    R = next(k * chunk + 3 for k in range(1, 16)
+    R = next(k * chunk + 3 for k in range(1, 64)
              if _kernels.rows_plan(k * chunk + 3, C, isz, 1)[3] > 1)
     for n_arrays in (1, 2):
         _, _, c, n = _kernels.rows_plan(R, C, isz, n_arrays)
@@ -182,7 +192,7 @@ def test_small_planes_results_across_chunk_edges(eps_mode):
     C, H, W = 3, 8, 8
     L = H * W
     chunk = _kernels.rows_plan(10**9, C, 4, 1, L)[2]
-    N = next(k * chunk + 3 for k in range(1, 16)
+    N = next(k * chunk + 3 for k in range(1, 64)
              if _kernels.rows_plan(k * chunk + 3, C, 4, 1, L)[3] > 1)
     for n_arrays in (1, 2):
         _, _, c, n = _kernels.rows_plan(N, C, 4, n_arrays, L)
