@@ -20,7 +20,6 @@ _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SEED_KEYS = ("x_hat", "gamma", "denom")
 _CACHE_KEYS = ("x", "mean", "var", "invstd", "gamma", "eps", "eps_mode", "mode", "axis")
 _CACHE_KEY_SET = frozenset(_CACHE_KEYS)
-_CACHE_VECTORS = {key: "cache[%r]" % key for key in ("mean", "invstd", "gamma", "var")}
 _F64 = np.dtype(np.float64)
 
 
@@ -81,6 +80,15 @@ def _vec64(v, C, shape, name):
     if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (C,) and v.flags.c_contiguous:
         return v
     return _f64(_per_channel(name, v, C, shape))
+
+
+def _gamma_vec(v, C, shape):
+    """cache['gamma'] for the kernels: float32 or float64 as it is (forward caches gamma in
+    x's dtype; the kernels read either), anything else validated and converted to float64."""
+    if (type(v) is np.ndarray and v.dtype in _KERNEL_DTYPES and v.shape == (C,)
+            and v.flags.c_contiguous):
+        return v
+    return _f64(_per_channel("cache['gamma']", v, C, shape))
 
 
 def _f64(v):
@@ -280,7 +288,10 @@ def _unpack(cache):
         _float_dtype("cache['x']", z)
         ax = _channel_axis(cache["axis"], z.ndim)
         C = z.shape[ax]
-        vecs = [_vec64(cache[key], C, z.shape, name) for key, name in _CACHE_VECTORS.items()]
+        vecs = (_vec64(cache["mean"], C, z.shape, "cache['mean']"),
+                _vec64(cache["invstd"], C, z.shape, "cache['invstd']"),
+                _gamma_vec(cache["gamma"], C, z.shape),
+                _vec64(cache["var"], C, z.shape, "cache['var']"))
         return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
     if all(key in cache for key in _SEED_KEYS):
         z = np.asarray(cache["x_hat"])

@@ -42,7 +42,7 @@ def backward_rows(
     sdx: int,  # Py_ssize_t
     mean: np.ndarray,  # const float64[C]; zeros when xhat_form
     scale: np.ndarray,  # const float64[C]; invstd, or denom when xhat_form
-    gamma: np.ndarray,  # const float64[C]
+    gamma: np.ndarray,  # const float64[C] or float32[C]
     var: np.ndarray,  # const float64[C]; read when std_mode
     xhat_form: bool,  # bint
     std_mode: bool,  # bint
@@ -66,7 +66,7 @@ def backward_planar(
     sdxc: int,  # Py_ssize_t
     mean: np.ndarray,  # const float64[C]
     scale: np.ndarray,  # const float64[C]
-    gamma: np.ndarray,  # const float64[C]
+    gamma: np.ndarray,  # const float64[C] or float32[C]
     var: np.ndarray,  # const float64[C]
     xhat_form: bool,  # bint
     std_mode: bool,  # bint

@@ -317,7 +317,8 @@ cdef struct Coefs:
     # per-channel inputs of the backward, float64 (C,)
     const double *mean     # shift of z: the batch (or running) mean; zeros for xhat
     const double *scale    # invstd; for a seed-style cache (z = xhat) denom = 1/invstd
-    const double *gamma
+    const void *gamma      # float64, or float32 (the data's dtype: forward's cache as it is)
+    bint gamma_single
     const double *var      # read in 'std' eps mode only
     bint xhat_form         # z is xhat, not x
     bint std_mode          # xhat = (x - mean) / (sqrt(var) + eps)
@@ -348,7 +349,10 @@ cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm, const
             s = r
     dbeta[c] = <floating>sum_dy
     dgamma[c] = <floating>(Q[c] * sum_dy_zm)
-    A[c] = cf.gamma[c] * r
+    if cf.gamma_single:
+        A[c] = (<const float *>cf.gamma)[c] * r
+    else:
+        A[c] = (<const double *>cf.gamma)[c] * r
     if cf.train:
         B[c] = -A[c] * s * sum_dy_zm * inv_m
         Cc[c] = -sum_dy * inv_m   # dy - mean(dy) first: exact 0 when M = 1
@@ -850,7 +854,8 @@ cdef Coefs _coefs(cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.nd
     cdef Coefs cf
     cf.mean = <const double *>cnp.PyArray_DATA(mean)
     cf.scale = <const double *>cnp.PyArray_DATA(scale)
-    cf.gamma = <const double *>cnp.PyArray_DATA(gamma)
+    cf.gamma = cnp.PyArray_DATA(gamma)
+    cf.gamma_single = cnp.PyArray_TYPE(gamma) == cnp.NPY_FLOAT32
     cf.var = <const double *>cnp.PyArray_DATA(var)
     cf.xhat_form = xhat_form
     cf.std_mode = std_mode
@@ -862,11 +867,11 @@ def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN
                   Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
                   Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
                   cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
-                  bint xhat_form, bint std_mode, bint train,               # IN (C,) float64
+                  bint xhat_form, bint std_mode, bint train,               # IN (C,) float64*
                   cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):   # OUT (C,)
     """Backward over a rows view (R, C*L): channel c owns columns c*L:(c+1)*L of each row.
 
-    See _bwd_coefs for the per-channel inputs.
+    See _bwd_coefs for the per-channel inputs (*gamma may also be float32).
     """
     cdef Coefs cf = _coefs(mean, scale, gamma, var, xhat_form, std_mode, train)
     cdef void *zp = cnp.PyArray_DATA(z)
@@ -896,7 +901,8 @@ def backward_planar(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,         # IN,
                     cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
                     bint xhat_form, bint std_mode, bint train,             # IN (C,) float64
                     cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):  # OUT (C,)
-    """Backward over a planar view (N, C, L); see _bwd_coefs for the per-channel inputs."""
+    """Backward over a planar view (N, C, L); see _bwd_coefs for the per-channel inputs
+    (gamma may also be float32)."""
     cdef Coefs cf = _coefs(mean, scale, gamma, var, xhat_form, std_mode, train)
     cdef void *zp = cnp.PyArray_DATA(z)
     cdef void *dyp = cnp.PyArray_DATA(dy)
