@@ -29,9 +29,12 @@ The rooflines allocate their output, as every implementation must (each returns 
 arrays): above glibc's mmap threshold (32 MiB at most) a fresh allocation comes back as
 untouched pages whose first write faults them in, a cost of the ideal kernel too.
 
-Timing: one warm-up call, then calls timed with time.perf_counter (garbage collector off)
-until both a minimum count and a time budget per implementation are reached, or a
-maximum count; the median and the interquartile range are reported.
+Timing: one warm-up call each, then the implementations of a case take turns, one timed
+call (time.perf_counter, garbage collector off) each per round, until each has reached
+both a minimum count and a time budget, or a maximum count; the median and the
+interquartile range are reported.  Taking turns matters on a shared machine, whose memory
+bandwidth drifts by tens of per cent over seconds: implementations timed one after the
+other would each see a different machine, and their ratios would carry the drift.
 """
 
 import argparse
@@ -55,7 +58,7 @@ import bnkernels
 from bnkernels import _kernels, reference
 
 __all__ = ["Case", "CaseData", "CASES", "QUICK_CASES", "BACKWARD_IMPLS", "FORWARD_IMPLS",
-           "select_cases", "openmp_limit", "measure", "main"]
+           "select_cases", "openmp_limit", "measure", "measure_turns", "main"]
 
 BACKWARD_IMPLS = ("graph", "alt", "bnkernels", "torch", "roofline")
 FORWARD_IMPLS = ("reference", "bnkernels", "torch", "roofline")
@@ -281,27 +284,39 @@ QUICK = Budget(0.08, 3, 200)
 
 def measure(fn, budget):
     """Warm up once, then time fn() until budget allows; median and IQR in seconds."""
-    fn()
-    times = []
+    return measure_turns({"fn": fn}, budget)["fn"]
+
+
+def measure_turns(fns, budget):
+    """Time the functions of ``fns`` (name -> callable) taking turns, one call each per
+    round, until each has met the budget; {name: Timing}, median and IQR in seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    active = list(fns)
     gc_on = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise, not the kernel
     try:
-        start = time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            n = len(times)
-            if n >= budget.max_repeats:
-                break
-            if n >= budget.min_repeats and t1 - start >= budget.seconds:
-                break
+        while active:
+            for name in list(active):
+                t0 = time.perf_counter()
+                fns[name]()
+                t = time.perf_counter() - t0
+                times[name].append(t)
+                spent[name] += t
+                n = len(times[name])
+                if n >= budget.max_repeats or (n >= budget.min_repeats
+                                               and spent[name] >= budget.seconds):
+                    active.remove(name)
     finally:
         if gc_on:
             gc.enable()
-    q1, med, q3 = np.percentile(times, [25, 50, 75])
-    return Timing(float(med), float(q3 - q1), len(times))
+    result = {}
+    for name, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        result[name] = Timing(float(med), float(q3 - q1), len(ts))
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -379,14 +394,14 @@ def _set_torch_threads(torch, threads):
 def run_case(data, threads, torch, budget):
     """Records for both passes of one case."""
     case, recs = data.case, []
-    for name, fn in data.backward_fns(threads, torch).items():
-        recs.append(_record(case, "backward", name, threads, measure(fn, budget)))
+    for name, t in measure_turns(data.backward_fns(threads, torch), budget).items():
+        recs.append(_record(case, "backward", name, threads, t))
     with openmp_limit(threads):
         # what bnkernels.forward really gets: the limit, or the default without threadpoolctl
         fwd_threads = _kernels.max_threads()
-        for name, fn in data.forward_fns(threads, torch).items():
+        for name, t in measure_turns(data.forward_fns(threads, torch), budget).items():
             n = fwd_threads if name == "bnkernels" else threads
-            recs.append(_record(case, "forward", name, n, measure(fn, budget)))
+            recs.append(_record(case, "forward", name, n, t))
     return recs
 
 
@@ -395,8 +410,9 @@ def run_scaling(data, counts, budget):
     recs = []
     for n in counts:
         bwd = data.backward_fns(n)
-        for impl in ("bnkernels", "roofline"):
-            recs.append(_record(data.case, "backward", impl, n, measure(bwd[impl], budget)))
+        both = measure_turns({impl: bwd[impl] for impl in ("bnkernels", "roofline")}, budget)
+        for impl, t in both.items():
+            recs.append(_record(data.case, "backward", impl, n, t))
         with openmp_limit(n):
             if _kernels.max_threads() == n:  # else the limit did not take (no threadpoolctl)
                 fwd = data.forward_fns(n)
