@@ -14,10 +14,20 @@ layout (each with its own strides); otherwise the caller copies.
 
 from math import prod
 
-# planes shorter than this run faster as rows of C*L columns (when planes are adjacent),
-# given enough rows to pay for spreading per-channel vectors over the columns
+# NCHW planes shorter than ROWS_MAX_PLANE run faster as rows of C*L columns (when planes
+# are adjacent), given enough rows to pay for spreading per-channel vectors over the
+# columns: ROWS_MIN_N, or ROWS_MIN_N_SHORT for planes shorter than ROWS_SHORT_PLANE,
+# whose short runs slow the planar loops most (measured: 14x14 planes with 16-32 images
+# are faster planar, 7x7 planes as rows)
 ROWS_MAX_PLANE = 512
-ROWS_MIN_N = 16
+ROWS_MIN_N = 64
+ROWS_SHORT_PLANE = 128
+ROWS_MIN_N_SHORT = 16
+
+
+def small_planes_as_rows(N, L):
+    """Whether N planes of L elements run as rows of C*L columns."""
+    return L < ROWS_MAX_PLANE and N >= (ROWS_MIN_N_SHORT if L < ROWS_SHORT_PLANE else ROWS_MIN_N)
 
 
 def _fold(dims):
@@ -74,13 +84,13 @@ def choose(arrays, axis):
         # the common case, without looking at every stride
         L = prod(a0.shape[axis + 1:])
         N = a0.size // (C * L)
-        if L == 1 or (L < ROWS_MAX_PLANE and N >= ROWS_MIN_N):
+        if L == 1 or small_planes_as_rows(N, L):
             return ("rows", N, C, L, [C * L] * len(arrays))
         return ("planar", N, C, L, [(C * L, L)] * len(arrays))
     planar = [planar_strides(a, axis) for a in arrays]
     if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
         N, L = planar[0][0], planar[0][1]
-        if L > 1 and (L >= ROWS_MAX_PLANE or N < ROWS_MIN_N):
+        if L > 1 and not small_planes_as_rows(N, L):
             return ("planar", N, C, L, [p[2:] for p in planar])
         if all(p[3] == L or C == 1 for p in planar):
             # adjacent planes: each n is one row of C*L contiguous elements

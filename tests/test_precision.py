@@ -22,7 +22,7 @@ SHAPES = {
     "rows": ((512, 24), 1),
     "rows_chunked": ((_ROWS_CHUNK * 5 + 5, 3), 1),  # too tall for a narrow fused task too
     "planar": ((4, 3, 24, 24), 1),
-    "small_planes": ((16, 3, 20, 20), 1),  # NCHW planes below 512 elements: rows of C*L columns
+    "small_planes": ((16, 3, 10, 10), 1),  # short NCHW planes, 16 images: rows of C*L columns
     "planar_chunked": ((_PLANE_CHUNK // 1000 + 1, 2, 1000), 1),
     "channels_last": ((8, 10, 10, 5), -1),
 }

@@ -43,6 +43,7 @@ TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-11}
 # size limits per ndim keep an example (with a stepped base up to 2**ndim larger) small
 MAX_DIM = {2: 48, 3: 14, 4: 7, 5: 5}
 MIN_PLANE = 512  # elements per (n, c) plane from which NCHW-like arrays run the planar kernel
+# (planes of 128..511 elements need 64 rows to run as rows; the examples stay below 128)
 MIN_ROWS = 16  # and below it, how many rows (n) they need to run as rows of C*L columns
 
 
