@@ -171,6 +171,8 @@ cdef enum:
     PAR_TASKS = 16            # aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
     SCRATCH = 5               # per-column vectors a rows task spreads (m, Q, A, B, Cc)
+    PREFAULT_BYTES = 4 << 20  # outputs from this size are faulted in before the tasks run
+    PAGE_BYTES = 4096
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
@@ -386,6 +388,39 @@ cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
 
 
 # ---------------------------------------------------------------------------
+# A fresh output (a new NumPy array of some MiB) is untouched memory: its pages
+# are mapped and zeroed by the kernel at the first write to each.  Tasks write
+# their output in blocks spread over the whole array, so the first task of every
+# thread would fault in nearly all of it, serially and long before most of it is
+# written, and its zeroed lines would be evicted before use.  Writing one element
+# per page first, each thread over its own contiguous share, faults the pages in
+# parallel and in order.  Nothing is read from the output; the tasks overwrite it.
+# ---------------------------------------------------------------------------
+
+cdef void _prefault(floating *out, Py_ssize_t n_outer, Py_ssize_t s_outer,
+                    Py_ssize_t n_inner, Py_ssize_t s_inner, Py_ssize_t width,
+                    int nt) noexcept nogil:
+    """Write 0 to one element per page of the runs out[o*s_outer + i*s_inner + (0..width)],
+    o < n_outer, i < n_inner, the runs shared out to nt threads in order."""
+    cdef Py_ssize_t n_runs = n_outer * n_inner
+    cdef Py_ssize_t step = PAGE_BYTES // sizeof(floating)
+    cdef Py_ssize_t k, j
+    cdef floating *run
+    cdef int tid
+    for tid in prange(nt, schedule='static', num_threads=nt):
+        for k in range(_share(n_runs, tid, nt), _share(n_runs, tid + 1, nt)):
+            run = out + (k // n_inner) * s_outer + (k % n_inner) * s_inner
+            j = 0
+            while j < width:
+                run[j] = 0
+                j = j + step
+
+
+cdef inline bint _fresh_big(Py_ssize_t n_elems, Py_ssize_t isz, int nt) noexcept nogil:
+    return nt > 1 and n_elems * isz >= PREFAULT_BYTES
+
+
+# ---------------------------------------------------------------------------
 # Rows layout: (R, C), channel stride 1, row strides in elements.
 # A task: channels [c0, c0+cw) x rows [r0, r1).  Inner loops run across the
 # channels of one row: unit stride, one accumulator per channel.
@@ -522,6 +557,8 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     Cc = B + C
     Q = Cc + C
     part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    if p.n_blocks > 1 and _fresh_big(R * C * L, sizeof(floating), nt):
+        _prefault(dx, R, sdx, 1, 0, C * L, nt)
     for tid in prange(nt, schedule='static', num_threads=nt):
         scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
         if scratch == NULL:
@@ -596,6 +633,8 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
     nt = _n_threads(n_threads, p.n_tasks, R * C * L)
+    if p.n_blocks > 1 and _fresh_big(R * C * L, sizeof(floating), nt):
+        _prefault(out, R, sout, 1, 0, C * L, nt)
     for tid in prange(nt, schedule='static', num_threads=nt):
         scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
         if scratch == NULL:
@@ -715,6 +754,8 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     Cc = B + C
     Q = Cc + C
     part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    if N > 1 and _fresh_big(E * C, sizeof(floating), nt):
+        _prefault(dx, N, sdxn, C, sdxc, L, nt)
     if p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -785,6 +826,8 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
         p.n_blocks = C
         p.n_tasks = C
     nt = _n_threads(n_threads, p.n_tasks, E * C)
+    if N > 1 and _fresh_big(E * C, sizeof(floating), nt):
+        _prefault(out, N, soutn, C, soutc, L, nt)
     if not train:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
