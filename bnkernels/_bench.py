@@ -499,6 +499,110 @@ def format_scaling(records):
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------
+# Markdown of a recorded run (the README's tables)
+# ---------------------------------------------------------------------------
+
+BIG_BYTES = 8 << 20  # the roofline targets are for cases whose arrays take at least this
+SHORT = {"bnkernels": "bnk", "roofline": "roof", "reference": "ref"}
+# (pass, numerator, denominator, statistic, cases, target, sense): the performance targets
+TARGETS = (
+    ("backward", "alt", "bnkernels", "median", "all", 10.0, ">="),
+    ("backward", "torch", "bnkernels", "median", "all", 2.5, ">="),
+    ("backward", "torch", "bnkernels", "min", "all", 1.2, ">="),
+    ("backward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
+    ("backward", "bnkernels", "roofline", "max", "big", 1.6, "<="),
+    ("forward", "torch", "bnkernels", "median", "all", 2.0, ">="),
+    ("forward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
+)
+
+
+def _ratio_columns(pass_, impls):
+    others = [i for i in impls if i not in ("bnkernels", "roofline")]
+    return [(o, "bnkernels") for o in others] + [("bnkernels", "roofline")]
+
+
+def _fmt_ratio(a, v):
+    return "%.2f" % v if a in ("torch", "bnkernels") else "%.1f" % v
+
+
+def _ratios(results, pass_, a, b, big_only=False):
+    idx = _index(results)
+    out = {}
+    for r in results:
+        if r["pass"] != pass_ or r["impl"] != a:
+            continue
+        if big_only and prod(r["shape"]) * np.dtype(r["dtype"]).itemsize < BIG_BYTES:
+            continue
+        rb = idx.get((r["case"], pass_, b))
+        if rb:
+            out[r["case"]] = r["median_s"] / rb["median_s"]
+    return out
+
+
+def _stat(values, how):
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}[how]
+
+
+def format_markdown(doc, before=None):
+    """The Markdown tables of a recorded run (``--json`` output): per case and pass the
+    median times and ratios, the medians, and the targets met or not; with ``before``
+    (an earlier recorded run), the summary ratios of both."""
+    results = doc["results"]
+    torch_on = any(r["impl"] == "torch" for r in results)
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    idx = _index(results)
+    out = []
+    for pass_, impls, title in (("backward", BACKWARD_IMPLS, "Backward (median ms):"),
+                                ("forward", FORWARD_IMPLS, "Forward, train mode (median ms):")):
+        impls = [i for i in impls if torch_on or i != "torch"]
+        cols = _ratio_columns(pass_, impls)
+        out += [title, ""]
+        out.append("| case | " + " | ".join(impls) + " | "
+                   + " | ".join("%s/%s" % (SHORT.get(a, a), SHORT.get(b, b)) for a, b in cols)
+                   + " |")
+        out.append("|---|" + "---:|" * (len(impls) + len(cols)))
+        for c in cases:
+            row = [c]
+            for i in impls:
+                r = idx.get((c, pass_, i))
+                row.append(_ms(r["median_s"]) if r else "-")
+            for a, b in cols:
+                ra, rb = idx.get((c, pass_, a)), idx.get((c, pass_, b))
+                row.append(_fmt_ratio(a, ra["median_s"] / rb["median_s"]) if ra and rb else "-")
+            out.append("| " + " | ".join(row) + " |")
+        meds = []
+        for a, b in cols:
+            v = list(_ratios(results, pass_, a, b).values())
+            meds.append("**%s**" % _fmt_ratio(a, _stat(v, "median")) if v else "")
+        out.append("| **median** |" + " |" * len(impls) + " " + " | ".join(meds) + " |")
+        out.append("")
+    runs = [("this run", doc)] + ([("before", before)] if before else [])
+    out.append("Targets (the roofline ones over the cases whose arrays take %d MiB or more):"
+               % (BIG_BYTES >> 20))
+    out.append("")
+    head = "| pass | ratio | statistic | target | " + " | ".join(
+        "%s (%s)" % (name, d["date"][:16].replace("T", " ")) for name, d in runs) + " |"
+    out += [head, "|---|---|---|---:|" + "---:|" * len(runs)]
+    for pass_, a, b, how, which, target, sense in TARGETS:
+        if "torch" in (a, b) and not torch_on:
+            continue
+        cells = []
+        for _, d in runs:
+            v = list(_ratios(d["results"], pass_, a, b, which == "big").values())
+            if not v:
+                cells.append("-")
+                continue
+            x = _stat(v, how)
+            ok = x >= target if sense == ">=" else x <= target
+            cells.append("%s %s" % (_fmt_ratio(a, x), "met" if ok else "not met"))
+        out.append("| %s | %s/%s | %s%s | %s %s | %s |" % (
+            pass_, SHORT.get(a, a), SHORT.get(b, b), how,
+            " (%d MiB+)" % (BIG_BYTES >> 20) if which == "big" else "", sense,
+            _fmt_ratio(a, target), " | ".join(cells)))
+    return "\n".join(out) + "\n"
+
+
 _COLORS = {"alt": "#999999", "bnkernels": "#d62728", "torch": "#1f77b4", "graph": "#555555",
            "reference": "#555555"}
 
@@ -600,12 +704,26 @@ def build_parser():
                         "e.g. '2d-*-f32' or nhwc")
     p.add_argument("--json", metavar="PATH", help="write every measurement and the machine as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedups and roofline distances")
+    p.add_argument("--markdown", metavar="JSON",
+                   help="print the Markdown tables of a run recorded with --json, run nothing")
+    p.add_argument("--before", metavar="JSON",
+                   help="with --markdown: an earlier recorded run to set the targets against")
     return p
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.before and not args.markdown:
+        parser.error("--before goes with --markdown")
+    if args.markdown:
+        docs = []
+        for path in (args.markdown, args.before):
+            if path:
+                with open(path) as f:
+                    docs.append(json.load(f))
+        print(format_markdown(*docs), end="")
+        return 0
     omp_default = _kernels.max_threads()  # read before torch can change the OpenMP default
     threads = args.threads or omp_default
     if args.cases:

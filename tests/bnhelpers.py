@@ -190,3 +190,4 @@ def reference64(x, gamma, beta, bn_param, dout, axis=1):
     dy = np.array(dout, dtype=np.float64)
     return out, cache, p, bnkernels.reference.backward_alt(dy, cache), \
         bnkernels.reference.backward_graph(dy, cache)
+

@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from readme_blocks import read_readme_block, write_readme_block
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
 START, END = "<!-- errors:start -->", "<!-- errors:end -->"
@@ -70,29 +72,12 @@ def build_table(cases):
     return HEADER + "\n".join(rows) + "\n"
 
 
-def read_block(text):
-    start, end = text.index(START) + len(START), text.index(END)
-    assert start <= end, "README markers out of order"
-    return text[start:end]
-
-
-def write_block(table):
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.index(START) + len(START), text.index(END)
-    new = text[:start] + "\n" + table + text[end:]
-    if new != text:
-        with open(README, "w", encoding="utf-8") as f:
-            f.write(new)
-
-
 # ---------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------
 
 def test_readme_error_table_is_current():
-    with open(README, encoding="utf-8") as f:
-        block = read_block(f.read())
+    block = read_readme_block(README, START, END)
     expected = "\n" + build_table(load_cases())
     assert block == expected, ("README's error table is out of date: run "
                                "`python tests/test_error_table.py --write`")
@@ -122,7 +107,7 @@ if __name__ == "__main__":
     sys.path.append(os.path.dirname(HERE))  # an uninstalled checkout: bnkernels from the tree
     table = build_table(load_cases())
     if sys.argv[1:] == ["--write"]:
-        write_block(table)
+        write_readme_block(README, START, END, "\n" + table)
         print("wrote %d rows to %s" % (len(table.splitlines()) - 3, README))
     elif sys.argv[1:]:
         sys.exit("usage: python tests/test_error_table.py [--write]")
