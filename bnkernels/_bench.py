@@ -30,7 +30,8 @@ arrays): above glibc's mmap threshold (32 MiB at most) a fresh allocation comes 
 untouched pages whose first write faults them in, a cost of the ideal kernel too.
 
 Timing: one warm-up call each, then the implementations of a case take turns, one timed
-call (time.perf_counter, garbage collector off) each per round, until each has reached
+call (time.perf_counter, garbage collector off) each per round, the first place rotating
+from round to round, until each has reached
 both a minimum count and a time budget, or a maximum count; the median and the
 interquartile range are reported.  Taking turns matters on a shared machine, whose memory
 bandwidth drifts by tens of per cent over seconds: implementations timed one after the
@@ -298,8 +299,13 @@ def measure_turns(fns, budget):
     gc_on = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise, not the kernel
     try:
+        rounds = 0
         while active:
-            for name in list(active):
+            # rotate who goes first: a call right after a NumPy baseline (which frees large
+            # temporaries) gets fresh pages to fault in, and that should not always be one
+            k = rounds % len(active)
+            rounds += 1
+            for name in active[k:] + active[:k]:
                 t0 = time.perf_counter()
                 fns[name]()
                 t = time.perf_counter() - t0

@@ -13,9 +13,9 @@ def test_implementations_take_turns_until_each_meets_its_budget():
 
     budget = _bench.Budget(seconds=0.0, min_repeats=5, max_repeats=50)
     result = _bench.measure_turns({"a": fn("a"), "b": fn("b"), "c": fn("c")}, budget)
-    # one warm-up call each, then rounds of one call each
+    # one warm-up call each, then rounds of one call each, the first place rotating
     assert calls[:3] == ["a", "b", "c"]
-    assert calls[3:] == ["a", "b", "c"] * 5
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
     assert {name: t.repeats for name, t in result.items()} == {"a": 5, "b": 5, "c": 5}
     assert all(t.median >= 0 and t.iqr >= 0 for t in result.values())
 
