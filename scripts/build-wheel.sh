@@ -16,7 +16,7 @@
 #   3. sdist:   `pip install` of the sdist alone (compiled from source) into a clean venv;
 #               `python -m bnkernels` there must pass its self-check.
 #   4. test:    the repaired wheel with its test extra into a clean venv; tests/ (and
-#               README.md and docs/*.json, which two tests read) copied to a scratch folder and pytest run
+#               README.md and docs/bench.json, which two tests read) copied to a scratch folder and pytest run
 #               there, so the source tree is never on sys.path.  A small pytest plugin fails
 #               the run unless bnkernels is imported from the venv, and the vendored libgomp
 #               must be the OpenMP runtime that `python -m bnkernels` reports.
@@ -74,8 +74,7 @@ echo "   $raw"
 import sys, tarfile
 names = {n.split("/", 1)[1] for n in tarfile.open(sys.argv[1]).getnames() if "/" in n}
 need = {"setup.py", "pyproject.toml", "README.md", "CHANGELOG.md", "bnkernels/_kernels.pyx",
-        "bnkernels/_loops.h", "bnkernels/_kernels.pyi", "bnkernels/py.typed", "docs/bench.json",
-        "docs/bench-before.json"}
+        "bnkernels/_loops.h", "bnkernels/_kernels.pyi", "bnkernels/py.typed", "docs/bench.json"}
 missing = sorted(need - names)
 assert not missing, "sdist lacks %s" % missing
 assert "bnkernels/_kernels.c" not in names, "sdist ships the generated bnkernels/_kernels.c"
@@ -114,7 +113,7 @@ run="$work/run"
 mkdir -p "$run"
 cp -R tests "$run/tests"
 cp README.md "$run/"
-mkdir -p "$run/docs" && cp docs/*.json "$run/docs/"
+mkdir -p "$run/docs" && cp docs/bench.json "$run/docs/"
 # a plugin, so the check runs in the very process that runs the tests
 cat >"$run/bnk_installed.py" <<'EOF'
 import os

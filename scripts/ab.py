@@ -1,0 +1,92 @@
+"""Time this tree's bnkernels against another build of it, in one process, taking turns.
+
+    python scripts/ab.py OTHER [--cases PATTERN] [--pass backward|forward|both]
+                               [--threads N] [--seconds S]
+
+OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
+after ``python setup.py build_ext --inplace``).  Both packages are imported side by side
+(the other one under the name ``bnkernels_other``), fed the same seeded arrays of the
+benchmark cases, and called in turns with the roofline pass, the first place rotating,
+as ``python -m bnkernels bench`` does; the shared machine's drift then hits all of them
+alike.  Printed per case: the median times and this/other (below 1: this tree is faster).
+This tree's package is the one Python imports (run from the checkout, or installed).
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import bnkernels  # noqa: E402
+from bnkernels import _bench, _kernels  # noqa: E402
+
+
+def load_other(directory):
+    """The bnkernels package found in ``directory``, imported as ``bnkernels_other``."""
+    init = os.path.join(directory, "bnkernels", "__init__.py")
+    if not os.path.exists(init):
+        sys.exit("no bnkernels package in %s" % directory)
+    spec = importlib.util.spec_from_file_location(
+        "bnkernels_other", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bnkernels_other"] = module
+    spec.loader.exec_module(module)
+    if os.path.realpath(module.__file__) == os.path.realpath(bnkernels.__file__):
+        sys.exit("%s is this tree's package" % directory)
+    return module
+
+
+def case_fns(data, pass_, threads, other):
+    """{name: callable} of one case: this tree, the other build, the roofline."""
+    x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, data.case.axis
+    roof_b = dy if pass_ == "backward" else x
+    fns = {}
+    for name, pkg in (("this", bnkernels), ("other", other)):
+        if pass_ == "backward":
+            cache = pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis)[1]
+            fns[name] = (lambda pkg=pkg, cache=cache:
+                         pkg.backward(dy, cache, num_threads=threads))
+        else:
+            fns[name] = (lambda pkg=pkg:
+                         pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis))
+    fns["roofline"] = lambda: _kernels.stream_add(x, roof_b, np.empty_like(x), threads)
+    return fns
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("other", help="a directory with another built bnkernels package")
+    p.add_argument("--cases", help="case patterns, as for python -m bnkernels bench")
+    p.add_argument("--pass", dest="passes", choices=("backward", "forward", "both"),
+                   default="backward")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads (default: the OpenMP default); forward follows the default")
+    p.add_argument("--seconds", type=float, default=1.0,
+                   help="time budget per implementation and case (default 1)")
+    args = p.parse_args(argv)
+    other = load_other(args.other)
+    threads = args.threads or _kernels.max_threads()
+    cases = _bench.select_cases(args.cases) if args.cases else list(_bench.CASES)
+    budget = _bench.Budget(args.seconds, 7, 5000)
+    passes = ("backward", "forward") if args.passes == "both" else (args.passes,)
+    print("this: %s\nother: %s\nthreads=%d, median ms, taking turns"
+          % (os.path.dirname(bnkernels.__file__), os.path.dirname(other.__file__), threads))
+    print("%-8s %-24s %9s %9s %9s %10s" % ("pass", "case", "this", "other", "roofline",
+                                          "this/other"))
+    for case in cases:
+        data = _bench.CaseData(case)
+        for pass_ in passes:
+            t = _bench.measure_turns(case_fns(data, pass_, threads, other), budget)
+            print("%-8s %-24s %9.3f %9.3f %9.3f %10.2f" % (
+                pass_, case.name, t["this"].median * 1e3, t["other"].median * 1e3,
+                t["roofline"].median * 1e3, t["this"].median / t["other"].median), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
