@@ -229,7 +229,12 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     cdef Py_ssize_t min_cb = max(1, MIN_BLOCK_BYTES // width)
     cdef Py_ssize_t fit = TASK_BYTES // max(1, R * width * n_arrays)   # channels whose rows fit
     cdef Py_ssize_t narrow = min(C, max(1, NARROW_BLOCK_ELEMS // L))
-    if fit >= min(C, min_cb):
+    if fit >= min(C, min_cb) and n_arrays > 1:
+        # backward: the narrowest block; its rows are short runs, but measured faster than
+        # wider blocks (wide rows data, NCHW 7x7 planes as rows), as more tasks share the work
+        p.cb = min(C, min_cb)
+        p.chunk = R
+    elif fit >= min(C, min_cb):
         # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
         p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
         p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
