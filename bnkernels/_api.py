@@ -74,21 +74,13 @@ def _n_threads(num_threads):
     return int(num_threads)
 
 
-def _vec64(v, C, shape, name):
-    """A per-channel vector as contiguous float64: as it is when it already is one (the
-    vectors forward() caches), else validated and converted."""
-    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (C,) and v.flags.c_contiguous:
+def _vec64(v, C, shape, name, keep=(_F64,)):
+    """A per-channel vector for the kernels: as it is when it already is a contiguous (C,)
+    array of a dtype in ``keep`` (the vectors forward() caches), else validated and
+    converted to contiguous float64.  The kernels read gamma in float32 too."""
+    if type(v) is np.ndarray and v.dtype in keep and v.shape == (C,) and v.flags.c_contiguous:
         return v
     return _f64(_per_channel(name, v, C, shape))
-
-
-def _gamma_vec(v, C, shape):
-    """cache['gamma'] for the kernels: float32 or float64 as it is (forward caches gamma in
-    x's dtype; the kernels read either), anything else validated and converted to float64."""
-    if (type(v) is np.ndarray and v.dtype in _KERNEL_DTYPES and v.shape == (C,)
-            and v.flags.c_contiguous):
-        return v
-    return _f64(_per_channel("cache['gamma']", v, C, shape))
 
 
 def _f64(v):
@@ -290,7 +282,7 @@ def _unpack(cache):
         C = z.shape[ax]
         vecs = (_vec64(cache["mean"], C, z.shape, "cache['mean']"),
                 _vec64(cache["invstd"], C, z.shape, "cache['invstd']"),
-                _gamma_vec(cache["gamma"], C, z.shape),
+                _vec64(cache["gamma"], C, z.shape, "cache['gamma']", _KERNEL_DTYPES),
                 _vec64(cache["var"], C, z.shape, "cache['var']"))
         return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
     if all(key in cache for key in _SEED_KEYS):

@@ -163,12 +163,12 @@ cdef extern from *:
 cdef enum:
     LINE_BYTES = 64           # cache line
     MIN_BLOCK_BYTES = 1024    # narrowest channel block of a fused rows task
-    SEGMENT_BYTES = 1024      # preferred width of a rows task's block
+    SEGMENT_BYTES = 1024      # preferred width of a forward rows task's block
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
     TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
     NARROW_BLOCK_ELEMS = 64   # narrowest fused rows block (columns) when all rows must fit
     BIG_TASK_BYTES = 4 << 20  # input bytes of such a task: its second sweep hits L3
-    PAR_TASKS = 16            # aim for this many fused tasks when the data allows
+    PAR_TASKS = 16            # forward rows: aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
     SCRATCH = 5               # per-column vectors a rows task spreads (m, Q, A, B, Cc)
     PREFAULT_BYTES = 4 << 20  # outputs from this size are faulted in before the tasks run
@@ -229,16 +229,16 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     cdef Py_ssize_t min_cb = max(1, MIN_BLOCK_BYTES // width)
     cdef Py_ssize_t fit = TASK_BYTES // max(1, R * width * n_arrays)   # channels whose rows fit
     cdef Py_ssize_t narrow = min(C, max(1, NARROW_BLOCK_ELEMS // L))
-    if fit >= min(C, min_cb) and n_arrays > 1:
-        # backward: the narrowest block; its rows are short runs, but measured faster than
-        # wider blocks (wide rows data, NCHW 7x7 planes as rows), as more tasks share the work
-        p.cb = min(C, min_cb)
-        p.chunk = R
-    elif fit >= min(C, min_cb):
-        # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
-        p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
-        p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
-        p.cb = min(p.cb, C)
+    if fit >= min(C, min_cb):
+        if n_arrays > 1:
+            # backward: the narrowest block; its rows are short runs, but measured faster than
+            # wider blocks (wide rows data, NCHW 7x7 planes as rows), as more tasks share the work
+            p.cb = min(C, min_cb)
+        else:
+            # wide enough for long unit-stride runs, narrow enough for PAR_TASKS tasks and the budget
+            p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
+            p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
+            p.cb = min(p.cb, C)
         p.chunk = R
     elif R * narrow * width * n_arrays <= BIG_TASK_BYTES:
         # tall: a narrow block of all rows still fits a share of L3; its second sweep reads L3
@@ -406,12 +406,15 @@ cdef void _prefault(floating *out, Py_ssize_t n_outer, Py_ssize_t s_outer,
                     Py_ssize_t n_inner, Py_ssize_t s_inner, Py_ssize_t width,
                     int nt) noexcept nogil:
     """Write 0 to one element per page of the runs out[o*s_outer + i*s_inner + (0..width)],
-    o < n_outer, i < n_inner, the runs shared out to nt threads in order."""
+    o < n_outer, i < n_inner, the runs shared out to nt threads in order; only for outputs of
+    PREFAULT_BYTES or more and more than one thread."""
     cdef Py_ssize_t n_runs = n_outer * n_inner
     cdef Py_ssize_t step = PAGE_BYTES // sizeof(floating)
     cdef Py_ssize_t k, j
     cdef floating *run
     cdef int tid
+    if nt < 2 or n_runs * width * <Py_ssize_t>sizeof(floating) < PREFAULT_BYTES:
+        return
     for tid in prange(nt, schedule='static', num_threads=nt):
         for k in range(_share(n_runs, tid, nt), _share(n_runs, tid + 1, nt)):
             run = out + (k // n_inner) * s_outer + (k % n_inner) * s_inner
@@ -419,10 +422,6 @@ cdef void _prefault(floating *out, Py_ssize_t n_outer, Py_ssize_t s_outer,
             while j < width:
                 run[j] = 0
                 j = j + step
-
-
-cdef inline bint _fresh_big(Py_ssize_t n_elems, Py_ssize_t isz, int nt) noexcept nogil:
-    return nt > 1 and n_elems * isz >= PREFAULT_BYTES
 
 
 # ---------------------------------------------------------------------------
@@ -562,7 +561,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     Cc = B + C
     Q = Cc + C
     part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
-    if p.n_blocks > 1 and _fresh_big(R * C * L, sizeof(floating), nt):
+    if p.n_blocks > 1:
         _prefault(dx, R, sdx, 1, 0, C * L, nt)
     for tid in prange(nt, schedule='static', num_threads=nt):
         scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
@@ -638,7 +637,7 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
     nt = _n_threads(n_threads, p.n_tasks, R * C * L)
-    if p.n_blocks > 1 and _fresh_big(R * C * L, sizeof(floating), nt):
+    if p.n_blocks > 1:
         _prefault(out, R, sout, 1, 0, C * L, nt)
     for tid in prange(nt, schedule='static', num_threads=nt):
         scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
@@ -759,7 +758,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     Cc = B + C
     Q = Cc + C
     part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
-    if N > 1 and _fresh_big(E * C, sizeof(floating), nt):
+    if N > 1:
         _prefault(dx, N, sdxn, C, sdxc, L, nt)
     if p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
@@ -831,7 +830,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
         p.n_blocks = C
         p.n_tasks = C
     nt = _n_threads(n_threads, p.n_tasks, E * C)
-    if N > 1 and _fresh_big(E * C, sizeof(floating), nt):
+    if N > 1:
         _prefault(out, N, soutn, C, soutc, L, nt)
     if not train:
         for tid in prange(nt, schedule='static', num_threads=nt):
