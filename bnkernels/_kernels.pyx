@@ -39,12 +39,14 @@ Backward, per channel (``z`` is x, or xhat for a seed-style cache)::
 
     sum_dy = sum(dy);  sum_dy_zm = sum(dy * (z - mean))
     dbeta = sum_dy;    dgamma = q * sum_dy_zm
-    dx = A*(dy + Cc) + B*(z - mean)    (see _bwd_coefs)
+    dx = A*(dy + Cc) + S*(z - mean)    (see _bwd_coefs)
 
 Forward: task-local mean and M2 in one pass over x - K, K the channel's first
 element (the mean is exact for a constant channel, M2 never negative), tasks
 merged in order with Chan's formula, then out = gamma*invstd*(x - mean) + beta.
 """
+
+import os
 
 cimport numpy as cnp
 from cython cimport floating
@@ -64,6 +66,17 @@ cdef extern from *:
     static int bn_max_threads(void) { return 1; }
     static int bn_has_openmp(void) { return 0; }
     #endif
+    #include <unistd.h>
+    /* bytes of the L2 (level 2) or L3 (level 3) data cache as the C library reports it; 0 if unknown */
+    static long bn_cache_bytes(int level) {
+    #if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+        long v = sysconf(level == 3 ? _SC_LEVEL3_CACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+        return v > 0 ? v : 0;
+    #else
+        (void)level;
+        return 0;
+    #endif
+    }
     #ifndef BNKERNELS_BUILD_FLAGS
     #define BNKERNELS_BUILD_FLAGS ""
     #endif
@@ -112,6 +125,7 @@ cdef extern from *:
     #undef BN_FN
     """
     int bn_max_threads() nogil
+    long bn_cache_bytes(int level) nogil
     int bn_has_openmp() nogil
     const char *bn_build_flags
     const char *bn_simd_targets
@@ -123,12 +137,12 @@ cdef extern from *:
                         double *s_dy, double *s_zm) nogil
     void bn_rows_affine_f(const float *z, const float *dy, float *out,
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                          Py_ssize_t cw, const double *m, const double *Q, const double *A,
-                          const double *B, const double *Cc) nogil
+                          Py_ssize_t cw, const double *m, const double *S, const double *A,
+                          const double *Cc) nogil
     void bn_rows_affine_d(const double *z, const double *dy, double *out,
                           Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                          Py_ssize_t cw, const double *m, const double *Q, const double *A,
-                          const double *B, const double *Cc) nogil
+                          Py_ssize_t cw, const double *m, const double *S, const double *A,
+                          const double *Cc) nogil
     void bn_rows_centered_f(const float *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                             const double *m0, double *d1, double *d2) nogil
     void bn_rows_centered_d(const double *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -144,13 +158,13 @@ cdef extern from *:
     void bn_plane_affine_f(const float *z, const float *dy, float *out,
                            Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                            Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
-                           const double *A, const double *B, const double *Cc) nogil
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S,
+                           const double *A, const double *Cc) nogil
     void bn_plane_affine_d(const double *z, const double *dy, double *out,
                            Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                            Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
-                           const double *A, const double *B, const double *Cc) nogil
+                           Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S,
+                           const double *A, const double *Cc) nogil
     void bn_plane_moments_f(const float *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
                             Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
                             double *mean, double *m2, double *d1) nogil
@@ -167,12 +181,51 @@ cdef enum:
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
     TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
     NARROW_BLOCK_ELEMS = 64   # narrowest fused rows block (columns) when all rows must fit
-    BIG_TASK_BYTES = 4 << 20  # input bytes of such a task: its second sweep hits L3
     PAR_TASKS = 16            # forward rows: aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
-    SCRATCH = 5               # per-column vectors a rows task spreads (m, Q, A, B, Cc)
+    SCRATCH = 4               # per-column vectors a rows task spreads (m, S, A, Cc)
     PREFAULT_BYTES = 4 << 20  # outputs from this size are faulted in before the tasks run
     PAGE_BYTES = 4096
+
+
+def _cache_bytes(int level):
+    """Bytes of the level-2 or level-3 cache one core sees: Linux's sysfs, which gives the
+    share a core's group has (the C library may report a whole package's L3), else the C
+    library; 0 if neither knows."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for name in sorted(os.listdir(base)):
+            if not name.startswith("index"):
+                continue
+            with open(os.path.join(base, name, "level")) as f:
+                lv = int(f.read())
+            with open(os.path.join(base, name, "type")) as f:
+                kind = f.read().strip()
+            if lv == level and kind in ("Data", "Unified"):
+                with open(os.path.join(base, name, "size")) as f:
+                    text = f.read().strip()
+                unit = 1
+                for suffix, bytes_ in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+                    if text.endswith(suffix):
+                        unit = bytes_
+                return int(text.rstrip("KMG")) * unit
+    except (OSError, ValueError):
+        pass
+    return bn_cache_bytes(level)
+
+
+cdef Py_ssize_t _big_task_bytes(Py_ssize_t l3):
+    """Input bytes of a narrow fused rows task at most: an eighth of the L3, so that the
+    tasks of both cores' threads stay there between their two sweeps even when the L3 is
+    shared; within [TASK_BYTES, 4 MiB], 4 MiB where the L3 size is unknown."""
+    if l3 <= 0:
+        return 4 << 20
+    return min(max(l3 // 8, <Py_ssize_t>TASK_BYTES), <Py_ssize_t>(4 << 20))
+
+
+# fixed when the module loads: plans depend on the shape, the dtype and this machine's L3
+# size, never on the thread count
+cdef Py_ssize_t BIG_TASK_BYTES = _big_task_bytes(_cache_bytes(3))
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
@@ -188,6 +241,11 @@ def openmp_enabled():
 def max_threads():
     """The OpenMP default thread count (OMP_NUM_THREADS, threadpoolctl)."""
     return bn_max_threads()
+
+
+def cache_bytes():
+    """(L2, L3) cache sizes in bytes as one core sees them (0: unknown)."""
+    return _cache_bytes(2), _cache_bytes(3)
 
 
 def build_flags():
@@ -334,38 +392,40 @@ cdef struct Coefs:
 
 cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm, const Coefs *cf,
                             double inv_m, floating *dgamma, floating *dbeta,
-                            double *Q, double *A, double *B, double *Cc) noexcept nogil:
-    """dx = A*(dy + Cc) + B*xhat for channel c, xhat = (z - mean)*Q; and dgamma, dbeta.
+                            double *A, double *S, double *Cc) noexcept nogil:
+    """dx = A*(dy + Cc) + S*(z - mean) for channel c; and dgamma, dbeta.
 
-    With r = invstd:  dgamma = Q*sum_dy_zm,  A = gamma*r,  Cc = -sum_dy/M,
-    B = -A*kq*sum_dy_zm/M, where kq*xhat is the variance term: kq = r ('var'),
-    1/sqrt(var) ('std'; 0 at var = 0, the subgradient of sqrt), 1 when z is xhat.
+    With r = invstd and xhat = (z - mean)*Q:  dgamma = Q*sum_dy_zm,  A = gamma*r,
+    Cc = -sum_dy/M,  S = B*Q with B = -A*kq*sum_dy_zm/M, where kq*xhat is the variance
+    term: kq = r ('var'), 1/sqrt(var) ('std'; 0 at var = 0, the subgradient of sqrt),
+    1 when z is xhat (then Q = 1).
     """
-    cdef double r, s
+    cdef double r, s, q, b
     if cf.xhat_form:
         r = 1.0 / cf.scale[c]
-        Q[c] = 1.0
+        q = 1.0
         s = 1.0
     else:
         r = cf.scale[c]
-        Q[c] = r
+        q = r
         if cf.std_mode:
             s = sqrt(cf.var[c])
             s = 1.0 / s if s > 0.0 else 0.0
         else:
             s = r
     dbeta[c] = <floating>sum_dy
-    dgamma[c] = <floating>(Q[c] * sum_dy_zm)
+    dgamma[c] = <floating>(q * sum_dy_zm)
     if cf.gamma_single:
         A[c] = (<const float *>cf.gamma)[c] * r
     else:
         A[c] = (<const double *>cf.gamma)[c] * r
     if cf.train:
-        B[c] = -A[c] * s * sum_dy_zm * inv_m
+        b = -A[c] * s * sum_dy_zm * inv_m
         Cc[c] = -sum_dy * inv_m   # dy - mean(dy) first: exact 0 when M = 1
     else:
-        B[c] = 0.0
+        b = 0.0
         Cc[c] = 0.0
+    S[c] = b * q   # finite in float64 whatever the scale
 
 
 cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
@@ -441,12 +501,12 @@ cdef inline void _rows_sums(const floating *z, const floating *dy, Py_ssize_t sz
 
 cdef inline void _rows_affine(const floating *z, const floating *dy, floating *out,
                               Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-                              Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *Q,
-                              const double *A, const double *B, const double *Cc) noexcept nogil:
+                              Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S,
+                              const double *A, const double *Cc) noexcept nogil:
     if floating is float:
-        bn_rows_affine_f(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
+        bn_rows_affine_f(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc)
     else:
-        bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
+        bn_rows_affine_d(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc)
 
 
 cdef inline void _rows_centered(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -495,21 +555,21 @@ cdef void _rows_task_sums(const floating *z, const floating *dy, Py_ssize_t sz, 
 
 cdef void _rows_task_affine(const floating *z, const floating *dy, floating *out,
                             Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows,
-                            Py_ssize_t cw, Py_ssize_t L, const double *m, const double *Q,
-                            const double *A, const double *B, const double *Cc,
-                            double *scratch) noexcept nogil:
-    """out := A*(dy + Cc) + B*(z - m)*Q per channel over the task; B*(z - m)*Q + Cc without dy"""
+                            Py_ssize_t cw, Py_ssize_t L, const double *m, const double *S,
+                            const double *A, const double *Cc, double *scratch) noexcept nogil:
+    """out := A*(dy + Cc) + S*(z - m) per channel over the task; S*(z - m) + Cc without dy
+    (then A is not read)"""
     cdef Py_ssize_t cols = cw * L
     if L == 1:
-        _rows_affine(z, dy, out, sz, sdy, sout, nrows, cw, m, Q, A, B, Cc)
+        _rows_affine(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc)
         return
     _spread(m, cw, L, scratch)
-    _spread(Q, cw, L, scratch + cols)
-    _spread(A, cw, L, scratch + 2 * cols)
-    _spread(B, cw, L, scratch + 3 * cols)
-    _spread(Cc, cw, L, scratch + 4 * cols)
+    _spread(S, cw, L, scratch + cols)
+    _spread(Cc, cw, L, scratch + 2 * cols)
+    if dy != NULL:
+        _spread(A, cw, L, scratch + 3 * cols)
     _rows_affine(z, dy, out, sz, sdy, sout, nrows, cols, scratch, scratch + cols,
-                 scratch + 2 * cols, scratch + 3 * cols, scratch + 4 * cols)
+                 scratch + 3 * cols, scratch + 2 * cols)
 
 
 cdef void _rows_task_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -545,10 +605,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     cdef int nt = _n_threads(n_threads, p.n_tasks, R * C * L)
     cdef double inv_m = 1.0 / (R * L)
     cdef const double *m = cf.mean
-    cdef double *A = <double *>malloc((4 + 2 * p.n_chunks) * C * sizeof(double))
-    cdef double *B
+    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
+    cdef double *S
     cdef double *Cc
-    cdef double *Q
     cdef double *part
     cdef double *scratch
     cdef Span sp
@@ -557,10 +616,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
-    B = A + C
-    Cc = B + C
-    Q = Cc + C
-    part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    S = A + C
+    Cc = S + C
+    part = Cc + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
     if p.n_blocks > 1:
         _prefault(dx, R, sdx, 1, 0, C * L, nt)
     for tid in prange(nt, schedule='static', num_threads=nt):
@@ -582,9 +640,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                 if p.n_chunks == 1:
                     # fused: the block's data is still in cache for dx
                     for c in range(c0, c0 + cw):
-                        _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
+                        _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, S, Cc)
                     _rows_task_affine(z + o_z, dy + o_dy, dx + r0 * sdx + c0 * L, sz, sdy, sdx,
-                                      r1 - r0, cw, L, m + c0, Q + c0, A + c0, B + c0, Cc + c0, scratch)
+                                      r1 - r0, cw, L, m + c0, S + c0, A + c0, Cc + c0, scratch)
             free(scratch)
     if p.n_chunks > 1 and not failed:
         for c in range(C):
@@ -593,7 +651,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
@@ -609,7 +667,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                     r1 = sp.i1
                     _rows_task_affine(z + r0 * sz + c0 * L, dy + r0 * sdy + c0 * L,
                                       dx + r0 * sdx + c0 * L, sz, sdy, sdx, r1 - r0, cw, L,
-                                      m + c0, Q + c0, A + c0, B + c0, Cc + c0, scratch)
+                                      m + c0, S + c0, A + c0, Cc + c0, scratch)
                     t = t - 1
                 free(scratch)
     free(A)
@@ -623,7 +681,8 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef double *part = <double *>malloc(2 * p.n_chunks * C * sizeof(double))
+    cdef double *part = <double *>malloc((2 * p.n_chunks + 1) * C * sizeof(double))
+    cdef double *scale
     cdef double *scratch
     cdef Span sp
     cdef int tid, failed = 0
@@ -631,11 +690,14 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     cdef double n_a, mean_a, m2_a
     if part == NULL:
         return -1
-    # part: [n_chunks, C] chunk means, then [n_chunks, C] chunk M2
+    # part: [n_chunks, C] chunk means, then [n_chunks, C] chunk M2; then scale = gamma*invstd
+    scale = part + 2 * p.n_chunks * C
     if not train:   # elementwise: any block of whole rows will do
         p.chunk = R
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
+        for c in range(C):
+            scale[c] = gamma[c] * invstd[c]
     nt = _n_threads(n_threads, p.n_tasks, R * C * L)
     if p.n_blocks > 1:
         _prefault(out, R, sout, 1, 0, C * L, nt)
@@ -659,10 +721,11 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                     for c in range(c0, c0 + cw):
                         _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode,
                                     mean, var, invstd)
+                        scale[c] = gamma[c] * invstd[c]
                 if not train or p.n_chunks == 1:
                     _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
                                       out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
-                                      mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0, scratch)
+                                      mean + c0, scale + c0, NULL, beta + c0, scratch)
             free(scratch)
     if train and p.n_chunks > 1 and not failed:
         for c in range(C):
@@ -673,6 +736,7 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                 _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk) * L,
                             part[ci * C + c], part[(p.n_chunks + ci) * C + c])
             _fwd_finish(c, mean_a, m2_a, R * L, eps, std_mode, mean, var, invstd)
+            scale[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
@@ -687,7 +751,7 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                     r1 = sp.i1
                     _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
                                       out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
-                                      mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0, scratch)
+                                      mean + c0, scale + c0, NULL, beta + c0, scratch)
                     t = t - 1
                 free(scratch)
     free(part)
@@ -714,14 +778,14 @@ cdef inline void _plane_sums(const floating *z, const floating *dy, Py_ssize_t s
 cdef inline void _plane_affine(const floating *z, const floating *dy, floating *out,
                                Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                                Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
-                               Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *Q,
-                               const double *A, const double *B, const double *Cc) noexcept nogil:
+                               Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S,
+                               const double *A, const double *Cc) noexcept nogil:
     if floating is float:
         bn_plane_affine_f(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
-                          m, Q, A, B, Cc)
+                          m, S, A, Cc)
     else:
         bn_plane_affine_d(z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw,
-                          m, Q, A, B, Cc)
+                          m, S, A, Cc)
 
 
 cdef inline void _plane_moments(const floating *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
@@ -743,10 +807,9 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef int nt = _n_threads(n_threads, p.n_tasks, E * C)
     cdef double inv_m = 1.0 / E
     cdef const double *m = cf.mean
-    cdef double *A = <double *>malloc((4 + 2 * p.n_chunks) * C * sizeof(double))
-    cdef double *B
+    cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
+    cdef double *S
     cdef double *Cc
-    cdef double *Q
     cdef double *part
     cdef Span sp
     cdef int tid
@@ -754,10 +817,9 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
-    B = A + C
-    Cc = B + C
-    Q = Cc + C
-    part = Q + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
+    S = A + C
+    Cc = S + C
+    part = Cc + C    # [n_chunks, C] partial sum_dy, then [n_chunks, C] partial sum_dy_zm
     if N > 1:
         _prefault(dx, N, sdxn, C, sdxc, L, nt)
     if p.n_chunks == 1:
@@ -771,9 +833,9 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + c0, part + C + c0)
                 for c in range(c0, c0 + cw):
-                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
+                    _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, S, Cc)
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
-                              sdxn, sdxc, L, e0, e1, cw, m + c0, Q + c0, A + c0, B + c0, Cc + c0)
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, S + c0, A + c0, Cc + c0)
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -791,7 +853,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
             for ci in range(p.n_chunks):
                 s_dy = s_dy + part[ci * C + c]
                 s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, Q, A, B, Cc)
+            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
@@ -801,7 +863,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
-                              sdxn, sdxc, L, e0, e1, cw, m + c0, Q + c0, A + c0, B + c0, Cc + c0)
+                              sdxn, sdxc, L, e0, e1, cw, m + c0, S + c0, A + c0, Cc + c0)
                 t = t - 1
     free(A)
     return 0
@@ -815,14 +877,16 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     cdef Py_ssize_t E = N * L
     cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef double *part = <double *>malloc(3 * p.n_chunks * C * sizeof(double))
+    cdef double *part = <double *>malloc((3 * p.n_chunks + 1) * C * sizeof(double))
+    cdef double *scale
     cdef Span sp
     cdef int tid
     cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
     cdef double n_a, mean_a, m2_a
     if part == NULL:
         return -1
-    # part: [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch
+    # part: [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch; scale = gamma*invstd
+    scale = part + 3 * p.n_chunks * C
     if not train and p.n_chunks > 1:   # elementwise: whole channels per task are fine
         p.cb = 1
         p.chunk = E
@@ -833,6 +897,8 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     if N > 1:
         _prefault(out, N, soutn, C, soutc, L, nt)
     if not train:
+        for c in range(C):
+            scale[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
                 sp = _task(&p, t, C, E)
@@ -841,7 +907,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, scale + c0, NULL, beta + c0)
     elif p.n_chunks == 1:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -853,8 +919,9 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, mean + c0, var + c0, part + c0)
                 for c in range(c0, c0 + cw):
                     _fwd_finish(c, mean[c], var[c], E, eps, std_mode, mean, var, invstd)
+                    scale[c] = gamma[c] * invstd[c]
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, scale + c0, NULL, beta + c0)
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -875,6 +942,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, E - ci * p.chunk),
                             part[ci * C + c], part[(p.n_chunks + ci) * C + c])
             _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, mean, var, invstd)
+            scale[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
@@ -884,7 +952,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e0 = sp.i0
                 e1 = sp.i1
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
-                              soutn, soutc, L, e0, e1, cw, mean + c0, invstd + c0, gamma + c0, gamma + c0, beta + c0)
+                              soutn, soutc, L, e0, e1, cw, mean + c0, scale + c0, NULL, beta + c0)
                 t = t - 1
     free(part)
     return 0

@@ -90,40 +90,30 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
     }
 }
 
-/* out[r, j] := A[j]*(dy[r, j] + Cc[j]) + B[j]*xhat[r, j],  xhat = (z - m[j])*Q[j];
- * without dy: out[r, j] := B[j]*xhat[r, j] + Cc[j].  In float64, rounded once at the end:
- * the terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).
- * Column blocks keep the coefficients in L1. */
+/* out[r, j] := A[j]*(dy[r, j] + Cc[j]) + S[j]*(z[r, j] - m[j]);  without dy:
+ * out[r, j] := S[j]*(z[r, j] - m[j]) + Cc[j].  In float64, rounded once at the end: the
+ * terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by row
+ * over the whole width: every row is one unit-stride run in and out (sweeping column
+ * blocks down the rows instead wrote each row piecemeal, measured 2-3x slower from memory). */
 static BN_CLONES void BN_FN(bn_rows_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
     Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw,
-    const double *restrict m, const double *restrict Q, const double *restrict A,
-    const double *restrict B, const double *restrict Cc)
+    const double *restrict m, const double *restrict S, const double *restrict A,
+    const double *restrict Cc)
 {
-    Py_ssize_t j0, j, r;
-    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
-        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
-        double ab[BN_RBLOCK], bq[BN_RBLOCK], cb[BN_RBLOCK], mb[BN_RBLOCK];
-        for (j = 0; j < jw; j++) {
-            ab[j] = A[j0 + j];
-            bq[j] = B[j0 + j] * Q[j0 + j];   /* finite in float64 whatever the scale */
-            cb[j] = Cc[j0 + j];
-            mb[j] = m[j0 + j];
-        }
-        for (r = 0; r < nrows; r++) {
-            const BN_T *restrict zr = z + r * sz + j0;
-            BN_T *restrict outr = out + r * sout + j0;
-            if (dy == NULL) {
-                BN_SIMD
-                for (j = 0; j < jw; j++)
-                    outr[j] = (BN_T)(bq[j] * ((double)zr[j] - mb[j]) + cb[j]);
-            } else {
-                const BN_T *restrict dyr = dy + r * sdy + j0;
-                BN_SIMD
-                for (j = 0; j < jw; j++)
-                    outr[j] = (BN_T)(ab[j] * ((double)dyr[j] + cb[j])
-                                     + bq[j] * ((double)zr[j] - mb[j]));
-            }
+    Py_ssize_t j, r;
+    for (r = 0; r < nrows; r++) {
+        const BN_T *restrict zr = z + r * sz;
+        BN_T *restrict outr = out + r * sout;
+        if (dy == NULL) {
+            BN_SIMD
+            for (j = 0; j < cw; j++)
+                outr[j] = (BN_T)(S[j] * ((double)zr[j] - m[j]) + Cc[j]);
+        } else {
+            const BN_T *restrict dyr = dy + r * sdy;
+            BN_SIMD
+            for (j = 0; j < cw; j++)
+                outr[j] = (BN_T)(A[j] * ((double)dyr[j] + Cc[j]) + S[j] * ((double)zr[j] - m[j]));
         }
     }
 }
@@ -240,14 +230,14 @@ static BN_CLONES void BN_FN(bn_plane_sums)(
     }
 }
 
-/* out := A[c]*(dy + Cc[c]) + B[c]*(z - m[c])*Q[c] over elements [e0, e1);
- * without dy: out := B[c]*(z - m[c])*Q[c] + Cc[c]  (float64, as bn_rows_affine) */
+/* out := A[c]*(dy + Cc[c]) + S[c]*(z - m[c]) over elements [e0, e1);
+ * without dy: out := S[c]*(z - m[c]) + Cc[c]  (float64, as bn_rows_affine) */
 static BN_CLONES void BN_FN(bn_plane_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
     Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
     Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
-    Py_ssize_t cw, const double *restrict m, const double *restrict Q,
-    const double *restrict A, const double *restrict B, const double *restrict Cc)
+    Py_ssize_t cw, const double *restrict m, const double *restrict S,
+    const double *restrict A, const double *restrict Cc)
 {
     Py_ssize_t n, c, l0, l1, i;
     for (n = e0 / L; n * L < e1; n++) {
@@ -255,16 +245,17 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            const double mc = m[c], a = A[c], bq = B[c] * Q[c], cc = Cc[c];
+            const double mc = m[c], sc = S[c], cc = Cc[c];
             if (dy == NULL) {
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(bq * ((double)zp[i] - mc) + cc);
+                    op[i] = (BN_T)(sc * ((double)zp[i] - mc) + cc);
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
+                const double a = A[c];
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + bq * ((double)zp[i] - mc));
+                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + sc * ((double)zp[i] - mc));
             }
         }
     }
