@@ -100,7 +100,22 @@ def build_report():
         "build flags: %s" % _kernels.build_flags(),
         "OpenMP runtime: %s" % openmp_runtime(),
         "SIMD: %s; this CPU runs %s" % (_kernels.simd_targets(), simd_clone()),
+        "caches: %s; plans assume an L3 of %s (narrow fused tasks %s)" % (
+            cache_report(), _kib(_kernels.L3_BYTES),
+            "on" if _kernels.BIG_TASK_INPUT_BYTES else "off"),
     ]
+
+
+def _kib(n):
+    if not n:
+        return "unknown size"
+    return "%d MiB" % (n >> 20) if n % (1 << 20) == 0 else "%d KiB" % (n >> 10)
+
+
+def cache_report():
+    """L2 and L3 sizes one core sees, as detected."""
+    l2, l3 = _kernels.cache_bytes()
+    return "L2 %s, L3 %s" % (_kib(l2), _kib(l3))
 
 
 def _median_time(fn, repeat):

@@ -19,7 +19,7 @@ CASES = [
     ((2, 3, 400, 400), 1, np.float64),
     ((2, 2, 1024, 1024), 1, np.float32),  # planes longer than any one task
     ((64, 1000), 1, np.float64),         # rows, many channel blocks
-    ((1024, 2048), 1, np.float32),       # 8 MiB rows in narrow blocks: output faulted in first
+    ((1024, 2048), 1, np.float32),       # 8 MiB of rows, several blocks: output faulted in first
     ((8, 40, 40, 96), -1, np.float32),   # channels-last, chunked rows
 ]
 IDS = ["%s-axis%d-%s" % ("x".join(map(str, s)), a, np.dtype(d).name) for s, a, d in CASES]

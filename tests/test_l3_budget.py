@@ -1,0 +1,110 @@
+"""The L3 size the plans assume: detected, or pinned with BNKERNELS_L3_BYTES.
+
+Narrow fused rows tasks (blocks of NARROW_BLOCK_COLUMNS columns of all rows, whose second
+sweep reads L3) are planned only where the L3 has 32 MiB or more.  Which machine runs the
+suite decides whether the other tests reach them, so they run here in child processes
+with the L3 size pinned both ways.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bnkernels import _kernels
+
+MiB = 1 << 20
+
+
+def _child(code, l3):
+    env = dict(os.environ)
+    if l3 is None:
+        env.pop("BNKERNELS_L3_BYTES", None)
+    else:
+        env["BNKERNELS_L3_BYTES"] = str(l3)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+PLAN = """
+    import json
+    from bnkernels import _kernels
+    print(json.dumps([_kernels.L3_BYTES, _kernels.BIG_TASK_INPUT_BYTES,
+                      _kernels.rows_plan(2048, 1024, 4, 2), _kernels.rows_plan(4096, 1024, 4, 1)]))
+"""
+
+
+@pytest.mark.parametrize("l3", [32 * MiB, 64 * MiB])
+def test_large_l3_plans_narrow_fused_tasks(l3):
+    got_l3, big, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
+    assert got_l3 == l3 and big == 4 * MiB
+    # all rows of a narrow block in one task: one chunk
+    assert bwd == [_kernels.NARROW_BLOCK_COLUMNS, 1024 // _kernels.NARROW_BLOCK_COLUMNS, 2048, 1]
+    assert fwd[0] == _kernels.NARROW_BLOCK_COLUMNS and fwd[3] == 1
+
+
+@pytest.mark.parametrize("l3", [0, 8 * MiB, 32 * MiB - 1])
+def test_smaller_l3_plans_chunked_full_rows(l3):
+    got_l3, big, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
+    assert got_l3 == l3 and big == 0
+    for cb, n_blocks, _chunk, n_chunks in (bwd, fwd):
+        assert cb == 1024 and n_blocks == 1 and n_chunks > 1
+
+
+def test_unset_means_detected():
+    got_l3, big, _, _ = json.loads(_child(PLAN, None).stdout)
+    assert got_l3 == _kernels.cache_bytes()[1]
+    assert big == (4 * MiB if got_l3 >= 32 * MiB else 0)
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "1.5e6"])
+def test_bad_value_is_ignored_with_a_warning(bad):
+    proc = _child(PLAN, bad)
+    got_l3 = json.loads(proc.stdout)[0]
+    assert got_l3 == _kernels.cache_bytes()[1]
+    assert "BNKERNELS_L3_BYTES" in proc.stderr and "RuntimeWarning" in proc.stderr
+
+
+RESULTS = """
+    import numpy as np
+    import bnkernels
+    from bnkernels import _kernels, reference
+
+    def rel(a, b):
+        return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+    rng = np.random.default_rng(5)
+    for shape, dtype, tol in [((2048, 1024), np.float32, 1e-5), ((1024, 700), np.float64, 1e-12),
+                              ((600, 24, 7, 7), np.float32, 1e-5)]:
+        x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        C = shape[1]
+        g = rng.uniform(0.5, 1.5, C).astype(dtype)
+        b = rng.standard_normal(C).astype(dtype)
+        outs = []
+        for nt in (1, 2, 3):
+            out, cache = bnkernels.forward(x, g, b, {"mode": "train"})
+            grads = bnkernels.backward(dy, cache, num_threads=nt)
+            outs.append((out,) + tuple(grads))
+        for other in outs[1:]:
+            assert all(np.array_equal(u, v) for u, v in zip(outs[0], other)), shape
+        ref_out, ref_cache = reference.forward(x.astype(np.float64), g.astype(np.float64),
+                                               b.astype(np.float64), {"mode": "train"})
+        ref = reference.backward_alt(dy.astype(np.float64), ref_cache)
+        errs = [rel(outs[0][0], ref_out)] + [rel(u, v) for u, v in zip(outs[0][1:], ref)]
+        assert max(errs) < tol, (shape, errs)
+    print(_kernels.BIG_TASK_INPUT_BYTES)
+"""
+
+
+@pytest.mark.parametrize("l3", [32 * MiB, 8 * MiB])
+def test_results_either_way(l3):
+    # (2048, 1024) float32 and (1024, 700) float64 run in narrow fused tasks with a 32 MiB
+    # L3 and in chunked full rows with an 8 MiB one; (600, 24, 7, 7) as rows of C*L columns
+    big = int(_child(RESULTS, l3).stdout)
+    assert big == (4 * MiB if l3 >= 32 * MiB else 0)
