@@ -244,6 +244,8 @@ cdef Py_ssize_t _big_task_bytes(Py_ssize_t l3):
 # never on the thread count
 L3_BYTES = _l3_bytes()
 cdef Py_ssize_t BIG_TASK_BYTES = _big_task_bytes(L3_BYTES)
+# input bytes of a planar channel block whose two sweeps may run back to back from L3
+cdef Py_ssize_t L3_SHARE_BYTES = L3_BYTES // 4
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
@@ -458,6 +460,20 @@ cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
         invstd_out[c] = 1.0 / (sqrt(var) + eps)
     else:
         invstd_out[c] = 1.0 / sqrt(var + eps)
+
+
+cdef inline void _fwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunks,
+                            Py_ssize_t chunk, Py_ssize_t C, Py_ssize_t E, double eps, bint std_mode,
+                            double *mean, double *var, double *invstd) noexcept nogil:
+    """Channel c's statistics from its planar chunks' (mean, M2) in part, merged in order."""
+    cdef double n_a = min(chunk, E)
+    cdef double mean_a = part[c]
+    cdef double m2_a = part[n_chunks * C + c]
+    cdef Py_ssize_t ci
+    for ci in range(1, n_chunks):
+        _chan_merge(&n_a, &mean_a, &m2_a, min(chunk, E - ci * chunk),
+                    part[ci * C + c], part[(n_chunks + ci) * C + c])
+    _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, mean, var, invstd)
 
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
@@ -831,7 +847,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef double *part
     cdef Span sp
     cdef int tid
-    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
+    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci, bi
     cdef double s_dy, s_zm
     if A == NULL:
         return -1
@@ -854,6 +870,32 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                     _bwd_coefs(c, part[c], part[C + c], cf, inv_m, dgamma, dbeta, A, S, Cc)
                 _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
                               sdxn, sdxc, L, e0, e1, cw, m + c0, S + c0, A + c0, Cc + c0)
+    elif p.n_blocks >= 4 * nt and E * <Py_ssize_t>sizeof(floating) * 2 * p.cb <= L3_SHARE_BYTES:
+        # Channels too long for one L2-sized task but short enough for a share of L3: each
+        # thread takes whole channels and runs both sweeps of one back to back, the second
+        # reading L3, not memory.  The same chunk partials, combined in the same order as
+        # below: the same bits.
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for bi in range(_share(p.n_blocks, tid, nt), _share(p.n_blocks, tid + 1, nt)):
+                for ci in range(p.n_chunks):
+                    sp = _task(&p, bi * p.n_chunks + ci, C, E)
+                    _plane_sums(z + sp.c0 * szc, dy + sp.c0 * sdyc, szn, szc, sdyn, sdyc, L,
+                                sp.i0, sp.i1, sp.cw, m + sp.c0,
+                                part + ci * C + sp.c0, part + (p.n_chunks + ci) * C + sp.c0)
+                for c in range(bi * p.cb, min(C, bi * p.cb + p.cb)):
+                    s_dy = 0.0
+                    s_zm = 0.0
+                    for ci in range(p.n_chunks):
+                        s_dy = s_dy + part[ci * C + c]
+                        s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
+                    _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
+                t = bi * p.n_chunks + p.n_chunks - 1
+                while t >= bi * p.n_chunks:
+                    sp = _task(&p, t, C, E)
+                    c0 = sp.c0
+                    _plane_affine(z + c0 * szc, dy + c0 * sdyc, dx + c0 * sdxc, szn, szc, sdyn, sdyc,
+                                  sdxn, sdxc, L, sp.i0, sp.i1, sp.cw, m + c0, S + c0, A + c0, Cc + c0)
+                    t = t - 1
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -899,8 +941,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     cdef double *scale
     cdef Span sp
     cdef int tid
-    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci
-    cdef double n_a, mean_a, m2_a
+    cdef Py_ssize_t t, c0, cw, e0, e1, c, ci, bi
     if part == NULL:
         return -1
     # part: [n_chunks, C] means, [n_chunks, C] M2, [n_chunks, C] scratch; scale = gamma*invstd
@@ -940,6 +981,27 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                     scale[c] = gamma[c] * invstd[c]
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
                               soutn, soutc, L, e0, e1, cw, mean + c0, scale + c0, NULL, beta + c0)
+    elif p.n_blocks >= 4 * nt and E * <Py_ssize_t>sizeof(floating) * p.cb <= L3_SHARE_BYTES:
+        # whole channels per thread, both sweeps back to back (as in _plane_backward): the
+        # same chunk statistics merged in the same order as below
+        for tid in prange(nt, schedule='static', num_threads=nt):
+            for bi in range(_share(p.n_blocks, tid, nt), _share(p.n_blocks, tid + 1, nt)):
+                for ci in range(p.n_chunks):
+                    sp = _task(&p, bi * p.n_chunks + ci, C, E)
+                    _plane_moments(x + sp.c0 * sxc, sxn, sxc, L, sp.i0, sp.i1, sp.cw,
+                                   part + ci * C + sp.c0, part + (p.n_chunks + ci) * C + sp.c0,
+                                   part + (2 * p.n_chunks + ci) * C + sp.c0)
+                for c in range(bi * p.cb, min(C, bi * p.cb + p.cb)):
+                    _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, mean, var, invstd)
+                    scale[c] = gamma[c] * invstd[c]
+                t = bi * p.n_chunks + p.n_chunks - 1
+                while t >= bi * p.n_chunks:
+                    sp = _task(&p, t, C, E)
+                    c0 = sp.c0
+                    _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc,
+                                  0, 0, soutn, soutc, L, sp.i0, sp.i1, sp.cw, mean + c0, scale + c0,
+                                  NULL, beta + c0)
+                    t = t - 1
     else:
         for tid in prange(nt, schedule='static', num_threads=nt):
             for t in range(_share(p.n_tasks, tid, nt), _share(p.n_tasks, tid + 1, nt)):
@@ -953,13 +1015,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                                part + (p.n_chunks + ci) * C + c0,
                                part + (2 * p.n_chunks + ci) * C + c0)
         for c in range(C):
-            n_a = min(p.chunk, E)
-            mean_a = part[c]
-            m2_a = part[p.n_chunks * C + c]
-            for ci in range(1, p.n_chunks):
-                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, E - ci * p.chunk),
-                            part[ci * C + c], part[(p.n_chunks + ci) * C + c])
-            _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, mean, var, invstd)
+            _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, mean, var, invstd)
             scale[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
