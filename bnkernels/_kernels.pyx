@@ -19,13 +19,16 @@ Fused: when one task holds all of its channels' data, it does the sums, the
 per-channel coefficients and the output in one go while the data is cached, so
 memory sees one read of each input and one write.  Tall rows data that cannot
 give an L2-sized task a wide block gets narrow blocks (NARROW_BLOCK_ELEMS
-columns) of all rows, up to an L3 share (BIG_TASK_BYTES).  Otherwise (very tall data)
-tasks write partial sums, which are combined per channel in chunk order, and a
-second sweep writes the output, each thread walking its tasks backwards so the
-last data it read is still in cache.
+columns) of all rows, up to an L3 share (BIG_TASK_BYTES), where the L3 is large.
+Otherwise (very tall data) tasks write partial sums, which are combined per
+channel in chunk order, and a second sweep writes the output row by row, each
+thread walking its tasks backwards so the last data it read is still in cache.
+Planar channels split into chunks but within a quarter of the L3 are instead
+taken whole by one thread, both sweeps back to back (same partials, same order).
 
-Tasks depend on the shape and dtype only, never on the thread count, and every
-sum runs in a fixed order: results are bitwise identical for any ``n_threads``.
+Tasks depend on the shape, the dtype and the L3 size (L3_BYTES, fixed at load),
+never on the thread count, and every sum runs in a fixed order: results are
+bitwise identical for any ``n_threads``.
 Sums are float64 for both dtypes, and ``x - mean`` is formed in float64, which
 keeps float32 inputs with large offsets accurate.
 
