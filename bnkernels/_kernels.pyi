@@ -10,12 +10,14 @@ import numpy as np
 CHANNEL_BLOCK_BYTES: int  # narrowest channel block of a fused rows task, bytes
 TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2)
 NARROW_BLOCK_COLUMNS: int  # columns of a narrow fused rows block (tall data)
-BIG_TASK_INPUT_BYTES: int  # input bytes of a narrow fused rows task at most (4 MiB if L3_BYTES >= 32 MiB, else 0)
-L3_BYTES: int  # L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs/sysconf; 0: unknown
+# input bytes of a narrow fused rows task at most: 4 MiB if L3_BYTES >= 32 MiB, else 0 (none)
+BIG_TASK_INPUT_BYTES: int
+# the L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs, else sysconf; 0: unknown
+L3_BYTES: int
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...  # omp_get_max_threads(); 1 for a serial build
-def cache_bytes() -> tuple[int, int]: ...  # (L2, L3) bytes one core sees (sysfs, else sysconf); 0: unknown
+def cache_bytes() -> tuple[int, int]: ...  # (L2, L3) bytes one core sees; 0: unknown
 def build_flags() -> str: ...
 def simd_targets() -> str: ...
 def rows_plan(
