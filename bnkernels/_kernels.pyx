@@ -191,30 +191,49 @@ cdef enum:
     PAGE_BYTES = 4096
 
 
-def _cache_bytes(int level):
-    """Bytes of the level-2 or level-3 cache one core sees: Linux's sysfs, which gives the
-    share a core's group has (the C library may report a whole package's L3), else the C
-    library; 0 if neither knows."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
+_MAX_CACHE_BYTES = 1 << 62   # anything larger is not a cache size (and would not fit Py_ssize_t)
+
+
+def _sysfs_size(text):
+    """Bytes of a sysfs cache size such as '512K' or '8192K'; None if it is not one."""
+    text = text.strip()
+    unit = 1
+    for suffix, bytes_ in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if text.endswith(suffix):
+            unit = bytes_
+            text = text[:len(text) - 1]
+    if not text.isdigit():
+        return None
+    value = int(text) * unit
+    return value if 0 < value <= _MAX_CACHE_BYTES else None
+
+
+def _cache_bytes(int level, base="/sys/devices/system/cpu/cpu0/cache"):
+    """Bytes of the level-2 or level-3 cache one core sees; 0 if unknown.
+
+    Linux's sysfs (``base``) gives the share of a core's group (the C library may report a
+    whole package's L3); where sysfs can be read it alone decides, entries it cannot parse
+    being skipped.  The C library is asked only where there is no sysfs."""
     try:
-        for name in sorted(os.listdir(base)):
-            if not name.startswith("index"):
-                continue
+        names = sorted(os.listdir(base))
+    except OSError:
+        value = bn_cache_bytes(level)
+        return value if 0 < value <= _MAX_CACHE_BYTES else 0
+    for name in names:
+        if not name.startswith("index"):
+            continue
+        try:
             with open(os.path.join(base, name, "level")) as f:
                 lv = int(f.read())
             with open(os.path.join(base, name, "type")) as f:
                 kind = f.read().strip()
-            if lv == level and kind in ("Data", "Unified"):
-                with open(os.path.join(base, name, "size")) as f:
-                    text = f.read().strip()
-                unit = 1
-                for suffix, bytes_ in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-                    if text.endswith(suffix):
-                        unit = bytes_
-                return int(text.rstrip("KMG")) * unit
-    except (OSError, ValueError):
-        pass
-    return bn_cache_bytes(level)
+            with open(os.path.join(base, name, "size")) as f:
+                size = _sysfs_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if lv == level and kind in ("Data", "Unified") and size is not None:
+            return size
+    return 0
 
 
 def _l3_bytes():
@@ -222,14 +241,11 @@ def _l3_bytes():
     the bits, across machines), else what _cache_bytes finds."""
     text = os.environ.get("BNKERNELS_L3_BYTES", "").strip()
     if text:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value >= 0:
+        value = int(text) if text.isdigit() else -1
+        if 0 <= value <= _MAX_CACHE_BYTES:
             return value
         import warnings
-        warnings.warn("BNKERNELS_L3_BYTES=%r is not a byte count; ignored" % text,
+        warnings.warn("BNKERNELS_L3_BYTES=%r is not a byte count from 0 to 2**62; ignored" % text,
                       RuntimeWarning, stacklevel=2)
     return _cache_bytes(3)
 

@@ -145,3 +145,48 @@ def test_planar_bits_do_not_depend_on_the_l3_size():
     # the L3 size changes only which thread runs which chunk when, never the sums
     digests = {_child(PLANAR, l3).stdout.strip() for l3 in (0, 8 * MiB, 64 * MiB)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("bad", ["99999999999999999999", str(2**62 + 1)])
+def test_too_large_value_is_ignored_with_a_warning(bad):
+    proc = _child(PLAN, bad)
+    assert json.loads(proc.stdout)[0] == _kernels.cache_bytes()[1]
+    assert "BNKERNELS_L3_BYTES" in proc.stderr and "RuntimeWarning" in proc.stderr
+
+
+@pytest.mark.parametrize("text, value", [("512K", 512 << 10), ("8192K\n", 8 << 20), ("32M", 32 << 20),
+                                         ("1G", 1 << 30), ("4096", 4096), ("", None),
+                                         ("0K", None), ("-5K", None), ("8MB", None), ("1.5M", None),
+                                         ("99999999999G", None)])
+def test_sysfs_size_parsing(text, value):
+    assert _kernels._sysfs_size(text) == value
+
+
+def _fake_cache(root, entries):
+    for i, (level, kind, size) in enumerate(entries):
+        d = root / ("index%d" % i)
+        d.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            if text is not None:
+                (d / name).write_text(text + "\n")
+    return str(root)
+
+
+def test_sysfs_decides_and_bad_entries_are_skipped(tmp_path):
+    # an unreadable L1 entry must not send the lookup to the C library, whose L3 may be the
+    # whole package's
+    base = _fake_cache(tmp_path, [("1", "Data", None), ("1", "Instruction", "64K"),
+                                  ("2", "Unified", "oops"), ("3", "Unified", "8192K")])
+    assert _kernels._cache_bytes(3, base) == 8 << 20
+    assert _kernels._cache_bytes(2, base) == 0
+
+
+def test_no_l3_in_sysfs_means_unknown(tmp_path):
+    base = _fake_cache(tmp_path, [("1", "Data", "32K"), ("2", "Unified", "1024K")])
+    assert _kernels._cache_bytes(3, base) == 0
+    assert _kernels._cache_bytes(2, base) == 1 << 20
+
+
+def test_without_sysfs_the_c_library_answers(tmp_path):
+    value = _kernels._cache_bytes(3, str(tmp_path / "missing"))
+    assert isinstance(value, int) and 0 <= value <= 2**62
