@@ -182,7 +182,7 @@ cdef enum:
     MIN_BLOCK_BYTES = 1024    # narrowest channel block of a fused rows task
     SEGMENT_BYTES = 1024      # preferred width of a forward rows task's block
     WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
-    TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2
+    TASK_BYTES = 1 << 20      # input bytes of one task: its second sweep hits L2 (1-2 MiB L2s)
     NARROW_BLOCK_ELEMS = 64   # narrowest fused rows block (columns) when all rows must fit
     PAR_TASKS = 16            # forward rows: aim for this many fused tasks when the data allows
     SERIAL_ELEMS = 1 << 15    # below this many elements, one thread
@@ -255,7 +255,7 @@ cdef Py_ssize_t _big_task_bytes(Py_ssize_t l3):
     that both cores' tasks stay there between their two sweeps) where the L3 has 32 MiB
     or more; 0, no such tasks, below that or when its size is unknown.  Measured: on a
     32 MiB L3 they beat chunked full rows; on an 8 MiB one 1 MiB tasks lost to them by
-    1.4-2.7x (their strided rows alias in the caches)."""
+    1.4-2.6x in six of seven shapes (their strided rows alias in the caches)."""
     return (4 << 20) if l3 >= (32 << 20) else 0
 
 
@@ -467,6 +467,19 @@ cdef inline void _bwd_coefs(Py_ssize_t c, double sum_dy, double sum_dy_zm, const
     S[c] = b * q   # finite in float64 whatever the scale
 
 
+cdef inline void _bwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunks, Py_ssize_t C,
+                            const Coefs *cf, double inv_m, floating *dgamma, floating *dbeta,
+                            double *A, double *S, double *Cc) noexcept nogil:
+    """_bwd_coefs of channel c from its chunks' partial sums in part, added in chunk order."""
+    cdef double s_dy = 0.0
+    cdef double s_zm = 0.0
+    cdef Py_ssize_t ci
+    for ci in range(n_chunks):
+        s_dy = s_dy + part[ci * C + c]
+        s_zm = s_zm + part[(n_chunks + ci) * C + c]
+    _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
+
+
 cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
                              double eps, bint std_mode,
                              double *mean_out, double *var_out, double *invstd_out) noexcept nogil:
@@ -484,7 +497,8 @@ cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
 cdef inline void _fwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunks,
                             Py_ssize_t chunk, Py_ssize_t C, Py_ssize_t E, double eps, bint std_mode,
                             double *mean, double *var, double *invstd) noexcept nogil:
-    """Channel c's statistics from its planar chunks' (mean, M2) in part, merged in order."""
+    """Channel c's statistics from its chunks' (mean, M2) in part, merged in chunk order;
+    chunks of ``chunk`` of the channel's E elements (the last one shorter)."""
     cdef double n_a = min(chunk, E)
     cdef double mean_a = part[c]
     cdef double m2_a = part[n_chunks * C + c]
@@ -666,7 +680,6 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
     cdef Span sp
     cdef int tid, failed = 0
     cdef Py_ssize_t t, c0, cw, r0, r1, c, ci, o_z, o_dy
-    cdef double s_dy, s_zm
     if A == NULL:
         return -1
     S = A + C
@@ -699,12 +712,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
             free(scratch)
     if p.n_chunks > 1 and not failed:
         for c in range(C):
-            s_dy = 0.0
-            s_zm = 0.0
-            for ci in range(p.n_chunks):
-                s_dy = s_dy + part[ci * C + c]
-                s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
+            _bwd_merge(c, part, p.n_chunks, C, cf, inv_m, dgamma, dbeta, A, S, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
@@ -740,7 +748,6 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     cdef Span sp
     cdef int tid, failed = 0
     cdef Py_ssize_t t, c0, cw, r0, r1, c, ci
-    cdef double n_a, mean_a, m2_a
     if part == NULL:
         return -1
     # part: [n_chunks, C] chunk means, then [n_chunks, C] chunk M2; then scale = gamma*invstd
@@ -782,13 +789,8 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
             free(scratch)
     if train and p.n_chunks > 1 and not failed:
         for c in range(C):
-            n_a = min(p.chunk, R) * L
-            mean_a = part[c]
-            m2_a = part[p.n_chunks * C + c]
-            for ci in range(1, p.n_chunks):
-                _chan_merge(&n_a, &mean_a, &m2_a, min(p.chunk, R - ci * p.chunk) * L,
-                            part[ci * C + c], part[(p.n_chunks + ci) * C + c])
-            _fwd_finish(c, mean_a, m2_a, R * L, eps, std_mode, mean, var, invstd)
+            # chunks of p.chunk rows are chunks of p.chunk*L elements of each channel
+            _fwd_merge(c, part, p.n_chunks, p.chunk * L, C, R * L, eps, std_mode, mean, var, invstd)
             scale[c] = gamma[c] * invstd[c]
         for tid in prange(nt, schedule='static', num_threads=nt):
             scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
@@ -867,7 +869,6 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef Span sp
     cdef int tid
     cdef Py_ssize_t t, c0, cw, e0, e1, c, ci, bi
-    cdef double s_dy, s_zm
     if A == NULL:
         return -1
     S = A + C
@@ -902,12 +903,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                                 sp.i0, sp.i1, sp.cw, m + sp.c0,
                                 part + ci * C + sp.c0, part + (p.n_chunks + ci) * C + sp.c0)
                 for c in range(bi * p.cb, min(C, bi * p.cb + p.cb)):
-                    s_dy = 0.0
-                    s_zm = 0.0
-                    for ci in range(p.n_chunks):
-                        s_dy = s_dy + part[ci * C + c]
-                        s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-                    _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
+                    _bwd_merge(c, part, p.n_chunks, C, cf, inv_m, dgamma, dbeta, A, S, Cc)
                 t = bi * p.n_chunks + p.n_chunks - 1
                 while t >= bi * p.n_chunks:
                     sp = _task(&p, t, C, E)
@@ -927,12 +923,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
                 _plane_sums(z + c0 * szc, dy + c0 * sdyc, szn, szc, sdyn, sdyc, L, e0, e1, cw, m + c0,
                             part + ci * C + c0, part + (p.n_chunks + ci) * C + c0)
         for c in range(C):
-            s_dy = 0.0
-            s_zm = 0.0
-            for ci in range(p.n_chunks):
-                s_dy = s_dy + part[ci * C + c]
-                s_zm = s_zm + part[(p.n_chunks + ci) * C + c]
-            _bwd_coefs(c, s_dy, s_zm, cf, inv_m, dgamma, dbeta, A, S, Cc)
+            _bwd_merge(c, part, p.n_chunks, C, cf, inv_m, dgamma, dbeta, A, S, Cc)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):
