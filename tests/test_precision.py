@@ -192,3 +192,57 @@ def test_huge_values_in_test_mode(layout):
     for w in (want[0],) + tuple(want[2]):
         assert np.all(np.abs(w) < np.finfo(np.float32).max)
     check_all(got, want)
+
+
+# The float32 forward output is computed in float64 and rounded once: within half an ulp of
+# the exact value (2**-24 relative), up to float64's own error (1e-9 of the terms here).
+_F32_REGIMES = {  # (loc, std) of the data
+    "unit": (0.0, 1.0),
+    "offset1e4": (1e4, 1.0),
+    "offset1e4-var1e-3": (1e4, 1e-3**0.5),
+    "spread-near-resolution": (1e4, 3 * np.spacing(np.float32(1e4))),
+    "offset-3e4-std1e3": (-3e4, 1e3),
+    "huge": (3e24, 1e18),  # variance 1e36: the running variance still fits float32
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+@pytest.mark.parametrize("regime", list(_F32_REGIMES))
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_float32_forward_output_is_rounded_once(layout, regime, mode):
+    shape, axis = SHAPES[layout]
+    loc, std = _F32_REGIMES[regime]
+    C = shape[axis]
+    rng = np.random.default_rng(21)
+    x = (loc + std * rng.standard_normal(shape)).astype(np.float32)
+    gamma = rng.uniform(-2, 2, C).astype(np.float32)
+    beta = (rng.standard_normal(C) * 3).astype(np.float32)
+    param = {"mode": mode}
+    if mode == "test":
+        param["running_mean"] = (loc + std * rng.standard_normal(C)).astype(np.float32)
+        param["running_var"] = (std**2 * rng.uniform(0.5, 2, C)).astype(np.float32)
+    ref_param = {k: (f64(v) if isinstance(v, np.ndarray) else v) for k, v in param.items()}
+    out, _ = bnkernels.forward(x, gamma, beta, param, axis=axis)
+    want, _ = reference.forward(f64(x), f64(gamma), f64(beta), ref_param, axis=axis)
+    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    b = f64(beta).reshape(bshape)
+    bound = 2.0**-24 * np.abs(want) + 1e-9 * (np.abs(want - b) + np.abs(b))
+    err = np.abs(f64(out) - want)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), "error %g > bound %g at %s" % (err[worst], bound[worst], worst)
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_values_whose_deviation_overflows_float32(layout):
+    # x = +-3e38: x - mean reaches 4.5e38, beyond float32, while xhat (about +-1.7) is small
+    shape, axis = SHAPES[layout]
+    C = shape[axis]
+    rng = np.random.default_rng(22)
+    x = np.where(rng.random(shape) < 0.25, 3e38, -3e38).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    with np.errstate(over="ignore"):  # the running variance (~1e77) does not fit float32
+        got, want = run_both(x, dy, axis, "var")
+    for name, w in [("out", want[0]), ("dx", want[2][0]), ("dgamma", want[2][1]),
+                    ("dbeta", want[2][2])]:
+        assert np.all(np.isfinite(w)), name
+    check_all(got, want)
