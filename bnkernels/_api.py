@@ -87,6 +87,18 @@ def _f64(v):
     return np.ascontiguousarray(v, dtype=np.float64)
 
 
+def _running(running, stat, momentum):
+    """momentum*running + (1 - momentum)*stat, a new array of running's dtype; the kernel
+    module gives the same bits as this NumPy expression in one call instead of five, and
+    leaves results that are not finite to NumPy (its overflow warnings, its errstate)."""
+    if (type(running) is np.ndarray and running.dtype in _KERNEL_DTYPES
+            and running.flags.c_contiguous):
+        new = _kernels.running_update(running, stat, momentum)
+        if new is not None:
+            return new
+    return (momentum * running + (1 - momentum) * stat).astype(running.dtype, copy=False)
+
+
 def _to_layout(arrays, axis):
     """Layout shared by arrays[-1] (the output, compact) and the inputs, copying inputs that
     do not fit.  Returns (layout, arrays) or (None, arrays) if even the output does not fit."""
@@ -249,10 +261,8 @@ def forward(
         np.moveaxis(out, ax, 1)[...] = outk
 
     if train:
-        bn_param["running_mean"] = (momentum * running_mean + (1 - momentum) * mean).astype(
-            running_mean.dtype, copy=False)
-        bn_param["running_var"] = (momentum * running_var + (1 - momentum) * var).astype(
-            running_var.dtype, copy=False)
+        bn_param["running_mean"] = _running(running_mean, mean, momentum)
+        bn_param["running_var"] = _running(running_var, var, momentum)
     cache = {"x": x, "mean": mean, "var": var, "invstd": invstd, "gamma": gamma, "eps": eps,
              "eps_mode": eps_mode, "mode": mode, "axis": ax}
     return out, cache

@@ -123,3 +123,8 @@ def stream_add(
     out: np.ndarray,  # floating, C-contiguous, size and dtype of a; written
     n_threads: int = ...,  # int, 0: the OpenMP default
 ) -> None: ...
+def running_update(
+    running: np.ndarray,  # float32 or float64, C-contiguous
+    stat: np.ndarray,  # float64, C-contiguous, size of running
+    momentum: float,  # double
+) -> np.ndarray | None: ...  # NumPy's momentum*running + (1-momentum)*stat; None: not finite

@@ -54,7 +54,7 @@ import os
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 cnp.import_array()
@@ -1216,3 +1216,44 @@ def stream_add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads=0):
             _stream_add(<const float *>ap, <const float *>bp, <float *>op, n, nt)
         else:
             _stream_add(<const double *>ap, <const double *>bp, <double *>op, n, nt)
+
+
+def running_update(cnp.ndarray running, cnp.ndarray stat, double momentum):
+    """momentum*running + (1 - momentum)*stat as a new array of running's dtype, rounded as
+    NumPy rounds that expression: for float32 ``running`` the first product is float32 and the
+    sum float64, rounded to float32 once (float64 throughout for float64).  ``running`` float32
+    or float64 and ``stat`` float64, both contiguous and of one length.  None if a result is
+    not finite: the caller then lets NumPy evaluate it, with the warnings (or errors) its
+    ``np.errstate`` asks for.  Saves the face five NumPy calls per vector."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(running), c
+    cdef int typ = cnp.PyArray_TYPE(running)
+    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
+        raise TypeError("running_update supports float32 and float64 running arrays")
+    if cnp.PyArray_TYPE(stat) != cnp.NPY_FLOAT64 or cnp.PyArray_SIZE(stat) != n:
+        raise TypeError("running_update needs a float64 stat of the running array's length")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(running) and cnp.PyArray_IS_C_CONTIGUOUS(stat)):
+        raise ValueError("running_update needs contiguous arrays")
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, dims, typ, 0)
+    cdef const double *s = <const double *>cnp.PyArray_DATA(stat)
+    cdef double rest = 1.0 - momentum
+    cdef float m32 = <float>momentum   # NumPy casts the Python float to the array's dtype
+    cdef const float *rf
+    cdef float *of
+    cdef const double *rd
+    cdef double *od
+    cdef bint finite = True
+    if typ == cnp.NPY_FLOAT32:
+        rf = <const float *>cnp.PyArray_DATA(running)
+        of = <float *>cnp.PyArray_DATA(out)
+        for c in range(n):
+            of[c] = <float>(<double>(m32 * rf[c]) + rest * s[c])
+            finite = finite and isfinite(of[c])
+    else:
+        rd = <const double *>cnp.PyArray_DATA(running)
+        od = <double *>cnp.PyArray_DATA(out)
+        for c in range(n):
+            od[c] = momentum * rd[c] + rest * s[c]
+            finite = finite and isfinite(od[c])
+    return out if finite else None

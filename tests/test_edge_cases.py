@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bnkernels
-from bnkernels import reference
+from bnkernels import _kernels, reference
 from bnhelpers import (as_layout, assert_close, channel_shape, make_inputs,
                        numerical_gradient, reference64, rel_error, stride_order)
 
@@ -498,6 +498,80 @@ def test_running_stats_created_and_updated(shape, axis, dtype):
     np.testing.assert_allclose(bn_param["running_var"].astype(np.float64),
                                0.5 * rv.astype(np.float64) + 0.5 * x2_64.var(axis=red),
                                rtol=tol, atol=tol)
+
+
+def _numpy_running(running, stat, momentum):
+    """The CS231n update as NumPy evaluates it, the definition the face must match."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (momentum * running + (1 - momentum) * stat).astype(running.dtype, copy=False)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99, 0.1, 0.0, 1.0, 1 / 3])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
+def test_running_update_is_numpys_expression_bitwise(dtype, momentum):
+    rng = np.random.default_rng(19)
+    big = 1e38 if dtype == np.float32 else 1e300
+    for exp in (-300, -40, -1, 0, 5, 30, 300):
+        running = (rng.standard_normal(37) * 10.0 ** min(exp, 30)).astype(dtype)
+        stat = np.clip(rng.standard_normal(37) * 10.0**exp, -big, big)
+        stat[0] = 1e-45   # a float32 subnormal
+        got = _kernels.running_update(running, stat, momentum)
+        want = _numpy_running(running, stat, momentum)
+        assert got.dtype == want.dtype and got is not running
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), exp
+    # a result that is not finite (inf, NaN, beyond float32) is left to NumPy
+    for bad in (np.inf, np.nan, 4e38):
+        stat = np.ones(5)
+        stat[2] = bad
+        want = _numpy_running(np.ones(5, dtype), stat, momentum)
+        got = _kernels.running_update(np.ones(5, dtype), stat, momentum)
+        assert got is None if not np.all(np.isfinite(want)) else np.array_equal(got, want)
+
+
+def test_running_stats_overflow_warns_as_numpy_does():
+    x = np.array([[3e38], [-3e38], [-3e38], [-3e38]], np.float32)
+    p = {"mode": "train"}
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        _, cache = bnkernels.forward(x, np.ones(1, np.float32), np.zeros(1, np.float32), p)
+    assert np.isinf(p["running_var"][0])
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        bnkernels.forward(x, np.ones(1, np.float32), np.zeros(1, np.float32), {"mode": "train"})
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "strided", "float64 for float32 x",
+                                  "float16", "default"])
+def test_forward_running_stats_bitwise_numpys_update(kind):
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal((50, 6)) * 3 + 1).astype(np.float32)
+    gamma, beta = np.ones(6, np.float32), np.zeros(6, np.float32)
+    base = rng.standard_normal(12)
+    running = {"contiguous": base[:6].astype(np.float32),
+               "strided": base.astype(np.float32)[::2],
+               "float64 for float32 x": base[:6].copy(),
+               "float16": base[:6].astype(np.float16),
+               "default": np.zeros(6, np.float32)}[kind]
+    p = {"mode": "train", "momentum": 0.7}
+    if kind != "default":
+        p["running_mean"], p["running_var"] = running, running + 2
+    before_mean, before_var = running.copy(), (running + 2) if kind != "default" else running
+    _, cache = bnkernels.forward(x, gamma, beta, p)
+    for name, old, stat in (("running_mean", before_mean, cache["mean"]),
+                            ("running_var", before_var, cache["var"])):
+        want = _numpy_running(old, stat, 0.7)
+        assert p[name].dtype == want.dtype, name
+        assert np.array_equal(p[name].view(np.uint8), want.view(np.uint8)), name
+
+
+def test_running_update_rejects_what_it_cannot_do():
+    r32, s = np.zeros(4, np.float32), np.zeros(4)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        _kernels.running_update(np.zeros(4, np.float16), s, 0.9)
+    with pytest.raises(TypeError, match="float64 stat"):
+        _kernels.running_update(r32, s.astype(np.float32), 0.9)
+    with pytest.raises(TypeError, match="float64 stat"):
+        _kernels.running_update(r32, np.zeros(5), 0.9)
+    with pytest.raises(ValueError, match="contiguous"):
+        _kernels.running_update(np.zeros(8, np.float32)[::2], s, 0.9)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
