@@ -14,6 +14,9 @@ NARROW_BLOCK_COLUMNS: int  # columns of a narrow fused rows block (tall data)
 BIG_TASK_INPUT_BYTES: int
 # the L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs, else sysconf; 0: unknown
 L3_BYTES: int
+# float64 outputs of at least this many bytes are written with streaming stores: L3_BYTES,
+# or 32 MiB where that is 0 (unknown); the results are the same either way
+STREAM_OUTPUT_BYTES: int
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...  # omp_get_max_threads(); 1 for a serial build

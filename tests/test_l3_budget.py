@@ -190,3 +190,44 @@ def test_no_l3_in_sysfs_means_unknown(tmp_path):
 def test_without_sysfs_the_c_library_answers(tmp_path):
     value = _kernels._cache_bytes(3, str(tmp_path / "missing"))
     assert isinstance(value, int) and 0 <= value <= 2**62
+
+
+STREAMED = """
+    import hashlib
+    import numpy as np
+    import bnkernels
+    from bnkernels import _kernels
+
+    digest = hashlib.sha256()
+    rng = np.random.default_rng(7)
+    # float64 (the dtype that streams): rows of odd widths (tasks start mid-line), rows in
+    # chunks, NCHW planes whose runs are not whole lines, channels-last; both modes
+    for shape, axis in [((300, 37), 1), ((5000, 203), 1), ((3, 5, 41, 43), 1),
+                        ((2, 3, 300, 301), 1), ((6, 9, 11, 13), -1)]:
+        x = rng.standard_normal(shape) * 3 - 1
+        dy = rng.standard_normal(shape)
+        C = shape[axis]
+        g, b = rng.uniform(0.5, 1.5, C), rng.standard_normal(C)
+        for nt in (1, 2):
+            out, cache = bnkernels.forward(x, g, b, {"mode": "train"}, axis=axis)
+            dx, dgamma, dbeta = bnkernels.backward(dy, cache, num_threads=nt)
+            p = {"mode": "test", "running_mean": cache["mean"], "running_var": cache["var"]}
+            out_test, _ = bnkernels.forward(x, g, b, p, axis=axis)
+            for a in (out, dx, dgamma, dbeta, out_test):
+                digest.update(np.ascontiguousarray(a).tobytes())
+    print(_kernels.STREAM_OUTPUT_BYTES, digest.hexdigest())
+"""
+
+
+def test_streaming_stores_give_the_same_bits():
+    # BNKERNELS_L3_BYTES=1: every float64 output is written with streaming stores; 16 MiB:
+    # none of these is
+    (on, d_on), (off, d_off) = (_child(STREAMED, l3).stdout.split() for l3 in (1, 16 * MiB))
+    assert (int(on), int(off)) == (1, 16 * MiB)
+    assert d_on == d_off
+
+
+def test_stream_threshold_is_the_l3_size():
+    code = "from bnkernels import _kernels; print(_kernels.STREAM_OUTPUT_BYTES)"
+    assert int(_child(code, 8 * MiB).stdout) == 8 * MiB
+    assert int(_child(code, 0).stdout) == 32 * MiB   # unknown L3
