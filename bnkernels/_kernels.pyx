@@ -25,6 +25,8 @@ channel in chunk order, and a second sweep writes the output row by row, each
 thread walking its tasks backwards so the last data it read is still in cache.
 Planar channels split into chunks but within a quarter of the L3 are instead
 taken whole by one thread, both sweeps back to back (same partials, same order).
+float64 outputs of STREAM_OUTPUT_BYTES (the L3 size) or more are written with
+streaming stores, which neither read the lines first nor evict the inputs.
 
 Tasks depend on the shape, the dtype and the L3 size (L3_BYTES, fixed at load),
 never on the thread count, and every sum runs in a fixed order: results are

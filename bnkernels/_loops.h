@@ -1,6 +1,7 @@
 /* Innermost loops of the batch-norm kernels, included by _kernels.pyx once per dtype.
  *
- * Before including, define BN_T (float or double) and BN_FN(name) (a suffix per dtype).
+ * Before including, define BN_T (float or double) and BN_FN(name) (a suffix per dtype),
+ * and BN_F64 for double (its output sweeps can use streaming stores).
  * The loops are C so they can say what Cython cannot: `restrict` (inputs, outputs and
  * accumulators never alias) and `omp simd` (vectorize this loop).  Reductions over a
  * contiguous run keep BN_LANES independent float64 accumulators, one per vector lane,
@@ -10,8 +11,8 @@
  * -ffp-contract=off all of them give bitwise the same results.
  *
  * Conventions: z is x (or xhat for a seed-style cache) and m its per-channel shift.
- * Everything is computed in float64 (z - m too) and rounded once when stored.  Pointers are already offset to the task's
- * first channel; strides are in elements.
+ * Everything is computed in float64 (z - m too) and rounded once when stored.  Pointers are
+ * already offset to the task's first channel; strides are in elements.
  */
 
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
