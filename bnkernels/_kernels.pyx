@@ -279,6 +279,12 @@ cdef Py_ssize_t L3_SHARE_BYTES = L3_BYTES // 4
 STREAM_OUTPUT_BYTES = L3_BYTES if L3_BYTES > 0 else 32 << 20
 cdef Py_ssize_t STREAM_BYTES = STREAM_OUTPUT_BYTES
 
+
+cdef inline bint _streams(Py_ssize_t n_elems, Py_ssize_t itemsize) noexcept nogil:
+    """Whether an output of n_elems writes with streaming stores: float64 from STREAM_BYTES
+    (float32 sweeps are bound by their conversions; streaming measured no gain there)."""
+    return itemsize == 8 and n_elems * itemsize >= STREAM_BYTES
+
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
 NARROW_BLOCK_COLUMNS = NARROW_BLOCK_ELEMS
@@ -494,8 +500,11 @@ cdef inline void _bwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunk
 
 
 cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
-                             double eps, bint std_mode,
-                             double *mean_out, double *var_out, double *invstd_out) noexcept nogil:
+                             double eps, bint std_mode, const double *gamma,
+                             double *mean_out, double *var_out, double *invstd_out,
+                             double *scale_out) noexcept nogil:
+    """Channel c's mean, var, invstd from its mean and M2 over M elements, and the output's
+    slope gamma*invstd."""
     cdef double var = m2 / M
     if var < 0.0:
         var = 0.0
@@ -505,11 +514,13 @@ cdef inline void _fwd_finish(Py_ssize_t c, double mean, double m2, Py_ssize_t M,
         invstd_out[c] = 1.0 / (sqrt(var) + eps)
     else:
         invstd_out[c] = 1.0 / sqrt(var + eps)
+    scale_out[c] = gamma[c] * invstd_out[c]
 
 
 cdef inline void _fwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunks,
                             Py_ssize_t chunk, Py_ssize_t C, Py_ssize_t E, double eps, bint std_mode,
-                            double *mean, double *var, double *invstd) noexcept nogil:
+                            const double *gamma, double *mean, double *var, double *invstd,
+                            double *scale) noexcept nogil:
     """Channel c's statistics from its chunks' (mean, M2) in part, merged in chunk order;
     chunks of ``chunk`` of the channel's E elements (the last one shorter)."""
     cdef double n_a = min(chunk, E)
@@ -519,7 +530,7 @@ cdef inline void _fwd_merge(Py_ssize_t c, const double *part, Py_ssize_t n_chunk
     for ci in range(1, n_chunks):
         _chan_merge(&n_a, &mean_a, &m2_a, min(chunk, E - ci * chunk),
                     part[ci * C + c], part[(n_chunks + ci) * C + c])
-    _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, mean, var, invstd)
+    _fwd_finish(c, mean_a, m2_a, E, eps, std_mode, gamma, mean, var, invstd, scale)
 
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
@@ -649,10 +660,8 @@ cdef void _rows_task_affine(const floating *z, const floating *dy, floating *out
     _spread(Cc, cw, L, scratch + 2 * cols)
     if dy != NULL:
         _spread(A, cw, L, scratch + 3 * cols)
-    # NCHW planes taken as rows do not stream: NCHW 7x7 float64 measured 1.14-1.26x slower
-    # with two threads (faster with one), where (N, C) and NHWC rows gained
     _rows_affine(z, dy, out, sz, sdy, sout, nrows, cols, scratch, scratch + cols,
-                 scratch + 3 * cols, scratch + 2 * cols, False)
+                 scratch + 3 * cols, scratch + 2 * cols, stream)
 
 
 cdef void _rows_task_moments(const floating *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
@@ -686,7 +695,9 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                         const Coefs *cf, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 2)
     cdef int nt = _n_threads(n_threads, p.n_tasks, R * C * L)
-    cdef bint stream = R * C * L * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    # NCHW planes taken as rows (L > 1) do not stream: NCHW 7x7 float64 measured 1.14-1.26x
+    # slower with two threads (faster with one), where (N, C) and NHWC rows gained
+    cdef bint stream = L == 1 and _streams(R * C, sizeof(floating))
     cdef double inv_m = 1.0 / (R * L)
     cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
@@ -759,7 +770,9 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef bint stream = R * C * L * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    # NCHW planes taken as rows (L > 1) do not stream: NCHW 7x7 float64 measured 1.14-1.26x
+    # slower with two threads (faster with one), where (N, C) and NHWC rows gained
+    cdef bint stream = L == 1 and _streams(R * C, sizeof(floating))
     cdef double *part = <double *>malloc((2 * p.n_chunks + 1) * C * sizeof(double))
     cdef double *scale
     cdef double *scratch
@@ -797,9 +810,8 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
                                        scratch)
                 if train and p.n_chunks == 1:
                     for c in range(c0, c0 + cw):
-                        _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode,
-                                    mean, var, invstd)
-                        scale[c] = gamma[c] * invstd[c]
+                        _fwd_finish(c, part[c], part[C + c], R * L, eps, std_mode, gamma,
+                                    mean, var, invstd, scale)
                 if not train or p.n_chunks == 1:
                     _rows_task_affine(x + r0 * sx + c0 * L, <const floating *>NULL,
                                       out + r0 * sout + c0 * L, sx, 0, sout, r1 - r0, cw, L,
@@ -808,8 +820,8 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     if train and p.n_chunks > 1 and not failed:
         for c in range(C):
             # chunks of p.chunk rows are chunks of p.chunk*L elements of each channel
-            _fwd_merge(c, part, p.n_chunks, p.chunk * L, C, R * L, eps, std_mode, mean, var, invstd)
-            scale[c] = gamma[c] * invstd[c]
+            _fwd_merge(c, part, p.n_chunks, p.chunk * L, C, R * L, eps, std_mode, gamma, mean,
+                       var, invstd, scale)
         for tid in prange(nt, schedule='static', num_threads=nt):
             scratch = <double *>malloc(SCRATCH * p.cb * L * sizeof(double))
             if scratch == NULL:
@@ -878,7 +890,7 @@ cdef int _plane_backward(const floating *z, const floating *dy, floating *dx,
     cdef Py_ssize_t E = N * L
     cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 2)
     cdef int nt = _n_threads(n_threads, p.n_tasks, E * C)
-    cdef bint stream = E * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = _streams(E * C, sizeof(floating))
     cdef double inv_m = 1.0 / E
     cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
@@ -966,7 +978,7 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
     cdef Py_ssize_t E = N * L
     cdef Plan p = _planar_plan(N, C, L, sizeof(floating), 1)
     cdef int nt
-    cdef bint stream = E * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = _streams(E * C, sizeof(floating))
     cdef double *part = <double *>malloc((3 * p.n_chunks + 1) * C * sizeof(double))
     cdef double *scale
     cdef Span sp
@@ -1007,8 +1019,8 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                 e1 = sp.i1
                 _plane_moments(x + c0 * sxc, sxn, sxc, L, e0, e1, cw, mean + c0, var + c0, part + c0)
                 for c in range(c0, c0 + cw):
-                    _fwd_finish(c, mean[c], var[c], E, eps, std_mode, mean, var, invstd)
-                    scale[c] = gamma[c] * invstd[c]
+                    _fwd_finish(c, mean[c], var[c], E, eps, std_mode, gamma, mean, var, invstd,
+                                scale)
                 _plane_affine(x + c0 * sxc, <const floating *>NULL, out + c0 * soutc, sxn, sxc, 0, 0,
                               soutn, soutc, L, e0, e1, cw, mean + c0, scale + c0, NULL, beta + c0, stream)
     elif p.n_blocks >= 4 * nt and E * <Py_ssize_t>sizeof(floating) * p.cb <= L3_SHARE_BYTES:
@@ -1022,8 +1034,8 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                                    part + ci * C + sp.c0, part + (p.n_chunks + ci) * C + sp.c0,
                                    part + (2 * p.n_chunks + ci) * C + sp.c0)
                 for c in range(bi * p.cb, min(C, bi * p.cb + p.cb)):
-                    _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, mean, var, invstd)
-                    scale[c] = gamma[c] * invstd[c]
+                    _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, gamma, mean, var,
+                               invstd, scale)
                 t = bi * p.n_chunks + p.n_chunks - 1
                 while t >= bi * p.n_chunks:
                     sp = _task(&p, t, C, E)
@@ -1045,8 +1057,8 @@ cdef int _plane_forward(const floating *x, floating *out, Py_ssize_t N, Py_ssize
                                part + (p.n_chunks + ci) * C + c0,
                                part + (2 * p.n_chunks + ci) * C + c0)
         for c in range(C):
-            _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, mean, var, invstd)
-            scale[c] = gamma[c] * invstd[c]
+            _fwd_merge(c, part, p.n_chunks, p.chunk, C, E, eps, std_mode, gamma, mean, var,
+                       invstd, scale)
         for tid in prange(nt, schedule='static', num_threads=nt):
             t = _share(p.n_tasks, tid + 1, nt) - 1
             while t >= _share(p.n_tasks, tid, nt):

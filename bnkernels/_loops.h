@@ -91,6 +91,14 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
     }
 }
 
+/* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
+ * in the forward.  One definition for the plain loops (scalar float64 operands) and the
+ * streamed ones (four-wide vectors), so that both give the same bits. */
+#ifndef BN_AFFINE_DX
+#define BN_AFFINE_DX(a, dy, cc, s, z, m) ((a) * ((dy) + (cc)) + (s) * ((z) - (m)))
+#define BN_AFFINE_OUT(s, z, m, cc) ((s) * ((z) - (m)) + (cc))
+#endif
+
 #if defined(BN_F64) && defined(__SSE2__)
 /* Streaming (non-temporal) stores for float64 output larger than the L3: a plain store reads
  * each line from memory first and leaves it in the cache, evicting data the second sweep still
@@ -114,16 +122,16 @@ typedef double bn_v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
  * part by streaming stores costs a read-modify-write in memory); the elements before the first
  * line boundary and those after the last whole line get plain stores (a misaligned array:
  * all of them) */
-#define BN_ROWS_DX(k) (A[k] * (dy[k] + Cc[k]) + S[k] * (z[k] - m[k]))
-#define BN_ROWS_DX4(k) (BN_LOAD4(A + (k)) * (BN_LOAD4(dy + (k)) + BN_LOAD4(Cc + (k))) \
-                        + BN_LOAD4(S + (k)) * (BN_LOAD4(z + (k)) - BN_LOAD4(m + (k))))
-#define BN_ROWS_OUT(k) (S[k] * (z[k] - m[k]) + Cc[k])
-#define BN_ROWS_OUT4(k) (BN_LOAD4(S + (k)) * (BN_LOAD4(z + (k)) - BN_LOAD4(m + (k))) \
-                         + BN_LOAD4(Cc + (k)))
-#define BN_PLANE_DX(k) (a * (dy[k] + cc) + sc * (z[k] - mc))
-#define BN_PLANE_DX4(k) (a * (BN_LOAD4(dy + (k)) + cc) + sc * (BN_LOAD4(z + (k)) - mc))
-#define BN_PLANE_OUT(k) (sc * (z[k] - mc) + cc)
-#define BN_PLANE_OUT4(k) (sc * (BN_LOAD4(z + (k)) - mc) + cc)
+#define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k])
+#define BN_ROWS_DX4(k) BN_AFFINE_DX(BN_LOAD4(A + (k)), BN_LOAD4(dy + (k)), BN_LOAD4(Cc + (k)), \
+                                    BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)))
+#define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], Cc[k])
+#define BN_ROWS_OUT4(k) BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), \
+                                      BN_LOAD4(Cc + (k)))
+#define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc)
+#define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc)
+#define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, cc)
+#define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, cc)
 
 /* out[k] := EXPR(k) for k < n, whole 64-byte lines of out streamed (EXPR4: four at a time) */
 #define BN_STREAM_RUN(EXPR, EXPR4)                                   \
@@ -162,8 +170,8 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 }
 #endif
 
-/* out[r, j] := A[j]*(dy[r, j] + Cc[j]) + S[j]*(z[r, j] - m[j]);  without dy:
- * out[r, j] := S[j]*(z[r, j] - m[j]) + Cc[j].  In float64, rounded once at the end: the
+/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j]);  without dy:
+ * BN_AFFINE_OUT(S[j], z[r, j], m[j], Cc[j]).  In float64, rounded once at the end: the
  * terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by row
  * over the whole width: every row is one unit-stride run in and out (sweeping column
  * blocks down the rows instead wrote each row piecemeal, measured 2-3x slower from memory). */
@@ -190,12 +198,13 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
         if (dy == NULL) {
             BN_SIMD
             for (j = 0; j < cw; j++)
-                outr[j] = (BN_T)(S[j] * ((double)zr[j] - m[j]) + Cc[j]);
+                outr[j] = (BN_T)BN_AFFINE_OUT(S[j], (double)zr[j], m[j], Cc[j]);
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
             BN_SIMD
             for (j = 0; j < cw; j++)
-                outr[j] = (BN_T)(A[j] * ((double)dyr[j] + Cc[j]) + S[j] * ((double)zr[j] - m[j]));
+                outr[j] = (BN_T)BN_AFFINE_DX(A[j], (double)dyr[j], Cc[j], S[j], (double)zr[j],
+                                             m[j]);
         }
     }
 }
@@ -346,13 +355,13 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
             if (dy == NULL) {
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(sc * ((double)zp[i] - mc) + cc);
+                    op[i] = (BN_T)BN_AFFINE_OUT(sc, (double)zp[i], mc, cc);
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 const double a = A[c];
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)(a * ((double)dyp[i] + cc) + sc * ((double)zp[i] - mc));
+                    op[i] = (BN_T)BN_AFFINE_DX(a, (double)dyp[i], cc, sc, (double)zp[i], mc);
             }
         }
     }
