@@ -19,6 +19,7 @@ CASES = [
     ((2, 3, 400, 400), 1, np.float64),
     ((2, 2, 1024, 1024), 1, np.float32),  # planes longer than any one task
     ((64, 1000), 1, np.float64),         # rows, many channel blocks
+    ((2048, 600), 1, np.float64),        # chunked float64 rows swept in wide blocks (512 + 88)
     ((1024, 2048), 1, np.float32),       # 8 MiB of rows, several blocks: output faulted in first
     ((8, 40, 40, 96), -1, np.float32),   # channels-last, chunked rows
 ]
