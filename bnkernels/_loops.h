@@ -21,7 +21,7 @@
  * the rows; the rows of a block are strided, so the next rows are prefetched.  float64 rows
  * of 256 columns or more are instead swept BN_WBLOCK columns at a time, row by row, with
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
- * best (0.74-0.93 of the time of register blocks; narrower rows and float32, whose loops
+ * best (0.83-0.99 of the time of register blocks; narrower rows and float32, whose loops
  * are bound by their conversions, measured 1.0-1.12). */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
