@@ -73,7 +73,6 @@ cdef extern from *:
     #endif
     #include <unistd.h>
     #include <stdint.h>
-    #include <string.h>
     #if defined(__SSE2__)
     #include <emmintrin.h>
     #endif
@@ -284,6 +283,14 @@ cdef inline bint _streams(Py_ssize_t n_elems, Py_ssize_t itemsize) noexcept nogi
     """Whether an output of n_elems writes with streaming stores: float64 from STREAM_BYTES
     (float32 sweeps are bound by their conversions; streaming measured no gain there)."""
     return itemsize == 8 and n_elems * itemsize >= STREAM_BYTES
+
+
+cdef inline bint _rows_streams(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """_streams for a rows output; NCHW planes taken as rows (L > 1) do not stream: NCHW 7x7
+    float64 measured 1.14-1.26x slower with two threads (faster with one), where (N, C) and
+    NHWC rows gained."""
+    return L == 1 and _streams(R * C, itemsize)
 
 CHANNEL_BLOCK_BYTES = MIN_BLOCK_BYTES
 TASK_INPUT_BYTES = TASK_BYTES
@@ -711,9 +718,7 @@ cdef int _rows_backward(const floating *z, const floating *dy, floating *dx,
                         const Coefs *cf, floating *dgamma, floating *dbeta, int n_threads) noexcept nogil:
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 2)
     cdef int nt = _n_threads(n_threads, p.n_tasks, R * C * L)
-    # NCHW planes taken as rows (L > 1) do not stream: NCHW 7x7 float64 measured 1.14-1.26x
-    # slower with two threads (faster with one), where (N, C) and NHWC rows gained
-    cdef bint stream = L == 1 and _streams(R * C, sizeof(floating))
+    cdef bint stream = _rows_streams(R, C, L, sizeof(floating))
     cdef double inv_m = 1.0 / (R * L)
     cdef const double *m = cf.mean
     cdef double *A = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
@@ -785,9 +790,7 @@ cdef int _rows_forward(const floating *x, floating *out, Py_ssize_t R, Py_ssize_
     """train: mean, var, invstd := batch statistics; then out := gamma*invstd*(x - mean) + beta"""
     cdef Plan p = _rows_plan(R, C, L, sizeof(floating), 1)
     cdef int nt
-    # NCHW planes taken as rows (L > 1) do not stream: NCHW 7x7 float64 measured 1.14-1.26x
-    # slower with two threads (faster with one), where (N, C) and NHWC rows gained
-    cdef bint stream = L == 1 and _streams(R * C, sizeof(floating))
+    cdef bint stream = _rows_streams(R, C, L, sizeof(floating))
     cdef double *part = <double *>malloc((2 * p.n_chunks + 1) * C * sizeof(double))
     cdef double *scale
     cdef double *scratch

@@ -54,10 +54,9 @@ static inline void BN_FN(bn_prefetch_ahead)(const BN_T *base, Py_ssize_t s, Py_s
 }
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows.
- * Always inlined, so that a full block (jw == BN_RBLOCK) compiles with a constant width and
- * its accumulators live in vector registers; so does a half block (32 columns, a common
- * channel count: 10-20 % faster than with a variable width).  A wide block (prefetch 0)
- * leaves its sequential runs to the hardware prefetcher. */
+ * Always inlined, so that a block of constant width keeps its accumulators in vector
+ * registers.  A wide block (prefetch 0) leaves its sequential runs to the hardware
+ * prefetcher. */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, const Py_ssize_t jw, const int prefetch,
@@ -80,44 +79,57 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     }
 }
 
+/* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
+ * BLOCK(j0, jw, prefetch, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
+ * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide float64 rows
+ * accumulate straight in P and Q; otherwise register blocks, at a constant width when full
+ * or half (32 columns, a common channel count: 10-20 % faster than a variable width). */
+#ifndef BN_ROWS_SWEEP
+#define BN_ROWS_SWEEP(BLOCK, M, P, Q)                                                  \
+    do {                                                                               \
+        Py_ssize_t j0, j;                                                              \
+        if (BN_WIDE_ROWS(cw)) {                                                        \
+            for (j = 0; j < cw; j++) {                                                 \
+                P[j] = 0.0;                                                            \
+                Q[j] = 0.0;                                                            \
+            }                                                                          \
+            for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                     \
+                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, M + j0, P + j0, \
+                      Q + j0);                                                         \
+            break;                                                                     \
+        }                                                                              \
+        for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {                                       \
+            const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;           \
+            double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];                          \
+            for (j = 0; j < jw; j++) {                                                 \
+                a[j] = 0.0;                                                            \
+                b[j] = 0.0;                                                            \
+                mb[j] = M[j0 + j];                                                     \
+            }                                                                          \
+            if (jw == BN_RBLOCK)                                                       \
+                BLOCK(j0, BN_RBLOCK, 1, mb, a, b);                                     \
+            else if (jw == BN_RBLOCK / 2)                                              \
+                BLOCK(j0, BN_RBLOCK / 2, 1, mb, a, b);                                 \
+            else                                                                       \
+                BLOCK(j0, jw, 1, mb, a, b);                                            \
+            for (j = 0; j < jw; j++) {                                                 \
+                P[j0 + j] = a[j];                                                      \
+                Q[j0 + j] = b[j];                                                      \
+            }                                                                          \
+        }                                                                              \
+    } while (0)
+#endif
+
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
 static BN_CLONES void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
 {
-    Py_ssize_t j0, j;
-    if (BN_WIDE_ROWS(cw)) {
-        /* wide rows: the output vectors are the accumulators */
-        for (j = 0; j < cw; j++) {
-            s_dy[j] = 0.0;
-            s_zm[j] = 0.0;
-        }
-        for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)
-            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0,
-                                      cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, m + j0,
-                                      s_dy + j0, s_zm + j0);
-        return;
-    }
-    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
-        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
-        double a[BN_RBLOCK], c[BN_RBLOCK], mb[BN_RBLOCK];
-        for (j = 0; j < jw; j++) {
-            a[j] = 0.0;
-            c[j] = 0.0;
-            mb[j] = m[j0 + j];
-        }
-        if (jw == BN_RBLOCK)
-            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, BN_RBLOCK, 1, mb, a, c);
-        else if (jw == BN_RBLOCK / 2)
-            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, BN_RBLOCK / 2, 1, mb, a, c);
-        else
-            BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, jw, 1, mb, a, c);
-        for (j = 0; j < jw; j++) {
-            s_dy[j0 + j] = a[j];
-            s_zm[j0 + j] = c[j];
-        }
-    }
+#define BN_SUMS_BLOCK(j0, jw, pf, mb, p, q) \
+    BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, jw, pf, mb, p, q)
+    BN_ROWS_SWEEP(BN_SUMS_BLOCK, m, s_dy, s_zm);
+#undef BN_SUMS_BLOCK
 }
 
 /* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
@@ -263,37 +275,10 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
-    Py_ssize_t j0, j;
-    if (BN_WIDE_ROWS(cw)) {
-        for (j = 0; j < cw; j++) {
-            d1[j] = 0.0;
-            d2[j] = 0.0;
-        }
-        for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)
-            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0,
-                                          cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0,
-                                          m0 + j0, d1 + j0, d2 + j0);
-        return;
-    }
-    for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {
-        const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;
-        double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];
-        for (j = 0; j < jw; j++) {
-            a[j] = 0.0;
-            b[j] = 0.0;
-            mb[j] = m0[j0 + j];
-        }
-        if (jw == BN_RBLOCK)
-            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, BN_RBLOCK, 1, mb, a, b);
-        else if (jw == BN_RBLOCK / 2)
-            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, BN_RBLOCK / 2, 1, mb, a, b);
-        else
-            BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, 1, mb, a, b);
-        for (j = 0; j < jw; j++) {
-            d1[j0 + j] = a[j];
-            d2[j0 + j] = b[j];
-        }
-    }
+#define BN_CENTERED_BLOCK(j0, jw, pf, mb, p, q) \
+    BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, pf, mb, p, q)
+    BN_ROWS_SWEEP(BN_CENTERED_BLOCK, m0, d1, d2);
+#undef BN_CENTERED_BLOCK
 }
 
 /* ---- planar layout: runs of contiguous elements ---- */
