@@ -37,7 +37,7 @@ def _float_dtype(name, a):
 
 def _same_dtype(names, arrays):
     dtypes = [a.dtype for a in arrays]
-    if any(d != dtypes[0] for d in dtypes[1:]):
+    if dtypes.count(dtypes[0]) != len(dtypes):
         listing = ", ".join("%s %s" % (n, d) for n, d in zip(names, dtypes))
         raise TypeError("%s must share one dtype, got %s" % (" and ".join(names), listing))
 
