@@ -12,6 +12,7 @@ TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2)
 NARROW_BLOCK_COLUMNS: int  # columns of a narrow fused rows block (tall data)
 # input bytes of a narrow fused rows task at most: 4 MiB if L3_BYTES >= 32 MiB, else 0 (none)
 BIG_TASK_INPUT_BYTES: int
+PARALLEL_MIN_ELEMS: int  # elements from which a call may use several threads
 # the L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs, else sysconf; 0: unknown
 L3_BYTES: int
 # float64 outputs of at least this many bytes are written with streaming stores: L3_BYTES,

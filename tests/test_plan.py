@@ -21,6 +21,7 @@ MIN_BLOCK = _kernels.CHANNEL_BLOCK_BYTES  # narrowest channel block, bytes
 TASK = _kernels.TASK_INPUT_BYTES  # input bytes a task aims for
 NARROW = _kernels.NARROW_BLOCK_COLUMNS  # columns of a narrow fused block (tall data)
 BIG_TASK = _kernels.BIG_TASK_INPUT_BYTES  # input bytes of a narrow fused task at most
+PARALLEL = _kernels.PARALLEL_MIN_ELEMS  # elements from which a call may use several threads
 ITEMSIZES = (4, 8)  # float32, float64: the only dtypes the kernels run
 N_ARRAYS = (1, 2)  # forward reads x; backward reads z and dy
 INT64_MAX = 2**63 - 1
@@ -49,6 +50,11 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     # chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
     narrow = min(C, max(1, NARROW // L))
+    line = max(1, 64 // width)
+    if (n_chunks == 1 and n_blocks == 2 and cb == -(-C // 2 // line) * line
+            and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK):
+        # all channels would fit one task: split in two, for two threads
+        return cb, n_blocks, chunk, n_chunks
     if n_chunks == 1 and (cb < min(C, max(1, MIN_BLOCK // width))
                           or task_bytes > max(TASK, cb * width * n_arrays)):
         assert cb == narrow
