@@ -1,7 +1,7 @@
 """Time this tree's bnkernels against another build of it, in one process, taking turns.
 
-    python scripts/ab.py OTHER [--cases PATTERN] [--pass backward|forward|both]
-                               [--threads N] [--seconds S]
+    python scripts/ab.py OTHER [--cases PATTERN] [--shape LAYOUT:SHAPE:DTYPE ...]
+                               [--pass backward|forward|both] [--threads N] [--seconds S]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
 after ``python setup.py build_ext --inplace``).  Both packages are imported side by side
@@ -10,6 +10,8 @@ benchmark cases, and called in turns with the roofline pass, the first place rot
 as ``python -m bnkernels bench`` does; the shared machine's drift then hits all of them
 alike.  Printed per case: the median times and this/other (below 1: this tree is faster).
 This tree's package is the one Python imports (run from the checkout, or installed).
+``--shape`` times shapes outside the grid instead, e.g. ``--shape 2d:512x256:float32
+nhwc:8x28x28x96:float64`` (layouts as in the grid: 2d, nchw, nhwc).
 """
 
 import argparse
@@ -58,10 +60,28 @@ def case_fns(data, pass_, threads, other):
     return fns
 
 
+def shape_case(spec):
+    """A benchmark case from 'layout:AxBx...:dtype'."""
+    try:
+        layout, dims, dtype = spec.split(":")
+        shape = tuple(int(v) for v in dims.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected layout:AxB[x...]:dtype, got %r" % spec) from None
+    if layout not in ("2d", "nchw", "nhwc") or dtype not in ("float32", "float64"):
+        raise argparse.ArgumentTypeError("layout 2d, nchw or nhwc and dtype float32 or "
+                                         "float64, got %r" % spec)
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError("a shape of two or more positive sizes, got %r" % spec)
+    return _bench.Case("%s-%s-f%s" % (layout, dims, dtype[5:]), layout, shape, dtype)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("other", help="a directory with another built bnkernels package")
     p.add_argument("--cases", help="case patterns, as for python -m bnkernels bench")
+    p.add_argument("--shape", nargs="+", type=shape_case, metavar="LAYOUT:SHAPE:DTYPE",
+                   help="shapes outside the grid, e.g. 2d:512x256:float32")
     p.add_argument("--pass", dest="passes", choices=("backward", "forward", "both"),
                    default="backward")
     p.add_argument("--threads", type=int, default=None,
@@ -71,7 +91,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     other = load_other(args.other)
     threads = args.threads or _kernels.max_threads()
-    cases = _bench.select_cases(args.cases) if args.cases else list(_bench.CASES)
+    if args.shape:
+        cases = args.shape
+    else:
+        cases = _bench.select_cases(args.cases) if args.cases else list(_bench.CASES)
     budget = _bench.Budget(args.seconds, 7, 5000)
     passes = ("backward", "forward") if args.passes == "both" else (args.passes,)
     print("this: %s\nother: %s\nthreads=%d, median ms, taking turns"
