@@ -365,9 +365,11 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
             p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
             p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
             p.cb = min(p.cb, C)
-        if p.cb == C and C > line and R * C * L >= SERIAL_ELEMS:
-            # one block would leave the other cores idle: two (0.61-0.80 of the time for
-            # (512, 256) to (4096, 32) float32; four, of narrower runs, were slower again)
+        if p.cb == C and C >= 4 * line and R * C * L >= SERIAL_ELEMS:
+            # one block would leave the other cores idle: two, of two cache lines per row or
+            # more (0.58-0.74 of the time for (512, 256) to (2048, 64) float32; four, of
+            # narrower runs, were slower again, and (4096, 32) split into single lines varied
+            # from 0.71 to 1.11)
             p.cb = _cdiv(_cdiv(C, 2), line) * line
         p.chunk = R
     elif R * narrow * width * n_arrays <= BIG_TASK_BYTES:

@@ -51,7 +51,7 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     task_bytes = chunk * cb * width * n_arrays
     narrow = min(C, max(1, NARROW // L))
     line = max(1, 64 // width)
-    if (n_chunks == 1 and n_blocks == 2 and cb == -(-C // 2 // line) * line
+    if (n_chunks == 1 and n_blocks == 2 and cb == -(-C // 2 // line) * line and C >= 4 * line
             and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK):
         # all channels would fit one task: split in two, for two threads
         return cb, n_blocks, chunk, n_chunks
@@ -141,6 +141,18 @@ def test_planar_plan_any_size(N, C, L, itemsize, n_arrays):
     L = max(1, min(L, INT64_MAX // (N * C * itemsize * n_arrays)))
     if fits(N * L * C, itemsize, n_arrays):
         check_planar_plan(N, C, L, itemsize, n_arrays)
+
+
+@pytest.mark.parametrize("itemsize", ITEMSIZES)
+@pytest.mark.parametrize("n_arrays", N_ARRAYS)
+def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
+    # all channels fit one task; a call that may run threads gets two blocks of them, a
+    # smaller one (one thread) a single block
+    C = 1024 // itemsize
+    R = PARALLEL // C
+    assert C * R * itemsize * n_arrays <= TASK
+    assert _kernels.rows_plan(R, C, itemsize, n_arrays) == (C // 2, 2, R, 1)
+    assert _kernels.rows_plan(R - 1, C, itemsize, n_arrays) == (C, 1, R - 1, 1)
 
 
 # ---------------------------------------------------------------------------
