@@ -17,7 +17,8 @@ so that a task's inputs fit in L2 (TASK_BYTES):
 
 Fused: when one task holds all of its channels' data, it does the sums, the
 per-channel coefficients and the output in one go while the data is cached, so
-memory sees one read of each input and one write.  Tall rows data that cannot
+memory sees one read of each input and one write (a call whose channels all fit
+one task gets two, for two threads).  Tall rows data that cannot
 give an L2-sized task a wide block gets narrow blocks (NARROW_BLOCK_ELEMS
 columns) of all rows, up to an L3 share (BIG_TASK_BYTES), where the L3 is large.
 Otherwise (very tall data) tasks write partial sums, which are combined per
