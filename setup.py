@@ -6,6 +6,7 @@ BNKERNELS_NATIVE=1   add -march=native (fast on this CPU only; never for wheels 
 BNKERNELS_DEBUG=1    bounds checks on, -O1 -g, -fsanitize=address,undefined
 BNKERNELS_NO_OPENMP=1  build the serial kernels even where OpenMP works
 """
+
 import os
 import shutil
 import subprocess
@@ -98,7 +99,7 @@ ext = Extension(
     ["bnkernels/_kernels.pyx"],
     include_dirs=[np.get_include()],
     define_macros=macros + [("BNKERNELS_BUILD_FLAGS", '"%s"' % " ".join(compile_args))],
-    depends=["bnkernels/_loops.h"],
+    depends=["bnkernels/_kernels.h", "bnkernels/_loops.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )

@@ -16,8 +16,12 @@ from bnkernels import _bench
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-threads", type=int, default=None,
-                     help="threads for every implementation (default: the OpenMP default)")
+    parser.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="threads for every implementation (default: the OpenMP default)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +64,24 @@ class Run:
         self.fn = fns[impl]
         self.benchmark, self.data = benchmark, data
         benchmark.group = "%s %s" % (pass_, case.name)
-        benchmark.extra_info.update(case=case.name, shape=list(case.shape), dtype=case.dtype,
-                                    layout=case.layout, threads=threads, impl=impl, pass_=pass_)
+        benchmark.extra_info.update(
+            case=case.name,
+            shape=list(case.shape),
+            dtype=case.dtype,
+            layout=case.layout,
+            threads=threads,
+            impl=impl,
+            pass_=pass_,
+        )
 
     def check(self, got, want):
         for name, g, w in zip(("first output", "dgamma", "dbeta"), got, want):
             ok, err = _close(g, w, self.data.case.dtype)
             assert ok, "bnkernels %s differs from the reference on %s: relative error %.1e" % (
-                name, self.data.case.name, err)
+                name,
+                self.data.case.name,
+                err,
+            )
 
 
 @pytest.fixture

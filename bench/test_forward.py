@@ -13,6 +13,7 @@ def test_forward(bench_run, benchmark, data, threads, impl):
         result = benchmark(run.fn)
     if impl == "bnkernels":
         case = data.case
-        out, _ = reference.forward(data.x, data.gamma, data.beta,
-                                   {"mode": "train", "eps": _bench.EPS}, axis=case.axis)
+        out, _ = reference.forward(
+            data.x, data.gamma, data.beta, {"mode": "train", "eps": _bench.EPS}, axis=case.axis
+        )
         run.check(result[:1], [out])

@@ -7,9 +7,54 @@
 tested against.
 """
 
-from . import _kernels, reference
-from ._api import backward, forward
 from ._version import __version__
+
+
+def _import_kernels():
+    """The compiled module: this package's own or, in a source tree without one (Python run
+    in a checkout's root finds the tree first), that of an installed build of the same
+    version elsewhere on sys.path, whose directory then joins ``__path__``."""
+    import importlib
+    import os
+    import re
+    import sys
+    from importlib.machinery import PathFinder
+
+    name = __name__ + "._kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        missing = err
+    here = os.path.dirname(os.path.realpath(__file__))
+    for entry in sys.path:
+        spec = PathFinder.find_spec(__name__, [entry])
+        for other in (spec and spec.submodule_search_locations) or ():
+            try:
+                with open(os.path.join(other, "_version.py")) as f:
+                    version = re.search(r"__version__\s*=\s*[\"']([^\"']*)", f.read())
+            except OSError:
+                continue
+            if (
+                os.path.realpath(other) != here
+                and version
+                and version.group(1) == __version__
+                and PathFinder.find_spec(name, [other]) is not None
+            ):
+                __path__.append(other)
+                return importlib.import_module(name)
+    raise ImportError(
+        "bnkernels is being imported from a source tree without its compiled kernels (%s); "
+        "build them with `pip install -e .` (or `python setup.py build_ext --inplace`), or run "
+        "from outside the source tree" % here
+    ) from missing
+
+
+_kernels = _import_kernels()
+
+from . import reference  # noqa: E402
+from ._api import backward, forward  # noqa: E402
 
 __all__ = ["forward", "backward", "reference", "openmp_enabled", "max_threads", "__version__"]
 

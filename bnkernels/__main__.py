@@ -30,9 +30,16 @@ OPENMP_LIBS = ("libgomp", "libomp", "libiomp")
 # (/proc/cpuinfo names; numpy's names in NUMPY_CPU_NAMES)
 V4_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")
 V3_FLAGS = ("avx2", "fma", "bmi2")
-NUMPY_CPU_NAMES = {"avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
-                   "avx512dq": "AVX512DQ", "avx512cd": "AVX512CD", "avx2": "AVX2",
-                   "fma": "FMA3", "bmi2": "BMI2"}
+NUMPY_CPU_NAMES = {
+    "avx512f": "AVX512F",
+    "avx512bw": "AVX512BW",
+    "avx512vl": "AVX512VL",
+    "avx512dq": "AVX512DQ",
+    "avx512cd": "AVX512CD",
+    "avx2": "AVX2",
+    "fma": "FMA3",
+    "bmi2": "BMI2",
+}
 
 
 def openmp_runtime():
@@ -46,8 +53,11 @@ def openmp_runtime():
     if threadpool_info is not None:
         libs = [i for i in threadpool_info() if i.get("internal_api") == "openmp"]
         if libs:
-            return "; ".join("%s %s at %s" % (i.get("prefix"), i.get("version") or "(version n/a)",
-                                               i.get("filepath")) for i in libs)
+            return "; ".join(
+                "%s %s at %s"
+                % (i.get("prefix"), i.get("version") or "(version n/a)", i.get("filepath"))
+                for i in libs
+            )
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "/" in line}
@@ -101,9 +111,13 @@ def build_report():
         "OpenMP runtime: %s" % openmp_runtime(),
         "SIMD: %s; this CPU runs %s" % (_kernels.simd_targets(), simd_clone()),
         "caches: %s; plans assume an L3 of %s (narrow fused tasks %s; float64 outputs from"
-        " %s written with streaming stores)" % (
-            cache_report(), _kib(_kernels.L3_BYTES),
-            "on" if _kernels.BIG_TASK_INPUT_BYTES else "off", _kib(_kernels.STREAM_OUTPUT_BYTES)),
+        " %s written with streaming stores)"
+        % (
+            cache_report(),
+            _kib(_kernels.L3_BYTES),
+            "on" if _kernels.BIG_TASK_INPUT_BYTES else "off",
+            _kib(_kernels.STREAM_OUTPUT_BYTES),
+        ),
     ]
 
 
@@ -137,8 +151,9 @@ def _check(shape, axis, dtype, rng):
     out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"}, axis=axis)
     dx, dgamma, dbeta = bnkernels.backward(dy, cache)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    ref_out, ref_cache = reference.forward(x64, gamma.astype(np.float64), beta.astype(np.float64),
-                                           {"mode": "train"}, axis=axis)
+    ref_out, ref_cache = reference.forward(
+        x64, gamma.astype(np.float64), beta.astype(np.float64), {"mode": "train"}, axis=axis
+    )
     ref = (ref_out,) + reference.backward_alt(dy64, ref_cache)
     worst = 0.0
     for got, want in zip((out, dx, dgamma, dbeta), ref):
@@ -151,13 +166,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         from bnkernels import _bench
+
         return _bench.main(argv[1:])
     if argv:
         print(__doc__)
         return 0 if argv[0] in ("-h", "--help") else 2
     print("bnkernels %s  numpy %s" % (bnkernels.__version__, np.__version__))
-    print("OpenMP: %s, %d threads by default" % (
-        "on" if _kernels.openmp_enabled() else "off (serial build)", _kernels.max_threads()))
+    print(
+        "OpenMP: %s, %d threads by default"
+        % ("on" if _kernels.openmp_enabled() else "off (serial build)", _kernels.max_threads())
+    )
     for line in build_report():
         print(line)
     rng = np.random.default_rng(0)
@@ -166,25 +184,32 @@ def main(argv=None):
     for shape, axis, dtype in SELF_CHECK:
         err, good = _check(shape, axis, dtype, rng)
         ok &= good
-        print("  %-20s axis=%-2d %-8s %.1e  %s" % (shape, axis, np.dtype(dtype).name, err,
-                                                   "ok" if good else "FAILED"))
+        print(
+            "  %-20s axis=%-2d %-8s %.1e  %s"
+            % (shape, axis, np.dtype(dtype).name, err, "ok" if good else "FAILED")
+        )
     print("backward timings (median, ms):")
     for shape, axis, dtype in TIMED:
         x = rng.standard_normal(shape).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
         C = shape[axis]
-        _, cache = bnkernels.forward(x, np.ones(C, dtype), np.zeros(C, dtype), {"mode": "train"},
-                                     axis=axis)
-        _, ref_cache = reference.forward(x, np.ones(C, dtype), np.zeros(C, dtype),
-                                         {"mode": "train"}, axis=axis)
+        _, cache = bnkernels.forward(
+            x, np.ones(C, dtype), np.zeros(C, dtype), {"mode": "train"}, axis=axis
+        )
+        _, ref_cache = reference.forward(
+            x, np.ones(C, dtype), np.zeros(C, dtype), {"mode": "train"}, axis=axis
+        )
         t_graph = _median_time(partial(reference.backward_graph, dy, ref_cache), 5)
         t_alt = _median_time(partial(reference.backward_alt, dy, ref_cache), 5)
         t_bk = _median_time(partial(bnkernels.backward, dy, cache), 20)
-        print("  %-20s %-8s graph %8.3f  alt %8.3f  bnkernels %7.3f   (%.0fx over alt)" % (
-            shape, np.dtype(dtype).name, t_graph * 1e3, t_alt * 1e3, t_bk * 1e3, t_alt / t_bk))
+        print(
+            "  %-20s %-8s graph %8.3f  alt %8.3f  bnkernels %7.3f   (%.0fx over alt)"
+            % (shape, np.dtype(dtype).name, t_graph * 1e3, t_alt * 1e3, t_bk * 1e3, t_alt / t_bk)
+        )
     if not ok:
-        print("SELF-CHECK FAILED: the compiled kernels disagree with the reference",
-              file=sys.stderr)
+        print(
+            "SELF-CHECK FAILED: the compiled kernels disagree with the reference", file=sys.stderr
+        )
         return 1
     print("self-check passed")
     return 0

@@ -27,6 +27,7 @@ _F64 = np.dtype(np.float64)
 # validation helpers
 # ---------------------------------------------------------------------------
 
+
 def _float_dtype(name, a):
     if a.dtype.kind != "f":
         raise TypeError(
@@ -44,23 +45,27 @@ def _same_dtype(names, arrays):
 
 def _channel_axis(axis, ndim):
     if ndim < 2:
-        raise ValueError("batch norm needs an array with ndim >= 2 (batch, channels, ...), "
-                         "got ndim %d" % ndim)
+        raise ValueError(
+            "batch norm needs an array with ndim >= 2 (batch, channels, ...), got ndim %d" % ndim
+        )
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError("axis must be an int, got %r" % (axis,))
     if not -ndim <= axis < ndim:
         raise ValueError("axis %d is out of range for an array with ndim %d" % (axis, ndim))
     if axis % ndim == 0:
-        raise ValueError("axis 0 is the batch axis; the channel axis is 1 or -1 "
-                         "(or another axis > 0)")
+        raise ValueError(
+            "axis 0 is the batch axis; the channel axis is 1 or -1 (or another axis > 0)"
+        )
     return int(axis) % ndim
 
 
 def _per_channel(name, v, C, shape):
     v = np.asarray(v)
     if v.shape != (C,):
-        raise ValueError("%s must have shape (%d,) to match %d channels of x with shape %s, got %s"
-                         % (name, C, C, shape, v.shape))
+        raise ValueError(
+            "%s must have shape (%d,) to match %d channels of x with shape %s, got %s"
+            % (name, C, C, shape, v.shape)
+        )
     return v
 
 
@@ -91,8 +96,11 @@ def _running(running, stat, momentum):
     """momentum*running + (1 - momentum)*stat, a new array of running's dtype; the kernel
     module gives the same bits as this NumPy expression in one call instead of five, and
     leaves results that are not finite to NumPy (its overflow warnings, its errstate)."""
-    if (type(running) is np.ndarray and running.dtype in _KERNEL_DTYPES
-            and running.flags.c_contiguous):
+    if (
+        type(running) is np.ndarray
+        and running.dtype in _KERNEL_DTYPES
+        and running.flags.c_contiguous
+    ):
         new = _kernels.running_update(running, stat, momentum)
         if new is not None:
             return new
@@ -127,6 +135,7 @@ def _standard(a, axis):
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
+
 
 def forward(
     x: npt.ArrayLike,
@@ -202,8 +211,9 @@ def forward(
     ax = _channel_axis(axis, x.ndim)
     C = x.shape[ax]
     if x.size == 0:
-        raise ValueError("x is empty (shape %s): batch norm needs at least one element per channel"
-                         % (x.shape,))
+        raise ValueError(
+            "x is empty (shape %s): batch norm needs at least one element per channel" % (x.shape,)
+        )
     gamma = _per_channel("gamma", gamma, C, x.shape)
     beta = _per_channel("beta", beta, C, x.shape)
     for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
@@ -225,10 +235,16 @@ def forward(
     momentum = float(bn_param.get("momentum", 0.9))
     running_mean = bn_param.get("running_mean")
     running_var = bn_param.get("running_var")
-    running_mean = (np.zeros(C, dtype=x.dtype) if running_mean is None
-                    else _per_channel("bn_param['running_mean']", running_mean, C, x.shape))
-    running_var = (np.zeros(C, dtype=x.dtype) if running_var is None
-                   else _per_channel("bn_param['running_var']", running_var, C, x.shape))
+    running_mean = (
+        np.zeros(C, dtype=x.dtype)
+        if running_mean is None
+        else _per_channel("bn_param['running_mean']", running_mean, C, x.shape)
+    )
+    running_var = (
+        np.zeros(C, dtype=x.dtype)
+        if running_var is None
+        else _per_channel("bn_param['running_var']", running_var, C, x.shape)
+    )
 
     if x.dtype not in _KERNEL_DTYPES:
         bn_param.setdefault("running_mean", running_mean)
@@ -263,14 +279,24 @@ def forward(
     if train:
         bn_param["running_mean"] = _running(running_mean, mean, momentum)
         bn_param["running_var"] = _running(running_var, var, momentum)
-    cache = {"x": x, "mean": mean, "var": var, "invstd": invstd, "gamma": gamma, "eps": eps,
-             "eps_mode": eps_mode, "mode": mode, "axis": ax}
+    cache = {
+        "x": x,
+        "mean": mean,
+        "var": var,
+        "invstd": invstd,
+        "gamma": gamma,
+        "eps": eps,
+        "eps_mode": eps_mode,
+        "mode": mode,
+        "axis": ax,
+    }
     return out, cache
 
 
 # ---------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------
+
 
 def _unpack(cache):
     """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train).
@@ -279,35 +305,43 @@ def _unpack(cache):
     with mean 0 and scale = denom.  The kernels derive the coefficients from these.
     """
     if not isinstance(cache, dict):
-        raise TypeError("cache must be the dict returned by bnkernels.forward, got %s"
-                        % type(cache).__name__)
+        raise TypeError(
+            "cache must be the dict returned by bnkernels.forward, got %s" % type(cache).__name__
+        )
     if "x" in cache and "invstd" in cache:
         if not cache.keys() >= _CACHE_KEY_SET:
             missing = [key for key in _CACHE_KEYS if key not in cache]
-            raise ValueError("cache is missing %s; pass the cache bnkernels.forward returned"
-                             % ", ".join(map(repr, missing)))
+            raise ValueError(
+                "cache is missing %s; pass the cache bnkernels.forward returned"
+                % ", ".join(map(repr, missing))
+            )
         z = np.asarray(cache["x"])
         _float_dtype("cache['x']", z)
         ax = _channel_axis(cache["axis"], z.ndim)
         C = z.shape[ax]
-        vecs = (_vec64(cache["mean"], C, z.shape, "cache['mean']"),
-                _vec64(cache["invstd"], C, z.shape, "cache['invstd']"),
-                _vec64(cache["gamma"], C, z.shape, "cache['gamma']", _KERNEL_DTYPES),
-                _vec64(cache["var"], C, z.shape, "cache['var']"))
+        vecs = (
+            _vec64(cache["mean"], C, z.shape, "cache['mean']"),
+            _vec64(cache["invstd"], C, z.shape, "cache['invstd']"),
+            _vec64(cache["gamma"], C, z.shape, "cache['gamma']", _KERNEL_DTYPES),
+            _vec64(cache["var"], C, z.shape, "cache['var']"),
+        )
         return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
     if all(key in cache for key in _SEED_KEYS):
         z = np.asarray(cache["x_hat"])
         _float_dtype("cache['x_hat']", z)
         if z.ndim != 2:
-            raise ValueError("a seed-style cache holds a (N, D) batch; cache['x_hat'] has shape %s"
-                             % (z.shape,))
+            raise ValueError(
+                "a seed-style cache holds a (N, D) batch; cache['x_hat'] has shape %s" % (z.shape,)
+            )
         C = z.shape[1]
         denom = _f64(_per_channel("cache['denom']", cache["denom"], C, z.shape))
         gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
         zeros = np.zeros(C)
         return z, 1, [zeros, denom, gamma, zeros], True, False, True
-    raise ValueError("cache must come from bnkernels.forward (keys %s) or be a seed-style dict "
-                     "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS)))
+    raise ValueError(
+        "cache must come from bnkernels.forward (keys %s) or be a seed-style dict "
+        "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS))
+    )
 
 
 def backward(
@@ -386,14 +420,19 @@ def backward(
     dout = np.asarray(dout)
     _float_dtype("dout", dout)
     if dout.shape != z.shape:
-        raise ValueError("dout has shape %s but the cached input has shape %s"
-                         % (dout.shape, z.shape))
+        raise ValueError(
+            "dout has shape %s but the cached input has shape %s" % (dout.shape, z.shape)
+        )
     if dout.dtype != z.dtype:
-        raise TypeError("dout and the cache must share one dtype, got dout %s and cache %s"
-                        % (dout.dtype, z.dtype))
+        raise TypeError(
+            "dout and the cache must share one dtype, got dout %s and cache %s"
+            % (dout.dtype, z.dtype)
+        )
     if dout.size == 0:
-        raise ValueError("dout is empty (shape %s): batch norm needs at least one element per "
-                         "channel" % (dout.shape,))
+        raise ValueError(
+            "dout is empty (shape %s): batch norm needs at least one element per "
+            "channel" % (dout.shape,)
+        )
     nt = _n_threads(num_threads)
     if dout.dtype not in _KERNEL_DTYPES:
         return reference.backward_alt(dout, cache)
@@ -409,12 +448,47 @@ def backward(
         lay = choose([zk, dyk, dxk], 1)
     if lay[0] == "rows":
         _, R, _, L, (sz, sdy, sdx) = lay
-        _kernels.backward_rows(zk, dyk, dxk, R, C, L, sz, sdy, sdx, *vecs, xhat_form, std_mode,
-                               train, dgamma, dbeta, nt)
+        _kernels.backward_rows(
+            zk,
+            dyk,
+            dxk,
+            R,
+            C,
+            L,
+            sz,
+            sdy,
+            sdx,
+            *vecs,
+            xhat_form,
+            std_mode,
+            train,
+            dgamma,
+            dbeta,
+            nt,
+        )
     else:
         _, N, _, L, ((szn, szc), (sdyn, sdyc), (sdxn, sdxc)) = lay
-        _kernels.backward_planar(zk, dyk, dxk, N, C, L, szn, szc, sdyn, sdyc, sdxn, sdxc,
-                                 *vecs, xhat_form, std_mode, train, dgamma, dbeta, nt)
+        _kernels.backward_planar(
+            zk,
+            dyk,
+            dxk,
+            N,
+            C,
+            L,
+            szn,
+            szc,
+            sdyn,
+            sdyc,
+            sdxn,
+            sdxc,
+            *vecs,
+            xhat_form,
+            std_mode,
+            train,
+            dgamma,
+            dbeta,
+            nt,
+        )
     if dxk is not dx:
         np.moveaxis(dx, ax, 1)[...] = dxk
     return dx, dgamma, dbeta

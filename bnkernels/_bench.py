@@ -58,8 +58,19 @@ import numpy as np
 import bnkernels
 from bnkernels import _kernels, reference
 
-__all__ = ["Case", "CaseData", "CASES", "QUICK_CASES", "BACKWARD_IMPLS", "FORWARD_IMPLS",
-           "select_cases", "openmp_limit", "measure", "measure_turns", "main"]
+__all__ = [
+    "Case",
+    "CaseData",
+    "CASES",
+    "QUICK_CASES",
+    "BACKWARD_IMPLS",
+    "FORWARD_IMPLS",
+    "select_cases",
+    "openmp_limit",
+    "measure",
+    "measure_turns",
+    "main",
+]
 
 BACKWARD_IMPLS = ("graph", "alt", "bnkernels", "torch", "roofline")
 FORWARD_IMPLS = ("reference", "bnkernels", "torch", "roofline")
@@ -72,9 +83,11 @@ EPS = 1e-5
 # cases
 # ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark case.  layout: '2d' (N, D), 'nchw' or 'nhwc' (channels last, axis=-1)."""
+
     name: str
     layout: str
     shape: tuple
@@ -97,8 +110,13 @@ class Case:
         return self.size * np.dtype(self.dtype).itemsize
 
 
-_2D = [("small", (256, 512)), ("medium", (4096, 1024)), ("large", (8192, 2048)),
-       ("tall", (262144, 32)), ("wide", (64, 65536))]
+_2D = [
+    ("small", (256, 512)),
+    ("medium", (4096, 1024)),
+    ("large", (8192, 2048)),
+    ("tall", (262144, 32)),
+    ("wide", (64, 65536)),
+]
 _NCHW = [(32, 64, 56, 56), (64, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
 # channels-last versions of the first two NCHW shapes
 _NHWC = [(32, 56, 56, 64), (64, 14, 14, 256)]
@@ -107,9 +125,11 @@ _SUFFIX = {"float32": "f32", "float64": "f64"}
 
 def _build_cases():
     cases = []
-    shapes = ([("2d", "2d-" + label, s) for label, s in _2D]
-              + [("nchw", "nchw-" + "x".join(map(str, s)), s) for s in _NCHW]
-              + [("nhwc", "nhwc-" + "x".join(map(str, s)), s) for s in _NHWC])
+    shapes = (
+        [("2d", "2d-" + label, s) for label, s in _2D]
+        + [("nchw", "nchw-" + "x".join(map(str, s)), s) for s in _NCHW]
+        + [("nhwc", "nhwc-" + "x".join(map(str, s)), s) for s in _NHWC]
+    )
     for layout, stem, shape in shapes:
         for dtype in ("float32", "float64"):
             cases.append(Case("%s-%s" % (stem, _SUFFIX[dtype]), layout, shape, dtype))
@@ -117,8 +137,13 @@ def _build_cases():
 
 
 CASES = _build_cases()
-QUICK_CASES = ("2d-small-f32", "2d-medium-f32", "2d-medium-f64", "nchw-64x256x14x14-f32",
-               "nhwc-64x14x14x256-f32")
+QUICK_CASES = (
+    "2d-small-f32",
+    "2d-medium-f32",
+    "2d-medium-f64",
+    "nchw-64x256x14x14-f32",
+    "nhwc-64x14x14x256-f32",
+)
 # thread scaling is shown for these when they are selected (else for the biggest case)
 SCALING_CASES = ("2d-large-f32", "nchw-32x64x56x56-f32", "nhwc-32x56x56x64-f32")
 
@@ -137,6 +162,7 @@ def select_cases(pattern, cases=CASES):
 # ---------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------
+
 
 def have_threadpoolctl():
     try:
@@ -173,6 +199,7 @@ def import_torch():
 # data and the timed callables
 # ---------------------------------------------------------------------------
 
+
 class CaseData:
     """Seeded arrays of one case, and per implementation a callable that runs it once.
 
@@ -199,21 +226,24 @@ class CaseData:
     @property
     def bk_cache(self):
         if self._bk_cache is None:
-            self._bk_cache = bnkernels.forward(self.x, self.gamma, self.beta, self._param(),
-                                               axis=self.case.axis)[1]
+            self._bk_cache = bnkernels.forward(
+                self.x, self.gamma, self.beta, self._param(), axis=self.case.axis
+            )[1]
         return self._bk_cache
 
     @property
     def ref_cache(self):
         if self._ref_cache is None:
-            self._ref_cache = reference.forward(self.x, self.gamma, self.beta, self._param(),
-                                                axis=self.case.axis)[1]
+            self._ref_cache = reference.forward(
+                self.x, self.gamma, self.beta, self._param(), axis=self.case.axis
+            )[1]
         return self._ref_cache
 
     def torch_tensors(self, torch):
         """(x, dy, weight, bias, running_mean, running_var, save_mean, save_invstd) as torch
         tensors sharing the NumPy data; NHWC arrays become channels-last (N, C, H, W) views."""
         if self._torch is None:
+
             def t(a):
                 ta = torch.from_numpy(a)
                 return ta.permute(0, 3, 1, 2) if self.case.layout == "nhwc" else ta
@@ -223,7 +253,8 @@ class CaseData:
             rm = torch.zeros(self.case.channels, dtype=tx.dtype)
             rv = torch.ones(self.case.channels, dtype=tx.dtype)
             _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                tx, w, b, None, None, True, 0.1, EPS)
+                tx, w, b, None, None, True, 0.1, EPS
+            )
             self._torch = (tx, tdy, w, b, rm, rv, save_mean, save_invstd)
         return self._torch
 
@@ -239,8 +270,9 @@ class CaseData:
         if torch is not None:
             tx, tdy, w, _, _, _, sm, si = self.torch_tensors(torch)
             bwd = torch.ops.aten.native_batch_norm_backward
-            fns["torch"] = lambda: bwd(tdy, tx, w, None, None, sm, si, True, EPS,
-                                       [True, True, True])
+            fns["torch"] = lambda: bwd(
+                tdy, tx, w, None, None, sm, si, True, EPS, [True, True, True]
+            )
         fns["roofline"] = lambda: _kernels.stream_add(x, dy, np.empty_like(x), threads)
         return fns
 
@@ -265,6 +297,7 @@ class CaseData:
 # timing
 # ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Timing:
     median: float
@@ -274,7 +307,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class Budget:
-    seconds: float   # per implementation and case, after the warm-up
+    seconds: float  # per implementation and case, after the warm-up
     min_repeats: int
     max_repeats: int
 
@@ -312,8 +345,9 @@ def measure_turns(fns, budget):
                 times[name].append(t)
                 spent[name] += t
                 n = len(times[name])
-                if n >= budget.max_repeats or (n >= budget.min_repeats
-                                               and spent[name] >= budget.seconds):
+                if n >= budget.max_repeats or (
+                    n >= budget.min_repeats and spent[name] >= budget.seconds
+                ):
                     active.remove(name)
     finally:
         if gc_on:
@@ -328,6 +362,7 @@ def measure_turns(fns, budget):
 # ---------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------
+
 
 def cpu_model():
     try:
@@ -382,10 +417,21 @@ def machine_info(torch, omp_default):
 # the run
 # ---------------------------------------------------------------------------
 
+
 def _record(case, pass_, impl, threads, t):
-    return {"case": case.name, "shape": list(case.shape), "dtype": case.dtype,
-            "layout": case.layout, "axis": case.axis, "threads": threads, "pass": pass_,
-            "impl": impl, "median_s": t.median, "iqr_s": t.iqr, "repeats": t.repeats}
+    return {
+        "case": case.name,
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "layout": case.layout,
+        "axis": case.axis,
+        "threads": threads,
+        "pass": pass_,
+        "impl": impl,
+        "median_s": t.median,
+        "iqr_s": t.iqr,
+        "repeats": t.repeats,
+    }
 
 
 def _progress(msg):
@@ -422,8 +468,9 @@ def run_scaling(data, counts, budget):
         with openmp_limit(n):
             if _kernels.max_threads() == n:  # else the limit did not take (no threadpoolctl)
                 fwd = data.forward_fns(n)
-                recs.append(_record(data.case, "forward", "bnkernels", n,
-                                    measure(fwd["bnkernels"], budget)))
+                recs.append(
+                    _record(data.case, "forward", "bnkernels", n, measure(fwd["bnkernels"], budget))
+                )
     return recs
 
 
@@ -437,6 +484,7 @@ def _scaling_cases(cases, quick):
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
+
 
 def _ms(seconds):
     v = seconds * 1e3
@@ -453,6 +501,13 @@ def _index(records):
     return {(r["case"], r["pass"], r["impl"]): r for r in records}
 
 
+def _ratio_columns(impls):
+    """(a, b) pairs shown as a/b: every other implementation over bnkernels, then bnkernels
+    over the roofline."""
+    others = [i for i in impls if i not in ("bnkernels", "roofline")]
+    return [(o, "bnkernels") for o in others] + [("bnkernels", "roofline")]
+
+
 def format_tables(records, cases, torch_on):
     idx = _index(records)
     lines = []
@@ -460,13 +515,14 @@ def format_tables(records, cases, torch_on):
     for pass_, impls in (("backward", BACKWARD_IMPLS), ("forward", FORWARD_IMPLS)):
         impls = [i for i in impls if torch_on or i != "torch"]
         base = BASELINE[pass_]
-        ratios = [(other, "bnkernels") for other in impls if other not in ("bnkernels", "roofline")]
-        ratios.append(("bnkernels", "roofline"))
+        ratios = _ratio_columns(impls)
         head = ["%-*s" % (width, "case")]
         head += ["%9s" % i for i in impls] + ["%6s" % "iqr%"]
         head += ["%*s" % (max(9, len(a) + len(b) + 1), "%s/%s" % (a, b)) for a, b in ratios]
-        lines.append("%s: median ms over %s; x/bnkernels > 1: bnkernels is faster; "
-                     "bnkernels/roofline 1.0 = at the memory roofline" % (pass_, base))
+        lines.append(
+            "%s: median ms over %s; x/bnkernels > 1: bnkernels is faster; "
+            "bnkernels/roofline 1.0 = at the memory roofline" % (pass_, base)
+        )
         lines.append(" ".join(head))
         for c in cases:
             row = ["%-*s" % (width, c.name)]
@@ -478,8 +534,9 @@ def format_tables(records, cases, torch_on):
             for a, b in ratios:
                 ra, rb = idx.get((c.name, pass_, a)), idx.get((c.name, pass_, b))
                 w = max(9, len(a) + len(b) + 1)
-                row.append("%*s" % (w, "%.2f" % (ra["median_s"] / rb["median_s"]) if ra and rb
-                                    else "-"))
+                row.append(
+                    "%*s" % (w, "%.2f" % (ra["median_s"] / rb["median_s"]) if ra and rb else "-")
+                )
             lines.append(" ".join(row))
         lines.append("")
     return "\n".join(lines)
@@ -494,9 +551,11 @@ def format_scaling(records):
     lines = ["thread scaling (median ms, 1 thread -> all cores, speedup):"]
     for case in dict.fromkeys(r["case"] for r in records):
         parts = []
-        for pass_, impl, label in (("backward", "bnkernels", "backward"),
-                                   ("forward", "bnkernels", "forward"),
-                                   ("backward", "roofline", "roofline")):
+        for pass_, impl, label in (
+            ("backward", "bnkernels", "backward"),
+            ("forward", "bnkernels", "forward"),
+            ("backward", "roofline", "roofline"),
+        ):
             t = idx.get((case, pass_, impl), {})
             if len(t) >= 2:
                 lo, hi = min(t), max(t)
@@ -506,68 +565,40 @@ def format_scaling(records):
 
 
 # ---------------------------------------------------------------------------
-# Markdown of a recorded run (the README's tables)
+# Markdown of a recorded run
 # ---------------------------------------------------------------------------
 
-BIG_BYTES = 8 << 20  # the roofline targets are for cases whose arrays take at least this
 SHORT = {"bnkernels": "bnk", "roofline": "roof", "reference": "ref"}
-# (pass, numerator, denominator, statistic, cases, target, sense): the performance targets
-TARGETS = (
-    ("backward", "alt", "bnkernels", "median", "all", 10.0, ">="),
-    ("backward", "torch", "bnkernels", "median", "all", 2.5, ">="),
-    ("backward", "torch", "bnkernels", "min", "all", 1.2, ">="),
-    ("backward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
-    ("backward", "bnkernels", "roofline", "max", "big", 1.6, "<="),
-    ("forward", "torch", "bnkernels", "median", "all", 2.0, ">="),
-    ("forward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
-)
-
-
-def _ratio_columns(pass_, impls):
-    others = [i for i in impls if i not in ("bnkernels", "roofline")]
-    return [(o, "bnkernels") for o in others] + [("bnkernels", "roofline")]
 
 
 def _fmt_ratio(a, v):
     return "%.2f" % v if a in ("torch", "bnkernels") else "%.1f" % v
 
 
-def _ratios(results, pass_, a, b, big_only=False):
-    idx = _index(results)
-    out = {}
-    for r in results:
-        if r["pass"] != pass_ or r["impl"] != a:
-            continue
-        if big_only and prod(r["shape"]) * np.dtype(r["dtype"]).itemsize < BIG_BYTES:
-            continue
-        rb = idx.get((r["case"], pass_, b))
-        if rb:
-            out[r["case"]] = r["median_s"] / rb["median_s"]
-    return out
-
-
-def _stat(values, how):
-    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}[how]
-
-
-def format_markdown(doc, before=None):
-    """The Markdown tables of a recorded run (``--json`` output): per case and pass the
-    median times and ratios, the medians, and the targets met or not; with ``before``
-    (an earlier recorded run), the summary ratios of both."""
+def format_markdown(doc):
+    """Markdown tables of a recorded run (``--json`` output): per pass and case the median
+    times and the ratios, then the median of each ratio over the cases."""
     results = doc["results"]
     torch_on = any(r["impl"] == "torch" for r in results)
     cases = list(dict.fromkeys(r["case"] for r in results))
     idx = _index(results)
     out = []
-    for pass_, impls, title in (("backward", BACKWARD_IMPLS, "Backward (median ms):"),
-                                ("forward", FORWARD_IMPLS, "Forward, train mode (median ms):")):
+    for pass_, impls, title in (
+        ("backward", BACKWARD_IMPLS, "Backward (median ms):"),
+        ("forward", FORWARD_IMPLS, "Forward, train mode (median ms):"),
+    ):
         impls = [i for i in impls if torch_on or i != "torch"]
-        cols = _ratio_columns(pass_, impls)
+        cols = _ratio_columns(impls)
         out += [title, ""]
-        out.append("| case | " + " | ".join(impls) + " | "
-                   + " | ".join("%s/%s" % (SHORT.get(a, a), SHORT.get(b, b)) for a, b in cols)
-                   + " |")
+        out.append(
+            "| case | "
+            + " | ".join(impls)
+            + " | "
+            + " | ".join("%s/%s" % (SHORT.get(a, a), SHORT.get(b, b)) for a, b in cols)
+            + " |"
+        )
         out.append("|---|" + "---:|" * (len(impls) + len(cols)))
+        ratios = {col: [] for col in cols}
         for c in cases:
             row = [c]
             for i in impls:
@@ -575,64 +606,72 @@ def format_markdown(doc, before=None):
                 row.append(_ms(r["median_s"]) if r else "-")
             for a, b in cols:
                 ra, rb = idx.get((c, pass_, a)), idx.get((c, pass_, b))
-                row.append(_fmt_ratio(a, ra["median_s"] / rb["median_s"]) if ra and rb else "-")
+                if ra and rb:
+                    ratios[a, b].append(ra["median_s"] / rb["median_s"])
+                    row.append(_fmt_ratio(a, ratios[a, b][-1]))
+                else:
+                    row.append("-")
             out.append("| " + " | ".join(row) + " |")
-        meds = []
-        for a, b in cols:
-            v = list(_ratios(results, pass_, a, b).values())
-            meds.append("**%s**" % _fmt_ratio(a, _stat(v, "median")) if v else "")
+        meds = [
+            "**%s**" % _fmt_ratio(a, float(np.median(v))) if v else ""
+            for (a, _), v in ratios.items()
+        ]
         out.append("| **median** |" + " |" * len(impls) + " " + " | ".join(meds) + " |")
         out.append("")
-    runs = [("this run", doc)] + ([("before", before)] if before else [])
-    out.append("Targets (the roofline ones over the cases whose arrays take %d MiB or more):"
-               % (BIG_BYTES >> 20))
-    out.append("")
-    head = "| pass | ratio | statistic | target | " + " | ".join(
-        "%s (%s)" % (name, d["date"][:16].replace("T", " ")) for name, d in runs) + " |"
-    out += [head, "|---|---|---|---:|" + "---:|" * len(runs)]
-    for pass_, a, b, how, which, target, sense in TARGETS:
-        if "torch" in (a, b) and not torch_on:
-            continue
-        cells = []
-        for _, d in runs:
-            v = list(_ratios(d["results"], pass_, a, b, which == "big").values())
-            if not v:
-                cells.append("-")
-                continue
-            x = _stat(v, how)
-            ok = x >= target if sense == ">=" else x <= target
-            cells.append("%s %s" % (_fmt_ratio(a, x), "met" if ok else "not met"))
-        out.append("| %s | %s/%s | %s%s | %s %s | %s |" % (
-            pass_, SHORT.get(a, a), SHORT.get(b, b), how,
-            " (%d MiB+)" % (BIG_BYTES >> 20) if which == "big" else "", sense,
-            _fmt_ratio(a, target), " | ".join(cells)))
-    return "\n".join(out) + "\n"
+    return "\n".join(out)
 
 
-_COLORS = {"alt": "#999999", "bnkernels": "#d62728", "torch": "#1f77b4", "graph": "#555555",
-           "reference": "#555555"}
+_COLORS = {
+    "alt": "#999999",
+    "bnkernels": "#d62728",
+    "torch": "#1f77b4",
+    "graph": "#555555",
+    "reference": "#555555",
+}
 
 
 def plot(records, cases, torch_on, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     idx = _index(records)
     names = [c.name for c in cases]
     panels = [
-        ("backward", "speedup over graph (reference.backward_graph)",
-         ["alt", "bnkernels", "torch"], "graph", False),
-        ("backward", "time / roofline (read 2 arrays, write 1)", ["bnkernels", "torch"],
-         "roofline", True),
-        ("forward", "forward speedup over reference.forward", ["bnkernels", "torch"],
-         "reference", False),
-        ("forward", "forward time / roofline (read 1 array, write 1)", ["bnkernels", "torch"],
-         "roofline", True),
+        (
+            "backward",
+            "speedup over graph (reference.backward_graph)",
+            ["alt", "bnkernels", "torch"],
+            "graph",
+            False,
+        ),
+        (
+            "backward",
+            "time / roofline (read 2 arrays, write 1)",
+            ["bnkernels", "torch"],
+            "roofline",
+            True,
+        ),
+        (
+            "forward",
+            "forward speedup over reference.forward",
+            ["bnkernels", "torch"],
+            "reference",
+            False,
+        ),
+        (
+            "forward",
+            "forward time / roofline (read 1 array, write 1)",
+            ["bnkernels", "torch"],
+            "roofline",
+            True,
+        ),
     ]
     n = len(names)
-    fig, axes = plt.subplots(2, 2, figsize=(15, 2.2 + 0.42 * n * 2), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        2, 2, figsize=(15, 2.2 + 0.42 * n * 2), squeeze=False, layout="constrained"
+    )
     for ax, (pass_, label, impls, ref, over) in zip(axes.ravel(), panels):
         impls = [i for i in impls if torch_on or i != "torch"]
         h = 0.8 / len(impls)
@@ -645,22 +684,31 @@ def plot(records, cases, torch_on, path, title):
                     vals.append(np.nan)
                 else:
                     # speedup: ref/impl; distance to the roofline: impl/roofline
-                    vals.append(a["median_s"] / b["median_s"] if over
-                                else b["median_s"] / a["median_s"])
+                    vals.append(
+                        a["median_s"] / b["median_s"] if over else b["median_s"] / a["median_s"]
+                    )
             y = ypos - 0.4 + h * (k + 0.5)
             bars = ax.barh(y, vals, height=h * 0.92, color=_COLORS[impl], label=impl)
             for bar, v in zip(bars, vals):
                 if np.isfinite(v) and impl == "bnkernels":
-                    ax.text(bar.get_width() * 1.04, bar.get_y() + bar.get_height() / 2,
-                            "%.2gx" % v if v < 10 else "%.0fx" % v, va="center", fontsize=8,
-                            bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
+                    ax.text(
+                        bar.get_width() * 1.04,
+                        bar.get_y() + bar.get_height() / 2,
+                        "%.2gx" % v if v < 10 else "%.0fx" % v,
+                        va="center",
+                        fontsize=8,
+                        bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8),
+                    )
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_yticks(ypos, names, fontsize=9)
         ax.invert_yaxis()
         ax.set_title(label, fontsize=11)
-        ax.set_xlabel("time / roofline (1 = at the roofline; lower is better)" if over
-                      else "speedup (higher is better)")
+        ax.set_xlabel(
+            "time / roofline (1 = at the roofline; lower is better)"
+            if over
+            else "speedup (higher is better)"
+        )
         ax.grid(axis="x", which="both", alpha=0.3)
         lo, hi = ax.get_xlim()
         ax.set_xlim(min(lo, 0.5), hi * 1.6)  # room for the value labels
@@ -671,8 +719,13 @@ def plot(records, cases, torch_on, path, title):
             handles.setdefault(lab, hnd)
     fig.suptitle(title, fontsize=12)
     try:
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center",
-                   ncol=len(handles), fontsize=10)
+        fig.legend(
+            handles.values(),
+            handles.keys(),
+            loc="outside lower center",
+            ncol=len(handles),
+            fontsize=10,
+        )
     except ValueError:  # matplotlib < 3.7 has no 'outside' placement
         axes[0, 0].legend(handles.values(), handles.keys(), loc="best", fontsize=8)
     fig.savefig(path, dpi=110)
@@ -682,6 +735,7 @@ def plot(records, cases, torch_on, path, title):
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
+
 
 def _positive_int(s):
     try:
@@ -697,46 +751,54 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bnkernels bench",
         description="Time bnkernels' batch-norm backward and forward against the NumPy "
-                    "reference, PyTorch (when installed) and a memory roofline.",
-        epilog="cases: " + ", ".join(c.name for c in CASES))
-    p.add_argument("--quick", action="store_true",
-                   help="a few small cases and fewer repeats (well under a minute); with "
-                        "--cases, the matching cases with fewer repeats")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="threads for every implementation (default: the OpenMP default, %d)"
-                        % _kernels.max_threads())
-    p.add_argument("--cases", metavar="PATTERN",
-                   help="comma-separated fnmatch patterns or substrings of case names, "
-                        "e.g. '2d-*-f32' or nhwc")
+        "reference, PyTorch (when installed) and a memory roofline.",
+        epilog="cases: " + ", ".join(c.name for c in CASES),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few small cases and fewer repeats (well under a minute); with "
+        "--cases, the matching cases with fewer repeats",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="threads for every implementation (default: the OpenMP default, %d)"
+        % _kernels.max_threads(),
+    )
+    p.add_argument(
+        "--cases",
+        metavar="PATTERN",
+        help="comma-separated fnmatch patterns or substrings of case names, "
+        "e.g. '2d-*-f32' or nhwc",
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement and the machine as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedups and roofline distances")
-    p.add_argument("--markdown", metavar="JSON",
-                   help="print the Markdown tables of a run recorded with --json, run nothing")
-    p.add_argument("--before", metavar="JSON",
-                   help="with --markdown: an earlier recorded run to set the targets against")
+    p.add_argument(
+        "--markdown",
+        metavar="JSON",
+        help="print the Markdown tables of a run recorded with --json, run nothing",
+    )
     return p
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.before and not args.markdown:
-        parser.error("--before goes with --markdown")
     if args.markdown:
-        docs = []
-        for path in (args.markdown, args.before):
-            if path:
-                with open(path) as f:
-                    docs.append(json.load(f))
-        print(format_markdown(*docs), end="")
+        with open(args.markdown) as f:
+            print(format_markdown(json.load(f)), end="")
         return 0
     omp_default = _kernels.max_threads()  # read before torch can change the OpenMP default
     threads = args.threads or omp_default
     if args.cases:
         cases = select_cases(args.cases)
         if not cases:
-            parser.error("no case matches %r (cases: %s)"
-                         % (args.cases, ", ".join(c.name for c in CASES)))
+            parser.error(
+                "no case matches %r (cases: %s)" % (args.cases, ", ".join(c.name for c in CASES))
+            )
     else:
         cases = [c for c in CASES if not args.quick or c.name in QUICK_CASES]
     budget = QUICK if args.quick else FULL
@@ -751,15 +813,19 @@ def main(argv=None):
     if torch is None:
         notes.append("torch not installed: its columns are left out")
     if not have_threadpoolctl():
-        notes.append("threadpoolctl not installed: bnkernels.forward runs with the OpenMP "
-                     "default (%d threads), not --threads" % omp_default)
+        notes.append(
+            "threadpoolctl not installed: bnkernels.forward runs with the OpenMP "
+            "default (%d threads), not --threads" % omp_default
+        )
     if not _kernels.openmp_enabled():
         notes.append("bnkernels was built without OpenMP: it runs on one thread")
     load_start = load_average()
     if load_start is not None and load_start > 0.5 * usable_cores():
         # other work competing for the cores stalls OpenMP threads at every barrier
-        notes.append("the machine was busy (load average %.1f on %d cores): timings are noisy, "
-                     "multi-threaded ones most" % (load_start, usable_cores()))
+        notes.append(
+            "the machine was busy (load average %.1f on %d cores): timings are noisy, "
+            "multi-threaded ones most" % (load_start, usable_cores())
+        )
     for n in notes:
         _progress("note: " + n)
 
@@ -769,8 +835,10 @@ def main(argv=None):
     _set_torch_threads(torch, threads)
     for k, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        _progress("[%2d/%d] %-24s %7.1f MiB per array ..." % (k, len(cases), case.name,
-                                                             case.nbytes / 2**20))
+        _progress(
+            "[%2d/%d] %-24s %7.1f MiB per array ..."
+            % (k, len(cases), case.name, case.nbytes / 2**20)
+        )
         data = CaseData(case)
         records += run_case(data, threads, torch, budget)
         del data
@@ -785,9 +853,18 @@ def main(argv=None):
 
     info = machine_info(torch, omp_default)
     info["load_average_start"], info["load_average_end"] = load_start, load_average()
-    print("bnkernels %s, numpy %s, torch %s; %s, %d cores; threads=%d%s" % (
-        info["bnkernels"], info["numpy"], info["torch"] or "not installed", info["cpu"],
-        info["usable_cores"], threads, "" if info["openmp"] else " (bnkernels without OpenMP)"))
+    print(
+        "bnkernels %s, numpy %s, torch %s; %s, %d cores; threads=%d%s"
+        % (
+            info["bnkernels"],
+            info["numpy"],
+            info["torch"] or "not installed",
+            info["cpu"],
+            info["usable_cores"],
+            threads,
+            "" if info["openmp"] else " (bnkernels without OpenMP)",
+        )
+    )
     print()
     print(format_tables(records, cases, torch is not None), end="")
     if scaling:
@@ -803,11 +880,16 @@ def main(argv=None):
             "date": date,
             "elapsed_s": round(elapsed, 1),
             "machine": info,
-            "settings": {"threads": threads, "quick": args.quick, "cases": args.cases,
-                         "budget_s": budget.seconds, "min_repeats": budget.min_repeats,
-                         "max_repeats": budget.max_repeats},
-            "notes": notes + ["graph, alt and reference are NumPy code: single-threaded "
-                              "whatever 'threads' says"],
+            "settings": {
+                "threads": threads,
+                "quick": args.quick,
+                "cases": args.cases,
+                "budget_s": budget.seconds,
+                "min_repeats": budget.min_repeats,
+                "max_repeats": budget.max_repeats,
+            },
+            "notes": notes
+            + ["graph, alt and reference are NumPy code: single-threaded whatever 'threads' says"],
             "results": records,
             "scaling": scaling,
         }
@@ -816,8 +898,13 @@ def main(argv=None):
             f.write("\n")
         _progress("wrote %s" % args.json)
     if args.plot:
-        plot(records, cases, torch is not None, args.plot,
-             "bnkernels %s: %s, threads=%d, %s" % (info["bnkernels"], info["cpu"], threads,
-                                                   date[:10]))
+        plot(
+            records,
+            cases,
+            torch is not None,
+            args.plot,
+            "bnkernels %s: %s, threads=%d, %s"
+            % (info["bnkernels"], info["cpu"], threads, date[:10]),
+        )
         _progress("wrote %s" % args.plot)
     return 0

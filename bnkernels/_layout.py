@@ -56,7 +56,7 @@ def planar_strides(a, axis):
     """(N, L, sn, sc) in elements of the (N, C, L) view of ``a``, or None."""
     isz = a.itemsize
     shape, strides = a.shape, a.strides
-    inner = [(n, s) for n, s in zip(shape[axis + 1:], strides[axis + 1:]) if n != 1]
+    inner = [(n, s) for n, s in zip(shape[axis + 1 :], strides[axis + 1 :]) if n != 1]
     outer = [(n, s) for n, s in zip(shape[:axis], strides[:axis]) if n != 1]
     if inner and inner[-1][1] != isz:
         return None
@@ -82,7 +82,7 @@ def choose(arrays, axis):
     C = a0.shape[axis]
     if all(a.flags.c_contiguous for a in arrays):
         # the common case, without looking at every stride
-        L = prod(a0.shape[axis + 1:])
+        L = prod(a0.shape[axis + 1 :])
         N = a0.size // (C * L)
         if L == 1 or small_planes_as_rows(N, L):
             return ("rows", N, C, L, [C * L] * len(arrays))

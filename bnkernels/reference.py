@@ -125,7 +125,7 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         var = np.asarray(running_var, dtype=wt)
     invstd = 1 / _denominator(var, wt.type(eps), eps_mode)
     xhat = (xw - mean.reshape(bs)) * invstd.reshape(bs)
-    out = (np.asarray(gamma, dtype=wt).reshape(bs) * xhat + np.asarray(beta, dtype=wt).reshape(bs))
+    out = np.asarray(gamma, dtype=wt).reshape(bs) * xhat + np.asarray(beta, dtype=wt).reshape(bs)
     cache = {
         "x": x,
         "mean": mean,

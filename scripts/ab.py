@@ -34,7 +34,8 @@ def load_other(directory):
     if not os.path.exists(init):
         sys.exit("no bnkernels package in %s" % directory)
     spec = importlib.util.spec_from_file_location(
-        "bnkernels_other", init, submodule_search_locations=[os.path.dirname(init)])
+        "bnkernels_other", init, submodule_search_locations=[os.path.dirname(init)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["bnkernels_other"] = module
     spec.loader.exec_module(module)
@@ -51,11 +52,11 @@ def case_fns(data, pass_, threads, other):
     for name, pkg in (("this", bnkernels), ("other", other)):
         if pass_ == "backward":
             cache = pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis)[1]
-            fns[name] = (lambda pkg=pkg, cache=cache:
-                         pkg.backward(dy, cache, num_threads=threads))
+            fns[name] = lambda pkg=pkg, cache=cache: pkg.backward(dy, cache, num_threads=threads)
         else:
-            fns[name] = (lambda pkg=pkg:
-                         pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis))
+            fns[name] = lambda pkg=pkg: pkg.forward(
+                x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis
+            )
     fns["roofline"] = lambda: _kernels.stream_add(x, roof_b, np.empty_like(x), threads)
     return fns
 
@@ -66,11 +67,11 @@ def shape_case(spec):
         layout, dims, dtype = spec.split(":")
         shape = tuple(int(v) for v in dims.split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            "expected layout:AxB[x...]:dtype, got %r" % spec) from None
+        raise argparse.ArgumentTypeError("expected layout:AxB[x...]:dtype, got %r" % spec) from None
     if layout not in ("2d", "nchw", "nhwc") or dtype not in ("float32", "float64"):
-        raise argparse.ArgumentTypeError("layout 2d, nchw or nhwc and dtype float32 or "
-                                         "float64, got %r" % spec)
+        raise argparse.ArgumentTypeError(
+            "layout 2d, nchw or nhwc and dtype float32 or float64, got %r" % spec
+        )
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError("a shape of two or more positive sizes, got %r" % spec)
     return _bench.Case("%s-%s-f%s" % (layout, dims, dtype[5:]), layout, shape, dtype)
@@ -80,14 +81,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("other", help="a directory with another built bnkernels package")
     p.add_argument("--cases", help="case patterns, as for python -m bnkernels bench")
-    p.add_argument("--shape", nargs="+", type=shape_case, metavar="LAYOUT:SHAPE:DTYPE",
-                   help="shapes outside the grid, e.g. 2d:512x256:float32")
-    p.add_argument("--pass", dest="passes", choices=("backward", "forward", "both"),
-                   default="backward")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads (default: the OpenMP default); forward follows the default")
-    p.add_argument("--seconds", type=float, default=1.0,
-                   help="time budget per implementation and case (default 1)")
+    p.add_argument(
+        "--shape",
+        nargs="+",
+        type=shape_case,
+        metavar="LAYOUT:SHAPE:DTYPE",
+        help="shapes outside the grid, e.g. 2d:512x256:float32",
+    )
+    p.add_argument(
+        "--pass", dest="passes", choices=("backward", "forward", "both"), default="backward"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads (default: the OpenMP default); forward follows the default",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=1.0,
+        help="time budget per implementation and case (default 1)",
+    )
     args = p.parse_args(argv)
     other = load_other(args.other)
     threads = args.threads or _kernels.max_threads()
@@ -97,17 +112,29 @@ def main(argv=None):
         cases = _bench.select_cases(args.cases) if args.cases else list(_bench.CASES)
     budget = _bench.Budget(args.seconds, 7, 5000)
     passes = ("backward", "forward") if args.passes == "both" else (args.passes,)
-    print("this: %s\nother: %s\nthreads=%d, median ms, taking turns"
-          % (os.path.dirname(bnkernels.__file__), os.path.dirname(other.__file__), threads))
-    print("%-8s %-24s %9s %9s %9s %10s" % ("pass", "case", "this", "other", "roofline",
-                                          "this/other"))
+    print(
+        "this: %s\nother: %s\nthreads=%d, median ms, taking turns"
+        % (os.path.dirname(bnkernels.__file__), os.path.dirname(other.__file__), threads)
+    )
+    print(
+        "%-8s %-24s %9s %9s %9s %10s" % ("pass", "case", "this", "other", "roofline", "this/other")
+    )
     for case in cases:
         data = _bench.CaseData(case)
         for pass_ in passes:
             t = _bench.measure_turns(case_fns(data, pass_, threads, other), budget)
-            print("%-8s %-24s %9.3f %9.3f %9.3f %10.2f" % (
-                pass_, case.name, t["this"].median * 1e3, t["other"].median * 1e3,
-                t["roofline"].median * 1e3, t["this"].median / t["other"].median), flush=True)
+            print(
+                "%-8s %-24s %9.3f %9.3f %9.3f %10.2f"
+                % (
+                    pass_,
+                    case.name,
+                    t["this"].median * 1e3,
+                    t["other"].median * 1e3,
+                    t["roofline"].median * 1e3,
+                    t["this"].median / t["other"].median,
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -76,8 +76,19 @@ def assert_close(got, want, dtype=None, rtol=None, what=""):
         raise AssertionError(
             "%s: %d of %d entries differ beyond rtol=%g atol=%g; max abs err %g (scale %g); "
             "first at %s: got %r want %r"
-            % (what, int(bad.sum()), bad.size, rtol, atol, err, scale, tuple(idx),
-               g64[tuple(idx)], want[tuple(idx)]))
+            % (
+                what,
+                int(bad.sum()),
+                bad.size,
+                rtol,
+                atol,
+                err,
+                scale,
+                tuple(idx),
+                g64[tuple(idx)],
+                want[tuple(idx)],
+            )
+        )
 
 
 def stride_order(a):
@@ -91,11 +102,11 @@ def stride_order(a):
 # ---------------------------------------------------------------------------
 
 LAYOUTS = (
-    "c",              # C-contiguous
-    "fortran",        # Fortran order
+    "c",  # C-contiguous
+    "fortran",  # Fortran order
     "channels_last",  # the channel axis innermost in memory, same logical shape
     "sliced_channels",  # every other channel of a twice-as-wide array
-    "sliced_batch",   # every other sample of a twice-as-long batch
+    "sliced_batch",  # every other sample of a twice-as-long batch
     "reversed_batch",  # negative stride on axis 0
     "reversed_last",  # negative stride on the last axis
     "channels_outer",  # channel axis outermost in memory (no foldable layout)
@@ -142,6 +153,7 @@ def as_layout(a, layout, axis=1):
 # OpenMP thread limits for forward (which has no num_threads argument)
 # ---------------------------------------------------------------------------
 
+
 def _loaded_openmp():
     with open("/proc/self/maps") as f:
         paths = {line.split()[-1] for line in f if "/" in line}
@@ -186,8 +198,13 @@ def reference64(x, gamma, beta, bn_param, dout, axis=1):
         if p.get(key) is not None:
             p[key] = np.array(p[key], dtype=np.float64)
     out, cache = bnkernels.reference.forward(
-        x64, np.asarray(gamma, np.float64), np.asarray(beta, np.float64), p, axis=axis)
+        x64, np.asarray(gamma, np.float64), np.asarray(beta, np.float64), p, axis=axis
+    )
     dy = np.array(dout, dtype=np.float64)
-    return out, cache, p, bnkernels.reference.backward_alt(dy, cache), \
-        bnkernels.reference.backward_graph(dy, cache)
-
+    return (
+        out,
+        cache,
+        p,
+        bnkernels.reference.backward_alt(dy, cache),
+        bnkernels.reference.backward_graph(dy, cache),
+    )

@@ -14,12 +14,16 @@ from bnhelpers import openmp_threads  # noqa: E402
 def pytest_report_header(config):
     try:
         import threadpoolctl  # noqa: F401
+
         limiter = "threadpoolctl"
     except ImportError:
         limiter = "omp_set_num_threads (threadpoolctl not installed)"
     return "bnkernels %s: OpenMP %s, %d threads by default; thread limits via %s" % (
-        bnkernels.__version__, "on" if bnkernels.openmp_enabled() else "off",
-        bnkernels.max_threads(), limiter)
+        bnkernels.__version__,
+        "on" if bnkernels.openmp_enabled() else "off",
+        bnkernels.max_threads(),
+        limiter,
+    )
 
 
 @pytest.fixture

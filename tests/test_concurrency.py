@@ -29,6 +29,7 @@ JOIN_TIMEOUT = 120.0  # only bounds a hang; nothing asserts on time
 # workloads: one per thread, covering both layouts, both dtypes and the copy path
 # ---------------------------------------------------------------------------
 
+
 def _arrays(seed, shape, dtype, axis):
     rng = np.random.default_rng(seed)
     C = shape[axis]
@@ -63,9 +64,12 @@ def _workloads():
         elif view == "flip":
             x, dy = x[::-1, :, ::-1], dy[:, ::-1]
         C = shape[axis]
-        param = {"mode": "train", **extra,
-                 "running_mean": np.linspace(-1, 1, C).astype(dtype),
-                 "running_var": np.linspace(0.5, 2, C).astype(dtype)}
+        param = {
+            "mode": "train",
+            **extra,
+            "running_mean": np.linspace(-1, 1, C).astype(dtype),
+            "running_var": np.linspace(0.5, 2, C).astype(dtype),
+        }
         work.append((x, dy, gamma, beta, axis, param, nt))
     return work
 
@@ -74,8 +78,17 @@ def _run(x, dy, gamma, beta, axis, param, nt):
     param = dict(param)  # forward stores running stats back: one dict per call
     out, cache = bnkernels.forward(x, gamma, beta, param, axis=axis)
     dx, dgamma, dbeta = bnkernels.backward(dy, cache, num_threads=nt)
-    return [out, param["running_mean"], param["running_var"], cache["mean"], cache["var"],
-            cache["invstd"], dx, dgamma, dbeta]
+    return [
+        out,
+        param["running_mean"],
+        param["running_var"],
+        cache["mean"],
+        cache["var"],
+        cache["invstd"],
+        dx,
+        dgamma,
+        dbeta,
+    ]
 
 
 def _in_threads(target, n):
@@ -146,6 +159,7 @@ def test_threads_on_shared_inputs_get_serial_results(which):
 # OpenMP threads inside one call: every call gives the serial result
 # ---------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def omp_threads(n):
     """OpenMP's default team size for calls from this thread (forward has no num_threads)."""
@@ -190,18 +204,21 @@ def test_every_call_of_a_team_gives_the_serial_result(case):
         nt = 2
         with omp_threads(nt):
             out, c = bnkernels.forward(x, gamma, beta, dict(param), axis=axis)
-        bad_fwd += not all(np.array_equal(a, b)
-                           for a, b in zip([out, c["mean"], c["var"], c["invstd"]], want))
+        bad_fwd += not all(
+            np.array_equal(a, b) for a, b in zip([out, c["mean"], c["var"], c["invstd"]], want)
+        )
         got = bnkernels.backward(dy, cache, num_threads=nt)
         bad_bwd += not all(np.array_equal(a, b) for a, b in zip(got, want_bwd))
     assert (bad_fwd, bad_bwd) == (0, 0), (
         "%d of %d forward and %d of %d backward calls differ from the 1-thread result"
-        % (bad_fwd, calls, bad_bwd, calls))
+        % (bad_fwd, calls, bad_bwd, calls)
+    )
 
 
 # ---------------------------------------------------------------------------
 # the GIL
 # ---------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def sticky_gil():

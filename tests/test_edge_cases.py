@@ -7,8 +7,16 @@ import pytest
 
 import bnkernels
 from bnkernels import _kernels, reference
-from bnhelpers import (as_layout, assert_close, channel_shape, make_inputs,
-                       numerical_gradient, reference64, rel_error, stride_order)
+from bnhelpers import (
+    as_layout,
+    assert_close,
+    channel_shape,
+    make_inputs,
+    numerical_gradient,
+    reference64,
+    rel_error,
+    stride_order,
+)
 
 KERNEL_DTYPES = [np.float32, np.float64]
 DT_IDS = ["float32", "float64"]
@@ -23,11 +31,14 @@ IMPLS = {
 # one element per channel (M = 1)
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("shape,axis", [((1, 7), 1), ((1, 5, 1, 1), 1), ((1, 1, 1, 6), -1),
-                                        ((1, 3000), 1), ((1, 4, 1), 1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((1, 7), 1), ((1, 5, 1, 1), 1), ((1, 1, 1, 6), -1), ((1, 3000), 1), ((1, 4, 1), 1)],
+)
 def test_single_element_per_channel(shape, axis, impl, dtype, eps_mode):
     forward, backward = IMPLS[impl]
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=1)
@@ -63,8 +74,13 @@ def test_single_element_gradient_is_numerically_zero():
 # a constant channel (M > 1, variance 0)
 # ---------------------------------------------------------------------------
 
-CONST_SHAPES = [((16, 4), 1), ((4, 3, 5, 5), 1), ((3, 5, 5, 4), -1), ((40000, 3), 1),
-                ((2, 3, 300, 300), 1)]
+CONST_SHAPES = [
+    ((16, 4), 1),
+    ((4, 3, 5, 5), 1),
+    ((3, 5, 5, 4), -1),
+    ((40000, 3), 1),
+    ((2, 3, 300, 300), 1),
+]
 
 
 def _with_constant_channel(shape, axis, dtype, c=1, value=0.1):
@@ -84,8 +100,13 @@ def test_constant_channel(shape, axis, dtype, eps_mode):
     bn_param = {"mode": "train", "eps_mode": eps_mode}
     out, cache = bnkernels.forward(x, gamma, beta, bn_param, axis=axis)
     dx, dgamma, dbeta = bnkernels.backward(dout, cache)
-    for name, a in (("out", out), ("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta),
-                    ("running_var", bn_param["running_var"])):
+    for name, a in (
+        ("out", out),
+        ("dx", dx),
+        ("dgamma", dgamma),
+        ("dbeta", dbeta),
+        ("running_var", bn_param["running_var"]),
+    ):
         assert np.all(np.isfinite(a)), name
     # xhat = 0 on the constant channel: out = beta there, and the statistics are exact
     assert cache["var"][c] == 0
@@ -97,11 +118,17 @@ def test_constant_channel(shape, axis, dtype, eps_mode):
     d = np.sqrt(eps) if eps_mode == "var" else eps
     dy = dout[idx].astype(np.float64)
     want = gamma[c] / d * (dy - dy.mean())
-    assert_close(dx[idx], want, dtype, rtol=1e-4 if dtype == np.float32 else 1e-8,
-                 what="dx on the constant channel")
+    assert_close(
+        dx[idx],
+        want,
+        dtype,
+        rtol=1e-4 if dtype == np.float32 else 1e-8,
+        what="dx on the constant channel",
+    )
 
-    r_out, _, _, r_alt, r_graph = reference64(x, gamma, beta, {"mode": "train",
-                                                               "eps_mode": eps_mode}, dout, axis)
+    r_out, _, _, r_alt, r_graph = reference64(
+        x, gamma, beta, {"mode": "train", "eps_mode": eps_mode}, dout, axis
+    )
     rtol = 1e-4 if dtype == np.float32 else 1e-8
     assert_close(out, r_out, rtol=rtol, what="out")
     for r in (r_alt, r_graph):
@@ -125,7 +152,7 @@ def test_constant_channel_gradient_matches_numerical(impl, shape, axis):
     dx, dgamma, dbeta = backward(w, cache)
     num_dx = numerical_gradient(loss, x, h=1e-6)
     assert rel_error(dx, num_dx) < 1e-5
-    assert np.abs(dx[idx]).max() > 1.0   # gamma/sqrt(eps) * (dy - mean dy): large, not zero
+    assert np.abs(dx[idx]).max() > 1.0  # gamma/sqrt(eps) * (dy - mean dy): large, not zero
     assert rel_error(dbeta, numerical_gradient(loss, beta)) < 1e-6
     others = [i for i in range(shape[axis]) if i != 1]
     assert rel_error(dgamma[others], numerical_gradient(loss, gamma)[others]) < 1e-6
@@ -141,16 +168,22 @@ def test_all_channels_constant():
     assert np.all(np.isfinite(dx))
     assert np.array_equal(dgamma, np.zeros(4))
     dy_mean = dout.mean(axis=(0, 2), keepdims=True)
-    np.testing.assert_allclose(dx, gamma[None, :, None] / np.sqrt(1e-5) * (dout - dy_mean),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        dx, gamma[None, :, None] / np.sqrt(1e-5) * (dout - dy_mean), rtol=1e-9, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------
 # NaN / Inf stay in their channel
 # ---------------------------------------------------------------------------
 
-BAD_SHAPES = [((50, 6), 1), ((4, 6, 5, 5), 1), ((3, 5, 5, 6), -1), ((40000, 6), 1),
-              ((2, 6, 200, 200), 1)]
+BAD_SHAPES = [
+    ((50, 6), 1),
+    ((4, 6, 5, 5), 1),
+    ((3, 5, 5, 6), -1),
+    ((40000, 6), 1),
+    ((2, 6, 200, 200), 1),
+]
 
 
 def _poison(a, axis, c, value):
@@ -186,16 +219,20 @@ def test_nonfinite_input_stays_in_its_channel(shape, axis, dtype, value):
         b_o, g_o = _channel(b, axis, others), _channel(g, axis, others)
         assert np.all(np.isfinite(b_o)), name
         assert np.array_equal(b_o, g_o), "%s of the clean channels changed" % name
-    for name, b, g in (("dgamma", dg_b, dg_g), ("dbeta", db_b, db_g),
-                       ("running_mean", p_bad["running_mean"], p_good["running_mean"]),
-                       ("running_var", p_bad["running_var"], p_good["running_var"])):
+    for name, b, g in (
+        ("dgamma", dg_b, dg_g),
+        ("dbeta", db_b, db_g),
+        ("running_mean", p_bad["running_mean"], p_good["running_mean"]),
+        ("running_var", p_bad["running_var"], p_good["running_var"]),
+    ):
         assert np.all(np.isfinite(b[others])), name
         assert np.array_equal(b[others], g[others]), name
 
     # and the clean channels agree with a computation that never saw the bad channel
     x_o = _channel(x, axis, others)
-    out_o, cache_o = bnkernels.forward(x_o, gamma[others], beta[others], {"mode": "train"},
-                                       axis=axis)
+    out_o, cache_o = bnkernels.forward(
+        x_o, gamma[others], beta[others], {"mode": "train"}, axis=axis
+    )
     dx_o, dg_o, db_o = bnkernels.backward(_channel(dout, axis, others), cache_o)
     rtol = 1e-6 if dtype == np.float32 else 1e-12
     assert_close(_channel(out_b, axis, others), out_o.astype(np.float64), rtol=rtol, what="out")
@@ -254,9 +291,15 @@ def _readonly(*arrays):
 
 @pytest.mark.parametrize("mode", ["train", "test"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ALL_IDS)
-@pytest.mark.parametrize("shape,axis,layout", [((6, 4, 5, 5), 1, "c"), ((6, 5, 5, 4), -1, "c"),
-                                               ((9, 7), 1, "fortran"),
-                                               ((6, 4, 5, 5), 1, "reversed_last")])
+@pytest.mark.parametrize(
+    "shape,axis,layout",
+    [
+        ((6, 4, 5, 5), 1, "c"),
+        ((6, 5, 5, 4), -1, "c"),
+        ((9, 7), 1, "fortran"),
+        ((6, 4, 5, 5), 1, "reversed_last"),
+    ],
+)
 def test_read_only_inputs(shape, axis, layout, dtype, mode):
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=7)
     x, dout = as_layout(x, layout, axis), as_layout(dout, layout, axis)
@@ -309,9 +352,15 @@ def _assert_unchanged(obj, snap, what):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ALL_IDS)
-@pytest.mark.parametrize("x_layout,dout_layout", [("c", "c"), ("channels_last", "c"),
-                                                  ("sliced_channels", "reversed_batch"),
-                                                  ("fortran", "channels_outer")])
+@pytest.mark.parametrize(
+    "x_layout,dout_layout",
+    [
+        ("c", "c"),
+        ("channels_last", "c"),
+        ("sliced_channels", "reversed_batch"),
+        ("fortran", "channels_outer"),
+    ],
+)
 def test_inputs_are_not_modified(dtype, x_layout, dout_layout):
     x0, gamma, beta, dout0 = make_inputs((5, 6, 4, 3), 1, dtype, seed=9)
     x, dout = as_layout(x0, x_layout), as_layout(dout0, dout_layout)
@@ -338,6 +387,7 @@ def test_inputs_are_not_modified(dtype, x_layout, dout_layout):
 # output memory layout
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
 def test_channels_last_in_channels_last_out(dtype):
     x, gamma, beta, dout = make_inputs((3, 8, 9, 5), -1, dtype, seed=10)
@@ -354,8 +404,9 @@ def test_channels_last_in_channels_last_out(dtype):
     assert out_v.strides == xv.strides and dx_v.strides == dv.strides
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [np.float16, np.longdouble],
-                         ids=DT_IDS + ["float16", "longdouble"])
+@pytest.mark.parametrize(
+    "dtype", KERNEL_DTYPES + [np.float16, np.longdouble], ids=DT_IDS + ["float16", "longdouble"]
+)
 def test_fortran_order_2d(dtype):
     x, gamma, beta, dout = make_inputs((40, 6), 1, dtype, seed=11)
     xf, df = np.asfortranarray(x), np.asfortranarray(dout)
@@ -370,8 +421,10 @@ def test_fortran_order_2d(dtype):
     assert_close(dx, dx_c.astype(np.float64), rtol=rtol, what="dx")
 
 
-@pytest.mark.parametrize("dout_layout", ["c", "fortran", "channels_last", "channels_outer",
-                                         "sliced_batch", "reversed_batch"])
+@pytest.mark.parametrize(
+    "dout_layout",
+    ["c", "fortran", "channels_last", "channels_outer", "sliced_batch", "reversed_batch"],
+)
 @pytest.mark.parametrize("x_layout", ["c", "channels_last", "sliced_channels"])
 def test_dx_follows_dout_layout(x_layout, dout_layout):
     x0, gamma, beta, dout0 = make_inputs((4, 5, 6, 7), 1, np.float32, seed=12)
@@ -382,8 +435,11 @@ def test_dx_follows_dout_layout(x_layout, dout_layout):
     assert stride_order(dx) == stride_order(dout)
     assert all(s > 0 for s in dx.strides) and all(s > 0 for s in out.strides)
     # compact: no gaps
-    assert dx.flags.c_contiguous or dx.flags.f_contiguous or \
-        np.prod(dx.shape) * dx.itemsize == max(abs(s) * n for s, n in zip(dx.strides, dx.shape))
+    assert (
+        dx.flags.c_contiguous
+        or dx.flags.f_contiguous
+        or np.prod(dx.shape) * dx.itemsize == max(abs(s) * n for s, n in zip(dx.strides, dx.shape))
+    )
     for v in (dgamma, dbeta):
         assert v.shape == (5,) and v.dtype == np.float32 and v.flags.c_contiguous
 
@@ -392,10 +448,12 @@ def test_dx_follows_dout_layout(x_layout, dout_layout):
 # float16 and longdouble go through the reference
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["train", "test"])
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
-@pytest.mark.parametrize("dtype,rtol", [(np.float16, 5e-3), (np.longdouble, 1e-12)],
-                         ids=["float16", "longdouble"])
+@pytest.mark.parametrize(
+    "dtype,rtol", [(np.float16, 5e-3), (np.longdouble, 1e-12)], ids=["float16", "longdouble"]
+)
 @pytest.mark.parametrize("shape,axis", [((16, 5), 1), ((4, 3, 6, 6), 1), ((4, 6, 6, 3), -1)])
 def test_reference_dtypes_keep_their_dtype(shape, axis, dtype, rtol, eps_mode, mode):
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=13)
@@ -407,8 +465,14 @@ def test_reference_dtypes_keep_their_dtype(shape, axis, dtype, rtol, eps_mode, m
     p = dict(bn_param)
     out, cache = bnkernels.forward(x, gamma, beta, p, axis=axis)
     dx, dgamma, dbeta = bnkernels.backward(dout, cache)
-    for name, a in (("out", out), ("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta),
-                    ("running_mean", p["running_mean"]), ("running_var", p["running_var"])):
+    for name, a in (
+        ("out", out),
+        ("dx", dx),
+        ("dgamma", dgamma),
+        ("dbeta", dbeta),
+        ("running_mean", p["running_mean"]),
+        ("running_var", p["running_var"]),
+    ):
         assert a.dtype == dtype, "%s has dtype %s" % (name, a.dtype)
     r_out, _, p_ref, r_alt, _ = reference64(x, gamma, beta, bn_param, dout, axis)
     assert_close(out, r_out, rtol=rtol, what="out")
@@ -426,8 +490,9 @@ def test_reference_dtypes_keep_their_dtype(shape, axis, dtype, rtol, eps_mode, m
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("dtype,rtol", [(np.float16, 5e-3), (np.longdouble, 1e-12)],
-                         ids=["float16", "longdouble"])
+@pytest.mark.parametrize(
+    "dtype,rtol", [(np.float16, 5e-3), (np.longdouble, 1e-12)], ids=["float16", "longdouble"]
+)
 def test_reference_dtypes_with_seed_style_cache(dtype, rtol):
     x, gamma, _, dout = make_inputs((20, 4), 1, dtype, seed=14)
     x64 = x.astype(np.float64)
@@ -436,8 +501,9 @@ def test_reference_dtypes_with_seed_style_cache(dtype, rtol):
     cache = {"x_hat": xhat.astype(dtype), "gamma": gamma, "denom": denom.astype(dtype)}
     dx, dgamma, dbeta = bnkernels.backward(dout, cache)
     assert dx.dtype == dtype and dgamma.dtype == dtype and dbeta.dtype == dtype
-    want = reference.backward_alt(dout.astype(np.float64),
-                                  {k: v.astype(np.float64) for k, v in cache.items()})
+    want = reference.backward_alt(
+        dout.astype(np.float64), {k: v.astype(np.float64) for k, v in cache.items()}
+    )
     for a, b, name in zip((dx, dgamma, dbeta), want, ("dx", "dgamma", "dbeta")):
         assert_close(a, b, rtol=rtol, what=name)
 
@@ -458,13 +524,13 @@ def test_longdouble_keeps_its_extra_precision():
     k = np.arange(8, dtype=np.longdouble)
     want = (k - k.mean()) / np.sqrt(((k - k.mean()) ** 2).mean())
     np.testing.assert_allclose(out[:, 0].astype(np.float64), want.astype(np.float64), rtol=1e-3)
-    np.testing.assert_allclose(out[:, 1].astype(np.float64), -want.astype(np.float64),
-                               rtol=1e-3)
+    np.testing.assert_allclose(out[:, 1].astype(np.float64), -want.astype(np.float64), rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------
 # running statistics
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ALL_IDS)
 @pytest.mark.parametrize("shape,axis", [((12, 4), 1), ((3, 4, 5, 6), 1), ((3, 5, 6, 4), -1)])
@@ -492,12 +558,18 @@ def test_running_stats_created_and_updated(shape, axis, dtype):
     x2 = (x64 * 2 + 1).astype(dtype)
     bnkernels.forward(x2, gamma, beta, bn_param, axis=axis)
     x2_64 = x2.astype(np.float64)
-    np.testing.assert_allclose(bn_param["running_mean"].astype(np.float64),
-                               0.5 * rm.astype(np.float64) + 0.5 * x2_64.mean(axis=red),
-                               rtol=tol, atol=tol)
-    np.testing.assert_allclose(bn_param["running_var"].astype(np.float64),
-                               0.5 * rv.astype(np.float64) + 0.5 * x2_64.var(axis=red),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        bn_param["running_mean"].astype(np.float64),
+        0.5 * rm.astype(np.float64) + 0.5 * x2_64.mean(axis=red),
+        rtol=tol,
+        atol=tol,
+    )
+    np.testing.assert_allclose(
+        bn_param["running_var"].astype(np.float64),
+        0.5 * rv.astype(np.float64) + 0.5 * x2_64.var(axis=red),
+        rtol=tol,
+        atol=tol,
+    )
 
 
 def _numpy_running(running, stat, momentum):
@@ -514,7 +586,7 @@ def test_running_update_is_numpys_expression_bitwise(dtype, momentum):
     for exp in (-300, -40, -1, 0, 5, 30, 300):
         running = (rng.standard_normal(37) * 10.0 ** min(exp, 30)).astype(dtype)
         stat = np.clip(rng.standard_normal(37) * 10.0**exp, -big, big)
-        stat[0] = 1e-45   # a float32 subnormal
+        stat[0] = 1e-45  # a float32 subnormal
         got = _kernels.running_update(running, stat, momentum)
         want = _numpy_running(running, stat, momentum)
         assert got.dtype == want.dtype and got is not running
@@ -538,25 +610,30 @@ def test_running_stats_overflow_warns_as_numpy_does():
         bnkernels.forward(x, np.ones(1, np.float32), np.zeros(1, np.float32), {"mode": "train"})
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "strided", "float64 for float32 x",
-                                  "float16", "default"])
+@pytest.mark.parametrize(
+    "kind", ["contiguous", "strided", "float64 for float32 x", "float16", "default"]
+)
 def test_forward_running_stats_bitwise_numpys_update(kind):
     rng = np.random.default_rng(20)
     x = (rng.standard_normal((50, 6)) * 3 + 1).astype(np.float32)
     gamma, beta = np.ones(6, np.float32), np.zeros(6, np.float32)
     base = rng.standard_normal(12)
-    running = {"contiguous": base[:6].astype(np.float32),
-               "strided": base.astype(np.float32)[::2],
-               "float64 for float32 x": base[:6].copy(),
-               "float16": base[:6].astype(np.float16),
-               "default": np.zeros(6, np.float32)}[kind]
+    running = {
+        "contiguous": base[:6].astype(np.float32),
+        "strided": base.astype(np.float32)[::2],
+        "float64 for float32 x": base[:6].copy(),
+        "float16": base[:6].astype(np.float16),
+        "default": np.zeros(6, np.float32),
+    }[kind]
     p = {"mode": "train", "momentum": 0.7}
     if kind != "default":
         p["running_mean"], p["running_var"] = running, running + 2
     before_mean, before_var = running.copy(), (running + 2) if kind != "default" else running
     _, cache = bnkernels.forward(x, gamma, beta, p)
-    for name, old, stat in (("running_mean", before_mean, cache["mean"]),
-                            ("running_var", before_var, cache["var"])):
+    for name, old, stat in (
+        ("running_mean", before_mean, cache["mean"]),
+        ("running_var", before_var, cache["var"]),
+    ):
         want = _numpy_running(old, stat, 0.7)
         assert p[name].dtype == want.dtype, name
         assert np.array_equal(p[name].view(np.uint8), want.view(np.uint8)), name
@@ -603,12 +680,12 @@ def test_eps_modes_follow_their_formulas(dtype):
     g = gamma.astype(np.float64)[None, :, None]
     b = beta.astype(np.float64)[None, :, None]
     for eps_mode, denom in (("var", np.sqrt(var + eps)), ("std", np.sqrt(var) + eps)):
-        out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps": eps,
-                                                        "eps_mode": eps_mode})
+        out, cache = bnkernels.forward(
+            x, gamma, beta, {"mode": "train", "eps": eps, "eps_mode": eps_mode}
+        )
         assert_close(out, g * (x64 - mu) / denom + b, dtype, what="out eps_mode=%s" % eps_mode)
     out_var, _ = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps": eps})
-    out_std, _ = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps": eps,
-                                                     "eps_mode": "std"})
+    out_std, _ = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps": eps, "eps_mode": "std"})
     assert not np.allclose(out_var, out_std, rtol=1e-3)
 
 
@@ -616,10 +693,12 @@ def test_eps_modes_follow_their_formulas(dtype):
 # test mode
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape,axis", [((10, 4), 1), ((3, 4, 6, 5), 1), ((3, 6, 5, 4), -1),
-                                        ((1, 4), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((10, 4), 1), ((3, 4, 6, 5), 1), ((3, 6, 5, 4), -1), ((1, 4), 1)]
+)
 def test_test_mode_uses_running_stats(shape, axis, dtype, eps_mode):
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=19)
     C = shape[axis]
@@ -628,8 +707,13 @@ def test_test_mode_uses_running_stats(shape, axis, dtype, eps_mode):
     rm = rng.standard_normal(C).astype(dtype)
     rv = rng.uniform(0.2, 2.0, C).astype(dtype)
     eps = 1e-3
-    bn_param = {"mode": "test", "eps": eps, "eps_mode": eps_mode,
-                "running_mean": rm, "running_var": rv}
+    bn_param = {
+        "mode": "test",
+        "eps": eps,
+        "eps_mode": eps_mode,
+        "running_mean": rm,
+        "running_var": rv,
+    }
     out, cache = bnkernels.forward(x, gamma, beta, bn_param, axis=axis)
     assert np.array_equal(bn_param["running_mean"], rm)
     assert np.array_equal(bn_param["running_var"], rv)
@@ -652,8 +736,11 @@ def test_test_mode_uses_running_stats(shape, axis, dtype, eps_mode):
 def test_test_mode_is_per_sample(dtype):
     """Test mode does not look at the batch: a sub-batch gives bitwise the same rows."""
     x, gamma, beta, dout = make_inputs((64, 8, 9), 1, dtype, seed=21)
-    bn = {"mode": "test", "running_mean": np.linspace(-1, 1, 8).astype(dtype),
-          "running_var": np.linspace(0.5, 2, 8).astype(dtype)}
+    bn = {
+        "mode": "test",
+        "running_mean": np.linspace(-1, 1, 8).astype(dtype),
+        "running_var": np.linspace(0.5, 2, 8).astype(dtype),
+    }
     out, cache = bnkernels.forward(x, gamma, beta, dict(bn))
     out_part, cache_part = bnkernels.forward(x[5:9], gamma, beta, dict(bn))
     assert np.array_equal(out[5:9], out_part)
@@ -666,8 +753,7 @@ def test_test_mode_is_per_sample(dtype):
 def test_test_mode_without_running_stats_uses_zeros(dtype):
     x, gamma, beta, _ = make_inputs((6, 3), 1, dtype, seed=22)
     out, _ = bnkernels.forward(x, gamma, beta, {"mode": "test"})
-    want = gamma.astype(np.float64) * x.astype(np.float64) / np.sqrt(1e-5) \
-        + beta.astype(np.float64)
+    want = gamma.astype(np.float64) * x.astype(np.float64) / np.sqrt(1e-5) + beta.astype(np.float64)
     assert_close(out, want, dtype, what="out")
 
 

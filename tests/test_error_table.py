@@ -17,9 +17,11 @@ from readme_blocks import read_readme_block, write_readme_block
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
 START, END = "<!-- errors:start -->", "<!-- errors:end -->"
-HEADER = ("<!-- generated from tests/test_errors.py by `python tests/test_error_table.py --write` -->\n"
-          "| input | exception | message contains |\n"
-          "| --- | --- | --- |\n")
+HEADER = (
+    "<!-- generated from tests/test_errors.py by `python tests/test_error_table.py --write` -->\n"
+    "| input | exception | message contains |\n"
+    "| --- | --- | --- |\n"
+)
 
 # one literal run of a regex: escaped punctuation or characters that are not metacharacters
 # (a lone '.' matches itself too, so "bnkernels.forward" reads as written)
@@ -67,8 +69,10 @@ def render_match(pattern):
 
 
 def build_table(cases):
-    rows = ["| %s | `%s` | %s |" % (c.name.replace("|", "\\|"), c.exc.__name__,
-                                    render_match(c.match)) for c in cases]
+    rows = [
+        "| %s | `%s` | %s |" % (c.name.replace("|", "\\|"), c.exc.__name__, render_match(c.match))
+        for c in cases
+    ]
     return HEADER + "\n".join(rows) + "\n"
 
 
@@ -76,11 +80,13 @@ def build_table(cases):
 # tests
 # ---------------------------------------------------------------------------
 
+
 def test_readme_error_table_is_current():
     block = read_readme_block(README, START, END)
     expected = "\n" + build_table(load_cases())
-    assert block == expected, ("README's error table is out of date: run "
-                               "`python tests/test_error_table.py --write`")
+    assert block == expected, (
+        "README's error table is out of date: run `python tests/test_error_table.py --write`"
+    )
 
 
 def test_table_has_a_row_per_case():

@@ -48,8 +48,9 @@ def _check(forward, backward, x, gamma, beta, w, bn_param, axis, threshold=THRES
     return errors
 
 
-@pytest.mark.parametrize("impl,ndim,axis,eps_mode,mode", GRID,
-                         ids=["-".join(map(str, g)) for g in GRID])
+@pytest.mark.parametrize(
+    "impl,ndim,axis,eps_mode,mode", GRID, ids=["-".join(map(str, g)) for g in GRID]
+)
 def test_gradient_matches_centered_differences(impl, ndim, axis, eps_mode, mode):
     forward, backward = IMPLS[impl]
     shape = SHAPES[ndim]
@@ -82,14 +83,23 @@ def _seed_forward(x, gamma, beta, eps):
     denom = np.sqrt(sample_var + eps)
     x_hat = (x - sample_mean) / denom
     out = gamma * x_hat + beta
-    cache = {"x_hat": x_hat, "mu": sample_mean, "var": sample_var, "denom": denom,
-             "gamma": gamma, "beta": beta, "x": x}
+    cache = {
+        "x_hat": x_hat,
+        "mu": sample_mean,
+        "var": sample_var,
+        "denom": denom,
+        "gamma": gamma,
+        "beta": beta,
+        "x": x,
+    }
     return out, cache
 
 
-@pytest.mark.parametrize("backward", [bnkernels.backward, reference.backward_graph,
-                                      reference.backward_alt],
-                         ids=["kernels", "reference.backward_graph", "reference.backward_alt"])
+@pytest.mark.parametrize(
+    "backward",
+    [bnkernels.backward, reference.backward_graph, reference.backward_alt],
+    ids=["kernels", "reference.backward_graph", "reference.backward_alt"],
+)
 def test_gradient_with_seed_style_cache(backward):
     x, gamma, beta, w = make_inputs((7, 5), 1, np.float64, seed=3)
     eps = 1e-5

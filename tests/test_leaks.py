@@ -31,9 +31,21 @@ def rss():
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)  # glibc >= 2.33
@@ -64,14 +76,20 @@ def assert_flat(step):
     if heap_before is not None:
         heap_grown = heap_in_use() - heap_before
         assert heap_grown < HEAP_BOUND, "malloc'd memory grew by %d bytes over %d calls" % (
-            heap_grown, CALLS)
+            heap_grown,
+            CALLS,
+        )
 
 
 # planar (N, C, L) float64 128 KiB; rows (R, C) float32 64 KiB with R past one row chunk
 # (several chunks: the kernels' partial-sum scratch); channels-last float64 64 KiB; rows with
 # 4096 channels float64 64 KiB (the per-channel scratch alone is 96 KiB)
-SHAPES = [((4, 8, 512), np.float64, 1), ((4100, 4), np.float32, 1),
-          ((2, 8, 8, 64), np.float64, -1), ((2, 4096), np.float64, 1)]
+SHAPES = [
+    ((4, 8, 512), np.float64, 1),
+    ((4100, 4), np.float32, 1),
+    ((2, 8, 8, 64), np.float64, -1),
+    ((2, 4096), np.float64, 1),
+]
 
 
 @functools.cache
@@ -87,7 +105,9 @@ def fresh(shape, dtype, i):
     return a
 
 
-@pytest.mark.parametrize("shape, dtype, axis", SHAPES, ids=["planar", "rows", "channels_last", "wide"])
+@pytest.mark.parametrize(
+    "shape, dtype, axis", SHAPES, ids=["planar", "rows", "channels_last", "wide"]
+)
 def test_forward_backward_calls_do_not_leak(shape, dtype, axis):
     C = shape[axis]
     gamma, beta = np.ones(C, dtype), np.zeros(C, dtype)
@@ -130,8 +150,12 @@ def _failing_calls(shape, dtype):
         (TypeError, lambda x, dy: bnkernels.backward(dy.astype(np.int64), ok(x))),
         (ValueError, lambda x, dy: bnkernels.backward(dy, ok(x), num_threads=0)),
         (ValueError, lambda x, dy: bnkernels.backward(dy, {"x": x, "invstd": np.ones(C)})),
-        (ValueError, lambda x, dy: bnkernels.backward(
-            dy, {"x_hat": x.reshape(2, -1, 4), "gamma": g, "denom": g})),
+        (
+            ValueError,
+            lambda x, dy: bnkernels.backward(
+                dy, {"x_hat": x.reshape(2, -1, 4), "gamma": g, "denom": g}
+            ),
+        ),
     ]
 
 

@@ -67,8 +67,9 @@ def _inputs(name, dtype):
 def test_forward_allocates_out_and_a_lean_cache(name, mode, dtype):
     x, dy, gamma, beta, axis, C = _inputs(name, dtype)
     param = {"mode": mode, "running_mean": np.zeros(C, dtype), "running_var": np.ones(C, dtype)}
-    (out, cache), peak = peak_during(lambda: bnkernels.forward(x, gamma, beta, dict(param),
-                                                               axis=axis))
+    (out, cache), peak = peak_during(
+        lambda: bnkernels.forward(x, gamma, beta, dict(param), axis=axis)
+    )
     assert peak >= out.nbytes  # the measurement sees NumPy's allocations
     assert peak <= out.nbytes + slack(C), "forward peak %d bytes, out is %d" % (peak, out.nbytes)
     # the cache keeps x itself and (C,) float64 statistics: nothing x-sized of its own
@@ -95,8 +96,11 @@ def test_backward_allocates_dx_and_no_more(name, mode, dtype):
 def test_seed_style_backward_allocates_dx_and_no_more(dtype):
     rng = np.random.default_rng(4)
     N, D = 8192, 128
-    cache = {"x_hat": rng.standard_normal((N, D)).astype(dtype),
-             "gamma": np.ones(D, dtype), "denom": np.ones(D, dtype)}
+    cache = {
+        "x_hat": rng.standard_normal((N, D)).astype(dtype),
+        "gamma": np.ones(D, dtype),
+        "denom": np.ones(D, dtype),
+    }
     dy = rng.standard_normal((N, D)).astype(dtype)
     (dx, _, _), peak = peak_during(lambda: bnkernels.backward(dy, cache))
     assert dx.nbytes <= peak <= dx.nbytes + slack(D)

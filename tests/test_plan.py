@@ -51,12 +51,19 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     task_bytes = chunk * cb * width * n_arrays
     narrow = min(C, max(1, NARROW // L))
     line = max(1, 64 // width)
-    if (n_chunks == 1 and n_blocks == 2 and cb == -(-C // 2 // line) * line and C >= 4 * line
-            and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK):
+    if (
+        n_chunks == 1
+        and n_blocks == 2
+        and cb == -(-C // 2 // line) * line
+        and C >= 4 * line
+        and R * C * L >= PARALLEL
+        and C * width * R * n_arrays <= TASK
+    ):
         # all channels would fit one task: split in two, for two threads
         return cb, n_blocks, chunk, n_chunks
-    if n_chunks == 1 and (cb < min(C, max(1, MIN_BLOCK // width))
-                          or task_bytes > max(TASK, cb * width * n_arrays)):
+    if n_chunks == 1 and (
+        cb < min(C, max(1, MIN_BLOCK // width)) or task_bytes > max(TASK, cb * width * n_arrays)
+    ):
         assert cb == narrow
         assert task_bytes <= BIG_TASK
     else:
@@ -88,8 +95,19 @@ BIG = [2**31 - 1, 2**31, 2**31 + 1, 2**32 + 7, 2**40 - 1, 2**40, 2**40 + 3, 2**5
 SMALL = [1, 2, 63, 64, 65, 4095, 4096, 4097, 349525, 349526]
 CHANNELS = [1, 3, 7, 31, 32, 33, 64, 65, 1000, 2048, 4097]
 
-PLANES = [(1, 1), (2, 16), (1, 2**20), (3, 43691), (2**20, 1), (2**16, 2**16), (1, 2**31 + 1),
-          (2**31 + 1, 1), (2**20, 2**20 + 1), (3, 2**40), (2**40 + 1, 5)]
+PLANES = [
+    (1, 1),
+    (2, 16),
+    (1, 2**20),
+    (3, 43691),
+    (2**20, 1),
+    (2**16, 2**16),
+    (1, 2**31 + 1),
+    (2**31 + 1, 1),
+    (2**20, 2**20 + 1),
+    (3, 2**40),
+    (2**40 + 1, 5),
+]
 
 
 @pytest.mark.parametrize("L", [1, 7, 64, 511])
@@ -126,8 +144,13 @@ def test_plans_at_the_largest_sizes(itemsize, n_arrays):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(itemsize=st.sampled_from(ITEMSIZES), n_arrays=st.sampled_from(N_ARRAYS),
-       R=st.integers(1, 2**62), C=st.integers(1, 2**24), L=st.integers(1, 1024))
+@given(
+    itemsize=st.sampled_from(ITEMSIZES),
+    n_arrays=st.sampled_from(N_ARRAYS),
+    R=st.integers(1, 2**62),
+    C=st.integers(1, 2**24),
+    L=st.integers(1, 1024),
+)
 def test_rows_plan_any_size(R, C, itemsize, n_arrays, L):
     R = max(1, min(R, INT64_MAX // (C * L * itemsize * n_arrays)))
     if fits(R * C * L, itemsize, n_arrays):
@@ -135,8 +158,13 @@ def test_rows_plan_any_size(R, C, itemsize, n_arrays, L):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(itemsize=st.sampled_from(ITEMSIZES), n_arrays=st.sampled_from(N_ARRAYS),
-       N=st.integers(1, 2**40), L=st.integers(1, 2**40), C=st.integers(1, 2**16))
+@given(
+    itemsize=st.sampled_from(ITEMSIZES),
+    n_arrays=st.sampled_from(N_ARRAYS),
+    N=st.integers(1, 2**40),
+    L=st.integers(1, 2**40),
+    C=st.integers(1, 2**16),
+)
 def test_planar_plan_any_size(N, C, L, itemsize, n_arrays):
     L = max(1, min(L, INT64_MAX // (N * C * itemsize * n_arrays)))
     if fits(N * L * C, itemsize, n_arrays):
@@ -159,6 +187,7 @@ def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
 # Results across chunk edges: shapes just past one chunk, with a ragged last
 # chunk and (planar) chunks that start in the middle of a plane.
 # ---------------------------------------------------------------------------
+
 
 def _compare(x, axis, dy, eps_mode):
     param = {"mode": "train", "eps_mode": eps_mode}
@@ -191,8 +220,9 @@ def test_rows_results_across_chunk_edges(dtype, eps_mode):
     chunk = _kernels.rows_plan(10**9, C, isz, 1)[2]
     # the fewest rows past a whole number of chunks that the forward plan splits: full
     # chunks and a ragged last one of 3 rows
-    R = next(k * chunk + 3 for k in range(1, 64)
-             if _kernels.rows_plan(k * chunk + 3, C, isz, 1)[3] > 1)
+    R = next(
+        k * chunk + 3 for k in range(1, 64) if _kernels.rows_plan(k * chunk + 3, C, isz, 1)[3] > 1
+    )
     for n_arrays in (1, 2):
         _, _, c, n = _kernels.rows_plan(R, C, isz, n_arrays)
         assert n > 1 and R % c != 0
@@ -210,8 +240,9 @@ def test_small_planes_results_across_chunk_edges(eps_mode):
     C, H, W = 3, 8, 8
     L = H * W
     chunk = _kernels.rows_plan(10**9, C, 4, 1, L)[2]
-    N = next(k * chunk + 3 for k in range(1, 64)
-             if _kernels.rows_plan(k * chunk + 3, C, 4, 1, L)[3] > 1)
+    N = next(
+        k * chunk + 3 for k in range(1, 64) if _kernels.rows_plan(k * chunk + 3, C, 4, 1, L)[3] > 1
+    )
     for n_arrays in (1, 2):
         _, _, c, n = _kernels.rows_plan(N, C, 4, n_arrays, L)
         assert n > 1 and N % c != 0
@@ -264,9 +295,12 @@ bnkernels.backward(x, {"x": x, "mean": np.zeros(3), "var": np.ones(3), "invstd":
 
 @pytest.mark.parametrize("name", list(EMPTY_BACKWARD))
 def test_backward_rejects_an_empty_batch(name):
-    code = ("import numpy as np, bnkernels\n"
-            "try:\n" + "".join("    " + line + "\n" for line in EMPTY_BACKWARD[name].strip().splitlines())
-            + "except ValueError as e:\n    print('ValueError:', e)\n")
+    code = (
+        "import numpy as np, bnkernels\n"
+        "try:\n"
+        + "".join("    " + line + "\n" for line in EMPTY_BACKWARD[name].strip().splitlines())
+        + "except ValueError as e:\n    print('ValueError:', e)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, "child died (exit %d): %s" % (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.startswith("ValueError:"), proc.stdout + proc.stderr[-2000:]

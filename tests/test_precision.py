@@ -39,8 +39,12 @@ def test_shapes_reach_the_chunked_paths():
     assert _kernels.rows_plan(R, C, 4, 1)[3] == 1
     from bnkernels._layout import choose
 
-    for name, kind in [("planar", "planar"), ("small_planes", "rows"), ("planar_chunked", "planar"),
-                       ("rows_chunked", "rows")]:
+    for name, kind in [
+        ("planar", "planar"),
+        ("small_planes", "rows"),
+        ("planar_chunked", "planar"),
+        ("rows_chunked", "rows"),
+    ]:
         shape, axis = SHAPES[name]
         x = np.empty(shape, np.float32)
         assert choose([x, x], axis)[0] == kind, name
@@ -58,7 +62,11 @@ def assert_rel(name, got, want):
     scale = np.abs(want).max()
     err = np.abs(f64(got) - want).max()
     assert err <= RTOL * scale, "%s: max error %.3g, %.3g relative (want <= %g)" % (
-        name, err, err / scale, RTOL)
+        name,
+        err,
+        err / scale,
+        RTOL,
+    )
 
 
 def run_both(x, dy, axis, eps_mode, mode="train", gamma=None, beta=None, running=None):
@@ -91,9 +99,11 @@ def check_all(got, want):
 
 
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
-@pytest.mark.parametrize("loc, std", [(1e4, 1.0), (0.0, 1e-3**0.5), (1e4, 1e-3**0.5),
-                                      (-3e4, 0.1)],
-                         ids=["offset1e4", "var1e-3", "offset1e4-var1e-3", "offset-3e4"])
+@pytest.mark.parametrize(
+    "loc, std",
+    [(1e4, 1.0), (0.0, 1e-3**0.5), (1e4, 1e-3**0.5), (-3e4, 0.1)],
+    ids=["offset1e4", "var1e-3", "offset1e4-var1e-3", "offset-3e4"],
+)
 @pytest.mark.parametrize("layout", list(SHAPES))
 def test_large_offset_and_tiny_variance(layout, loc, std, eps_mode):
     shape, axis = SHAPES[layout]
@@ -115,8 +125,10 @@ def test_large_offset_in_test_mode(layout, eps_mode):
     C = shape[axis]
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    running = ((1e4 + rng.standard_normal(C)).astype(np.float32),
-               rng.uniform(0.5, 2, C).astype(np.float32))
+    running = (
+        (1e4 + rng.standard_normal(C)).astype(np.float32),
+        rng.uniform(0.5, 2, C).astype(np.float32),
+    )
     check_all(*run_both(x, dy, axis, eps_mode, mode="test", running=running))
 
 
@@ -132,8 +144,9 @@ def test_constant_channel_has_zero_variance_and_zero_xhat(layout, eps_mode, dtyp
     x = np.broadcast_to(values.reshape(bshape), shape).copy()
     gamma = np.linspace(0.5, 2, C).astype(dtype)
     beta = np.linspace(-1, 1, C).astype(dtype)
-    out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train", "eps_mode": eps_mode},
-                                   axis=axis)
+    out, cache = bnkernels.forward(
+        x, gamma, beta, {"mode": "train", "eps_mode": eps_mode}, axis=axis
+    )
     assert np.all(cache["var"] >= 0)
     assert np.all(cache["var"] == 0), cache["var"]
     assert np.array_equal(cache["mean"], values.astype(np.float64))
@@ -151,12 +164,16 @@ def test_variance_never_negative_near_constant(layout):
     shape, axis = SHAPES[layout]
     rng = np.random.default_rng(6)
     x = (np.float32(1e4) + rng.integers(-1, 2, shape) * np.spacing(np.float32(1e4))).astype(
-        np.float32)
+        np.float32
+    )
     for eps_mode in ("var", "std"):
-        out, cache = bnkernels.forward(x, np.ones(x.shape[axis], np.float32),
-                                       np.zeros(x.shape[axis], np.float32),
-                                       {"mode": "train", "eps_mode": eps_mode, "eps": 0.0},
-                                       axis=axis)
+        out, cache = bnkernels.forward(
+            x,
+            np.ones(x.shape[axis], np.float32),
+            np.zeros(x.shape[axis], np.float32),
+            {"mode": "train", "eps_mode": eps_mode, "eps": 0.0},
+            axis=axis,
+        )
         assert np.all(cache["var"] >= 0)
         assert np.all(np.isfinite(out))
 
@@ -172,8 +189,12 @@ def test_huge_values_do_not_overflow(layout, eps_mode, dy_scale):
     dy = (dy_scale * rng.standard_normal(shape)).astype(np.float32)
     assert np.all(np.isfinite(x)) and np.all(np.isfinite(dy))
     got, want = run_both(x, dy, axis, eps_mode)
-    for name, w in [("out", want[0]), ("dx", want[2][0]), ("dgamma", want[2][1]),
-                    ("dbeta", want[2][2])]:
+    for name, w in [
+        ("out", want[0]),
+        ("dx", want[2][0]),
+        ("dgamma", want[2][1]),
+        ("dbeta", want[2][2]),
+    ]:
         # the true results fit in float32, so finite float32 answers exist
         assert np.all(np.abs(w) < np.finfo(np.float32).max), name
     check_all(got, want)
@@ -186,8 +207,10 @@ def test_huge_values_in_test_mode(layout):
     rng = np.random.default_rng(8)
     x = (1e30 * rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    running = ((1e29 * rng.standard_normal(C)).astype(np.float32),
-               np.full(C, 1e38, np.float32))  # std 1e19: xhat ~ 1e11
+    running = (
+        (1e29 * rng.standard_normal(C)).astype(np.float32),
+        np.full(C, 1e38, np.float32),
+    )  # std 1e19: xhat ~ 1e11
     got, want = run_both(x, dy, axis, "var", mode="test", running=running)
     for w in (want[0],) + tuple(want[2]):
         assert np.all(np.abs(w) < np.finfo(np.float32).max)
@@ -241,7 +264,11 @@ def test_values_whose_deviation_overflows_float32(layout):
     dy = rng.standard_normal(shape).astype(np.float32)
     with np.errstate(over="ignore"):  # the running variance (~1e77) does not fit float32
         got, want = run_both(x, dy, axis, "var")
-    for name, w in [("out", want[0]), ("dx", want[2][0]), ("dgamma", want[2][1]),
-                    ("dbeta", want[2][2])]:
+    for name, w in [
+        ("out", want[0]),
+        ("dx", want[2][0]),
+        ("dgamma", want[2][1]),
+        ("dbeta", want[2][2]),
+    ]:
         assert np.all(np.isfinite(w)), name
     check_all(got, want)

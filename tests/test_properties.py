@@ -23,19 +23,31 @@ from bnkernels import reference
 from bnkernels._layout import choose
 
 settings.register_profile(
-    "bnkernels.quick", max_examples=300, deadline=None, derandomize=True, print_blob=True,
+    "bnkernels.quick",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "bnkernels.long", max_examples=5000, deadline=None, print_blob=True,
+    "bnkernels.long",
+    max_examples=5000,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "bnkernels.asan", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    "bnkernels.asan",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 PROFILE = settings.get_profile(
-    "bnkernels." + os.environ.get("BNKERNELS_HYPOTHESIS_PROFILE", "quick"))
+    "bnkernels." + os.environ.get("BNKERNELS_HYPOTHESIS_PROFILE", "quick")
+)
 
 # error allowed, as a fraction of the magnitude of the terms that make up a value
 TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-11}
@@ -50,6 +62,7 @@ MIN_ROWS = 16  # and below it, how many rows (n) they need to run as rows of C*L
 # ---------------------------------------------------------------------------
 # strategies
 # ---------------------------------------------------------------------------
+
 
 @st.composite
 def layouts(draw, ndim, axis):
@@ -82,8 +95,7 @@ def problems(draw):
     ndim = draw(st.integers(2, 5))
     shape = [draw(st.integers(1, MAX_DIM[ndim])) for _ in range(ndim)]
     axis = draw(st.integers(1, ndim - 1))
-    size = draw(st.sampled_from(["small", "small", "many_channels", "big_planes",
-                                 "small_planes"]))
+    size = draw(st.sampled_from(["small", "small", "many_channels", "big_planes", "small_planes"]))
     if size == "many_channels":
         # past one channel block (32 float64 / 64 float32 channels) and ragged
         shape[axis] = draw(st.integers(1, 70))
@@ -121,6 +133,7 @@ def problems(draw):
 # checks
 # ---------------------------------------------------------------------------
 
+
 def assert_close(name, got, want, scale, dtype):
     """|got - want| <= tol * scale elementwise; ``scale`` broadcasts against want."""
     got = np.asarray(got)
@@ -131,14 +144,20 @@ def assert_close(name, got, want, scale, dtype):
     bound = TOL[dtype] * (np.asarray(scale) + np.abs(want)) + np.finfo(np.float64).tiny
     bad = err > bound
     assert not bad.any(), "%s: %d of %d elements off, worst error %.3g where bound %.3g" % (
-        name, bad.sum(), bad.size, err.max(), bound.flat[np.argmax(err - bound)])
+        name,
+        bad.sum(),
+        bad.size,
+        err.max(),
+        bound.flat[np.argmax(err - bound)],
+    )
 
 
 def same_memory_order(a, like):
     """a's strides rank the axes as np.empty_like(like) would (the output keeps x's layout)."""
     ref = np.empty_like(like)
-    key = lambda arr: [i for i in np.argsort([abs(s) for s in arr.strides], kind="stable")
-                       if arr.shape[i] > 1]
+    key = lambda arr: [
+        i for i in np.argsort([abs(s) for s in arr.strides], kind="stable") if arr.shape[i] > 1
+    ]
     return key(a) == key(ref)
 
 
@@ -155,26 +174,40 @@ def test_forward_backward_match_reference(p):
     dy = make_array(rng, shape, p["dy_layout"] or p["x_layout"], dtype)
     gamma = rng.uniform(0.5, 2.0, C).astype(dtype)
     beta = rng.standard_normal(C).astype(dtype)
-    param = {"mode": p["mode"], "eps_mode": p["eps_mode"], "eps": p["eps"],
-             "momentum": p["momentum"]}
+    param = {
+        "mode": p["mode"],
+        "eps_mode": p["eps_mode"],
+        "eps": p["eps"],
+        "momentum": p["momentum"],
+    }
     if p["running"]:
         param["running_mean"] = rng.standard_normal(C).astype(dtype)
         param["running_var"] = rng.uniform(0.1, 2.0, C).astype(dtype)
-    ref_param = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
-                 for k, v in param.items()}
+    ref_param = {
+        k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in param.items()
+    }
     f64 = lambda a: a.astype(np.float64)
 
     lay = choose([x, np.empty_like(x)], axis)
-    event("layout: %s" % ("copied" if lay is None else
-                          "rows, L > 1" if lay[0] == "rows" and lay[3] > 1 else lay[0]))
+    event(
+        "layout: %s"
+        % (
+            "copied"
+            if lay is None
+            else "rows, L > 1"
+            if lay[0] == "rows" and lay[3] > 1
+            else lay[0]
+        )
+    )
     out, cache = bnkernels.forward(x, gamma, beta, param, axis=p["axis_arg"])
     ref_out, ref_cache = reference.forward(f64(x), f64(gamma), f64(beta), ref_param, axis=axis)
 
     assert same_memory_order(out, x)
     assert cache["x"] is x  # the lean cache holds the input itself
     xhat = (f64(x) - ref_cache["mean"].reshape(bshape)) * ref_cache["invstd"].reshape(bshape)
-    out_scale = (np.abs(f64(gamma)).reshape(bshape) * np.abs(xhat).max(axis=red, keepdims=True)
-                 + np.abs(f64(beta)).reshape(bshape))
+    out_scale = np.abs(f64(gamma)).reshape(bshape) * np.abs(xhat).max(
+        axis=red, keepdims=True
+    ) + np.abs(f64(beta)).reshape(bshape)
     assert_close("out", out, ref_out, out_scale, dtype)
     for key in ("mean", "var", "invstd"):
         # statistics are float64 whatever the input dtype: no rounding to the input dtype;
@@ -193,8 +226,9 @@ def test_forward_backward_match_reference(p):
     dy64 = np.abs(f64(dy))
     # dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)*k): its terms are ~ g*|dy|max
     g = np.abs(f64(gamma) * ref_cache["invstd"]).reshape(bshape)
-    assert_close("dx", dx, ref_dx, g * dy64.max(axis=red, keepdims=True) * (1 + np.abs(xhat).max()),
-                 dtype)
+    assert_close(
+        "dx", dx, ref_dx, g * dy64.max(axis=red, keepdims=True) * (1 + np.abs(xhat).max()), dtype
+    )
     assert_close("dgamma", dgamma, ref_dgamma, (dy64 * np.abs(xhat)).sum(axis=red), dtype)
     assert_close("dbeta", dbeta, ref_dbeta, dy64.sum(axis=red), dtype)
 
@@ -238,11 +272,12 @@ def test_layout_strategy_reaches_every_kernel_path():
     rng = np.random.default_rng(0)
     seen = set()
     for shape, layout in [
-            ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, big planes
-            ((MIN_ROWS, 5, 2, 3), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, small planes
-            ((4, 5, 6, 7), ((0, 2, 3, 1), (1,) * 4, (False,) * 4)),  # channels-last
-            ((4, 5, 6, 7), ((0, 1, 2, 3), (1, 1, 2, 1), (False,) * 4)),  # stepped H
-            ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (True,) + (False,) * 3))]:  # N reversed
+        ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, big planes
+        ((MIN_ROWS, 5, 2, 3), ((0, 1, 2, 3), (1,) * 4, (False,) * 4)),  # NCHW, small planes
+        ((4, 5, 6, 7), ((0, 2, 3, 1), (1,) * 4, (False,) * 4)),  # channels-last
+        ((4, 5, 6, 7), ((0, 1, 2, 3), (1, 1, 2, 1), (False,) * 4)),  # stepped H
+        ((2, 3, 2, MIN_PLANE), ((0, 1, 2, 3), (1,) * 4, (True,) + (False,) * 3)),
+    ]:  # N reversed
         x = make_array(rng, shape, layout, np.float32)
         lay = choose([x, np.empty_like(x)], 1)
         seen.add(None if lay is None else (lay[0], lay[0] == "rows" and lay[3] > 1))

@@ -17,8 +17,9 @@ EPS = 1e-5
 def _data(dtype=np.float64, shape=(4, 3, 5 * 6), seed=0):
     rng = np.random.default_rng(seed)
     Ns, Nc, Nk = shape
-    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3.0, (1, Nc, 1))
-         + rng.uniform(-2, 2, (1, Nc, 1)))
+    x = rng.standard_normal(shape) * rng.uniform(0.5, 3.0, (1, Nc, 1)) + rng.uniform(
+        -2, 2, (1, Nc, 1)
+    )
     w = rng.uniform(0.5, 1.5, Nc) * rng.choice([-1.0, 1.0], Nc)
     beta = rng.uniform(-0.5, 0.5, Nc)
     t = rng.uniform(0.0, 1.0, shape)
@@ -39,7 +40,7 @@ def _gradients(x, w, beta, t):
     """Forward through the network, then backpropagate with bnkernels.backward."""
     y, cache = bnkernels.forward(x, w, beta, {"mode": "train", "eps": EPS}, axis=1)
     z = _sigmoid(y)
-    dL_dz = 2.0 / z.size * (z - t)                 # MSE gradient
+    dL_dz = 2.0 / z.size * (z - t)  # MSE gradient
     dL_dy = (dL_dz * z * (1 - z)).astype(x.dtype)  # sigmoid gradient
     dx, dw, dbeta = bnkernels.backward(dL_dy, cache)
     return y, dL_dy, dx, dw, dbeta
@@ -58,9 +59,11 @@ def _closed_form(x, w, beta, dL_dy):
     y_minus_beta = wc * (xc - mu) / sd
     dw = np.sum(g * y_minus_beta / wc, axis=1)
     dbeta = np.sum(g, axis=1)
-    dx = (wc / sd * g
-          - wc / (Ni * sd) * np.sum(g, axis=1, keepdims=True)
-          - y_minus_beta / (Ni * wc * sd) * np.sum(y_minus_beta * g, axis=1, keepdims=True))
+    dx = (
+        wc / sd * g
+        - wc / (Ni * sd) * np.sum(g, axis=1, keepdims=True)
+        - y_minus_beta / (Ni * wc * sd) * np.sum(y_minus_beta * g, axis=1, keepdims=True)
+    )
     dx = np.moveaxis(dx.reshape(Nc, Ns, Nk), 0, 1)
     return dx, dw, dbeta
 
@@ -89,8 +92,7 @@ def test_network_gradients_match_the_notes_closed_form():
 
 def test_network_forward_matches_reference_loss():
     x, w, beta, t = _data(np.float64, (5, 3, 16), seed=2)
-    assert _loss(x, w, beta, t) == pytest.approx(_loss(x, w, beta, t, reference.forward),
-                                                 rel=1e-12)
+    assert _loss(x, w, beta, t) == pytest.approx(_loss(x, w, beta, t, reference.forward), rel=1e-12)
 
 
 def test_network_float32_close_to_float64():

@@ -14,15 +14,15 @@ THREADS = (1, 2, 3, 8)
 
 # (shape, axis, dtype): big enough to run in parallel and to be split into chunks
 CASES = [
-    ((262144, 8), 1, np.float32),        # rows layout, many row chunks
-    ((2, 3, 400, 400), 1, np.float32),   # planar, planes split into chunks
+    ((262144, 8), 1, np.float32),  # rows layout, many row chunks
+    ((2, 3, 400, 400), 1, np.float32),  # planar, planes split into chunks
     ((2, 3, 400, 400), 1, np.float64),
     ((2, 2, 1024, 1024), 1, np.float32),  # planes longer than any one task
-    ((64, 1000), 1, np.float64),         # rows, many channel blocks
-    ((2048, 600), 1, np.float64),        # chunked float64 rows swept in wide blocks (512 + 88)
-    ((1024, 2048), 1, np.float32),       # 8 MiB of rows, several blocks: output faulted in first
-    ((8, 40, 40, 96), -1, np.float32),   # channels-last, chunked rows
-    ((600, 200), 1, np.float32),         # one task of all channels, split in two (112 + 88)
+    ((64, 1000), 1, np.float64),  # rows, many channel blocks
+    ((2048, 600), 1, np.float64),  # chunked float64 rows swept in wide blocks (512 + 88)
+    ((1024, 2048), 1, np.float32),  # 8 MiB of rows, several blocks: output faulted in first
+    ((8, 40, 40, 96), -1, np.float32),  # channels-last, chunked rows
+    ((600, 200), 1, np.float32),  # one task of all channels, split in two (112 + 88)
 ]
 IDS = ["%s-axis%d-%s" % ("x".join(map(str, s)), a, np.dtype(d).name) for s, a, d in CASES]
 
@@ -40,14 +40,17 @@ def _forward_with_threads(omp_threads, n, x, gamma, beta, bn_param, axis):
 def test_forward_bitwise_identical_across_threads(omp_threads, shape, axis, dtype, eps_mode):
     x, gamma, beta, _ = make_inputs(shape, axis, dtype, seed=1, offset=50.0)
     bn_param = {"mode": "train", "eps_mode": eps_mode}
-    results = [_forward_with_threads(omp_threads, n, x, gamma, beta, bn_param, axis)
-               for n in THREADS]
+    results = [
+        _forward_with_threads(omp_threads, n, x, gamma, beta, bn_param, axis) for n in THREADS
+    ]
     out1, cache1, p1 = results[0]
     for n, (out, cache, p) in zip(THREADS[1:], results[1:]):
         assert np.array_equal(out, out1), "forward out differs with %d threads" % n
         for key in ("mean", "var", "invstd"):
             assert np.array_equal(cache[key], cache1[key]), "cache %s differs with %d threads" % (
-                key, n)
+                key,
+                n,
+            )
         for key in ("running_mean", "running_var"):
             assert np.array_equal(p[key], p1[key]), "%s differs with %d threads" % (key, n)
 
@@ -56,10 +59,14 @@ def test_forward_bitwise_identical_across_threads(omp_threads, shape, axis, dtyp
 def test_forward_test_mode_bitwise_identical_across_threads(omp_threads, shape, axis, dtype):
     x, gamma, beta, _ = make_inputs(shape, axis, dtype, seed=2)
     C = shape[axis]
-    bn_param = {"mode": "test", "running_mean": np.linspace(-1, 1, C).astype(dtype),
-                "running_var": np.linspace(0.5, 2, C).astype(dtype)}
-    outs = [_forward_with_threads(omp_threads, n, x, gamma, beta, bn_param, axis)[0]
-            for n in THREADS]
+    bn_param = {
+        "mode": "test",
+        "running_mean": np.linspace(-1, 1, C).astype(dtype),
+        "running_var": np.linspace(0.5, 2, C).astype(dtype),
+    }
+    outs = [
+        _forward_with_threads(omp_threads, n, x, gamma, beta, bn_param, axis)[0] for n in THREADS
+    ]
     for n, out in zip(THREADS[1:], outs[1:]):
         assert np.array_equal(out, outs[0]), "test-mode out differs with %d threads" % n
 
@@ -69,8 +76,7 @@ def test_forward_test_mode_bitwise_identical_across_threads(omp_threads, shape, 
 def test_backward_bitwise_identical_across_num_threads(shape, axis, dtype, mode):
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=3, offset=20.0)
     C = shape[axis]
-    bn_param = {"mode": mode, "running_mean": np.zeros(C, dtype),
-                "running_var": np.ones(C, dtype)}
+    bn_param = {"mode": mode, "running_mean": np.zeros(C, dtype), "running_var": np.ones(C, dtype)}
     _, cache = bnkernels.forward(x, gamma, beta, bn_param, axis=axis)
     first = bnkernels.backward(dout, cache, num_threads=THREADS[0])
     for n in THREADS[1:]:

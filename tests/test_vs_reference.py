@@ -4,14 +4,12 @@ float32 kernel results are compared with the reference run on float64 copies of 
 inputs; float64 with the reference in float64.
 """
 
-
 import numpy as np
 import pytest
 
 import bnkernels
 from bnkernels import reference
-from bnhelpers import (LAYOUTS, as_layout, assert_close, make_inputs, reference64,
-                       stride_order)
+from bnhelpers import LAYOUTS, as_layout, assert_close, make_inputs, reference64, stride_order
 
 DTYPES = [np.float32, np.float64]
 
@@ -19,26 +17,26 @@ DTYPES = [np.float32, np.float64]
 # blocks, row and plane counts big enough to be split into several chunks
 SHAPES = [
     ((2, 3), 1),
-    ((1, 5), 1),            # M = 1
-    ((1, 3000), 1),         # M = 1, large C
-    ((9, 1), 1),            # C = 1
-    ((5, 3000), 1),         # large C
+    ((1, 5), 1),  # M = 1
+    ((1, 3000), 1),  # M = 1, large C
+    ((9, 1), 1),  # C = 1
+    ((5, 3000), 1),  # large C
     ((33, 17), 1),
-    ((300, 70), 1),         # more channels than one block, a partial block
-    ((20000, 3), 1),        # many rows: chunked rows layout
+    ((300, 70), 1),  # more channels than one block, a partial block
+    ((20000, 3), 1),  # many rows: chunked rows layout
     ((64, 1000), 1),
     ((4, 3, 5), 1),
-    ((7, 1, 13), 1),        # C = 1, planar
-    ((1, 3, 1), 1),         # M = 1, 3D
+    ((7, 1, 13), 1),  # C = 1, planar
+    ((1, 3, 1), 1),  # M = 1, 3D
     ((3, 5, 7, 9), 1),
     ((8, 16, 14, 14), 1),
-    ((1, 4, 1, 1), 1),      # M = 1, 4D
-    ((1, 6, 5, 4), 1),      # N = 1, M > 1
+    ((1, 4, 1, 1), 1),  # M = 1, 4D
+    ((1, 6, 5, 4), 1),  # N = 1, M > 1
     ((3, 2, 300, 300), 1),  # long planes: chunked planar layout
     ((2, 3, 4, 5, 6), 1),
-    ((4, 6, 7, 5), -1),     # channels-last NHWC
+    ((4, 6, 7, 5), -1),  # channels-last NHWC
     ((2, 3, 4, 5, 70), -1),  # channels-last 5D with a partial block
-    ((5, 4, 6, 3), 2),      # a middle channel axis
+    ((5, 4, 6, 3), 2),  # a middle channel axis
 ]
 
 
@@ -82,8 +80,14 @@ def test_train_matches_reference(shape, axis, dtype, eps_mode):
     _compare(x, gamma, beta, dout, {"mode": "train", "eps_mode": eps_mode}, axis, dtype)
 
 
-TEST_MODE_SHAPES = [((6, 4), 1), ((1, 3000), 1), ((3, 5, 7, 9), 1), ((4, 6, 7, 5), -1),
-                    ((2, 3, 4, 5, 6), 1), ((2000, 40), 1)]
+TEST_MODE_SHAPES = [
+    ((6, 4), 1),
+    ((1, 3000), 1),
+    ((3, 5, 7, 9), 1),
+    ((4, 6, 7, 5), -1),
+    ((2, 3, 4, 5, 6), 1),
+    ((2000, 40), 1),
+]
 
 
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
@@ -93,9 +97,13 @@ def test_test_mode_matches_reference(shape, axis, dtype, eps_mode):
     x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=3)
     C = shape[axis]
     rng = np.random.default_rng(C)
-    bn_param = {"mode": "test", "eps_mode": eps_mode, "eps": 1e-3,
-                "running_mean": rng.standard_normal(C).astype(dtype),
-                "running_var": rng.uniform(0.1, 3.0, C).astype(dtype)}
+    bn_param = {
+        "mode": "test",
+        "eps_mode": eps_mode,
+        "eps": 1e-3,
+        "running_mean": rng.standard_normal(C).astype(dtype),
+        "running_var": rng.uniform(0.1, 3.0, C).astype(dtype),
+    }
     before = {k: np.copy(bn_param[k]) for k in ("running_mean", "running_var")}
     _compare(x, gamma, beta, dout, bn_param, axis, dtype)
     for k, v in before.items():
@@ -106,9 +114,13 @@ def test_test_mode_matches_reference(shape, axis, dtype, eps_mode):
 def test_running_stats_with_momentum_and_existing_values(dtype):
     x, gamma, beta, dout = make_inputs((16, 5, 3, 3), 1, dtype, seed=8)
     rng = np.random.default_rng(1)
-    bn_param = {"mode": "train", "momentum": 0.7, "eps": 1e-4,
-                "running_mean": rng.standard_normal(5).astype(dtype),
-                "running_var": rng.uniform(0.5, 2.0, 5).astype(dtype)}
+    bn_param = {
+        "mode": "train",
+        "momentum": 0.7,
+        "eps": 1e-4,
+        "running_mean": rng.standard_normal(5).astype(dtype),
+        "running_var": rng.uniform(0.5, 2.0, 5).astype(dtype),
+    }
     _compare(x, gamma, beta, dout, bn_param, 1, dtype)
 
 
@@ -153,8 +165,9 @@ def test_channels_last_array_and_its_nchw_view_agree(dtype):
     # and the planar (NCHW-contiguous) computation agrees to rounding
     x_nchw = np.ascontiguousarray(x_view)
     out_c, cache_c = bnkernels.forward(x_nchw, gamma, beta, {"mode": "train"}, axis=1)
-    dx_c, dg_c, db_c = bnkernels.backward(np.ascontiguousarray(dy_nhwc.transpose(0, 3, 1, 2)),
-                                          cache_c)
+    dx_c, dg_c, db_c = bnkernels.backward(
+        np.ascontiguousarray(dy_nhwc.transpose(0, 3, 1, 2)), cache_c
+    )
     assert_close(out_c, out_b.astype(np.float64), dtype, what="out planar vs rows")
     assert_close(dx_c, dx_b.astype(np.float64), dtype, what="dx planar vs rows")
     assert_close(dg_c, dg_b.astype(np.float64), dtype, what="dgamma planar vs rows")
@@ -174,13 +187,18 @@ def test_large_strided_views(dtype):
 # caches are interchangeable; the seed-style dict cache
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["train", "test"])
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_caches_are_interchangeable(dtype, eps_mode, mode):
     x, gamma, beta, dout = make_inputs((5, 6, 4, 3), 1, dtype, seed=13)
-    bn = {"mode": mode, "eps_mode": eps_mode, "running_mean": np.linspace(-1, 1, 6).astype(dtype),
-          "running_var": np.linspace(0.5, 2, 6).astype(dtype)}
+    bn = {
+        "mode": mode,
+        "eps_mode": eps_mode,
+        "running_mean": np.linspace(-1, 1, 6).astype(dtype),
+        "running_var": np.linspace(0.5, 2, 6).astype(dtype),
+    }
     out_k, cache_k = bnkernels.forward(x, gamma, beta, dict(bn))
     out_r, cache_r = reference.forward(x, gamma, beta, dict(bn))
     assert_close(out_k, out_r.astype(np.float64), dtype, what="out")
@@ -189,16 +207,18 @@ def test_caches_are_interchangeable(dtype, eps_mode, mode):
     ref_on_kernel_cache = reference.backward_alt(dout, cache_k)
     graph_on_kernel_cache = reference.backward_graph(dout, cache_k)
     truth = reference64(x, gamma, beta, bn, dout)[3]
-    for name, got in (("bnkernels.backward(cache of bnkernels.forward)", from_kernel_cache),
-                      ("bnkernels.backward(cache of reference.forward)", from_ref_cache),
-                      ("reference.backward_alt(cache of bnkernels.forward)", ref_on_kernel_cache),
-                      ("reference.backward_graph(cache of bnkernels.forward)",
-                       graph_on_kernel_cache)):
+    for name, got in (
+        ("bnkernels.backward(cache of bnkernels.forward)", from_kernel_cache),
+        ("bnkernels.backward(cache of reference.forward)", from_ref_cache),
+        ("reference.backward_alt(cache of bnkernels.forward)", ref_on_kernel_cache),
+        ("reference.backward_graph(cache of bnkernels.forward)", graph_on_kernel_cache),
+    ):
         for part, g, w in zip(("dx", "dgamma", "dbeta"), got, truth):
             assert g.dtype == dtype
             # the reference in float32 carries float32 statistics: a looser bound there
-            assert_close(g, w, rtol=2e-3 if dtype == np.float32 else 1e-10,
-                         what="%s %s" % (name, part))
+            assert_close(
+                g, w, rtol=2e-3 if dtype == np.float32 else 1e-10, what="%s %s" % (name, part)
+            )
 
 
 def _seed_cache(x, gamma, beta, eps=1e-5):
@@ -208,8 +228,15 @@ def _seed_cache(x, gamma, beta, eps=1e-5):
     denom = np.sqrt(sample_var + eps)
     x_corrected = (x - sample_mean) / denom
     out = gamma * x_corrected + beta
-    cache = {"x_hat": x_corrected, "mu": sample_mean, "var": sample_var, "denom": denom,
-             "gamma": gamma, "beta": beta, "x": x}
+    cache = {
+        "x_hat": x_corrected,
+        "mu": sample_mean,
+        "var": sample_var,
+        "denom": denom,
+        "gamma": gamma,
+        "beta": beta,
+        "x": x,
+    }
     return out, cache
 
 
@@ -236,9 +263,13 @@ def test_seed_style_cache_matches_reference(shape, dtype):
 def test_seed_style_cache_equals_forward_cache_gradient(dtype):
     """The same batch through a seed-style cache and through bnkernels.forward's cache."""
     x, gamma, beta, dout = make_inputs((50, 7), 1, dtype, seed=5)
-    minimal = {k: v for k, v in _seed_cache(x.astype(np.float64), gamma.astype(np.float64),
-                                            beta.astype(np.float64))[1].items()
-               if k in ("x_hat", "gamma", "denom")}
+    minimal = {
+        k: v
+        for k, v in _seed_cache(
+            x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64)
+        )[1].items()
+        if k in ("x_hat", "gamma", "denom")
+    }
     minimal["x_hat"] = minimal["x_hat"].astype(dtype)
     got = bnkernels.backward(dout, minimal)
     _, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"})
