@@ -1,4 +1,4 @@
-/* Innermost loops of the batch-norm kernels, included by _kernels.pyx once per dtype.
+/* Innermost loops of the batch-norm kernels, included by _kernels.h once per dtype.
  *
  * Before including, define BN_T (float or double) and BN_FN(name) (a suffix per dtype),
  * and BN_F64 for double (its output sweeps can use streaming stores).
@@ -21,8 +21,8 @@
  * the rows; the rows of a block are strided, so the next rows are prefetched.  float64 rows
  * of 256 columns or more are instead swept BN_WBLOCK columns at a time, row by row, with
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
- * best (0.83-0.99 of the time of register blocks; narrower rows and float32, whose loops
- * are bound by their conversions, measured 1.0-1.12). */
+ * best.  Narrower rows and float32 (whose loops are bound by their conversions) keep the
+ * register blocks, which measured faster for them (docs/performance.md). */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
@@ -38,8 +38,8 @@
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
  * block j0, or near the block's end a first row of the next block, so that the stream of
  * requests does not stall at every block boundary. */
-static inline void BN_FN(bn_prefetch_ahead)(const BN_T *base, Py_ssize_t s, Py_ssize_t nrows,
-                                             Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r)
+static inline void BN_FN(bn_prefetch_ahead)(
+    const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r)
 {
     Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, jw, b;
     if (rr >= nrows) {
@@ -83,48 +83,47 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
  * BLOCK(j0, jw, prefetch, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
  * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide float64 rows
  * accumulate straight in P and Q; otherwise register blocks, at a constant width when full
- * or half (32 columns, a common channel count: 10-20 % faster than a variable width). */
+ * or half (32 columns, a common channel count), which the compiler unrolls fully. */
 #ifndef BN_ROWS_SWEEP
-#define BN_ROWS_SWEEP(BLOCK, M, P, Q)                                                  \
-    do {                                                                               \
-        Py_ssize_t j0, j;                                                              \
-        if (BN_WIDE_ROWS(cw)) {                                                        \
-            for (j = 0; j < cw; j++) {                                                 \
-                P[j] = 0.0;                                                            \
-                Q[j] = 0.0;                                                            \
-            }                                                                          \
-            for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                     \
-                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, M + j0, P + j0, \
-                      Q + j0);                                                         \
-            break;                                                                     \
-        }                                                                              \
-        for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {                                       \
-            const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;           \
-            double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];                          \
-            for (j = 0; j < jw; j++) {                                                 \
-                a[j] = 0.0;                                                            \
-                b[j] = 0.0;                                                            \
-                mb[j] = M[j0 + j];                                                     \
-            }                                                                          \
-            if (jw == BN_RBLOCK)                                                       \
-                BLOCK(j0, BN_RBLOCK, 1, mb, a, b);                                     \
-            else if (jw == BN_RBLOCK / 2)                                              \
-                BLOCK(j0, BN_RBLOCK / 2, 1, mb, a, b);                                 \
-            else                                                                       \
-                BLOCK(j0, jw, 1, mb, a, b);                                            \
-            for (j = 0; j < jw; j++) {                                                 \
-                P[j0 + j] = a[j];                                                      \
-                Q[j0 + j] = b[j];                                                      \
-            }                                                                          \
-        }                                                                              \
+#define BN_ROWS_SWEEP(BLOCK, M, P, Q)                                                            \
+    do {                                                                                         \
+        Py_ssize_t j0, j;                                                                        \
+        if (BN_WIDE_ROWS(cw)) {                                                                  \
+            for (j = 0; j < cw; j++) {                                                           \
+                P[j] = 0.0;                                                                      \
+                Q[j] = 0.0;                                                                      \
+            }                                                                                    \
+            for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                               \
+                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, M + j0, P + j0, Q + j0); \
+            break;                                                                               \
+        }                                                                                        \
+        for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {                                                 \
+            const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;                     \
+            double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];                                    \
+            for (j = 0; j < jw; j++) {                                                           \
+                a[j] = 0.0;                                                                      \
+                b[j] = 0.0;                                                                      \
+                mb[j] = M[j0 + j];                                                               \
+            }                                                                                    \
+            if (jw == BN_RBLOCK)                                                                 \
+                BLOCK(j0, BN_RBLOCK, 1, mb, a, b);                                               \
+            else if (jw == BN_RBLOCK / 2)                                                        \
+                BLOCK(j0, BN_RBLOCK / 2, 1, mb, a, b);                                           \
+            else                                                                                 \
+                BLOCK(j0, jw, 1, mb, a, b);                                                      \
+            for (j = 0; j < jw; j++) {                                                           \
+                P[j0 + j] = a[j];                                                                \
+                Q[j0 + j] = b[j];                                                                \
+            }                                                                                    \
+        }                                                                                        \
     } while (0)
 #endif
 
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
 static BN_CLONES void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
-    Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
-    double *restrict s_dy, double *restrict s_zm)
+    Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m, double *restrict s_dy,
+    double *restrict s_zm)
 {
 #define BN_SUMS_BLOCK(j0, jw, pf, mb, p, q) \
     BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, jw, pf, mb, p, q)
@@ -143,20 +142,19 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 #if defined(BN_F64) && defined(__SSE2__)
 /* Streaming (non-temporal) stores for float64 output larger than the L3: a plain store reads
  * each line from memory first and leaves it in the cache, evicting data the second sweep still
- * needs; measured 1.25x faster for the dx loop from memory with two threads.  Four elements
- * at a time in GCC's generic vectors (the same operations, so the same bits, as the loops
- * below), stored 16 bytes at a time (SSE2, on every x86-64).  float32 does not stream: its
- * sweeps are bound by the conversions, and streaming measured no gain there. */
+ * needs.  Four elements at a time in GCC's generic vectors (the same operations, so the same
+ * bits, as the loops below), stored 16 bytes at a time (SSE2, on every x86-64).  float32 does
+ * not stream: its sweeps are bound by the conversions (docs/performance.md). */
 typedef double bn_v4d __attribute__((vector_size(32)));
 /* an unaligned view of four doubles (macros, not functions: a 32-byte vector passed or
  * returned by value would change the ABI of the baseline build) */
 typedef double bn_v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
 #define BN_LOAD4(p) (*(const bn_v4d_u *)(p))
-#define BN_STREAM4(p, v)                                         \
-    do {                                                         \
-        const bn_v4d bn_v_ = (v);                                \
-        _mm_stream_pd((p), _mm_set_pd(bn_v_[1], bn_v_[0]));      \
-        _mm_stream_pd((p) + 2, _mm_set_pd(bn_v_[3], bn_v_[2]));  \
+#define BN_STREAM4(p, v)                                        \
+    do {                                                        \
+        const bn_v4d bn_v_ = (v);                               \
+        _mm_stream_pd((p), _mm_set_pd(bn_v_[1], bn_v_[0]));     \
+        _mm_stream_pd((p) + 2, _mm_set_pd(bn_v_[3], bn_v_[2])); \
     } while (0)
 
 /* bn_rows_affine's row, streamed: only whole cache lines are streamed (a line written in
@@ -164,28 +162,30 @@ typedef double bn_v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
  * line boundary and those after the last whole line get plain stores (a misaligned array:
  * all of them) */
 #define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k])
-#define BN_ROWS_DX4(k) BN_AFFINE_DX(BN_LOAD4(A + (k)), BN_LOAD4(dy + (k)), BN_LOAD4(Cc + (k)), \
-                                    BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)))
+#define BN_ROWS_DX4(k)                                                                \
+    BN_AFFINE_DX(                                                                     \
+        BN_LOAD4(A + (k)), BN_LOAD4(dy + (k)), BN_LOAD4(Cc + (k)), BN_LOAD4(S + (k)), \
+        BN_LOAD4(z + (k)), BN_LOAD4(m + (k)))
 #define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], Cc[k])
-#define BN_ROWS_OUT4(k) BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), \
-                                      BN_LOAD4(Cc + (k)))
+#define BN_ROWS_OUT4(k) \
+    BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), BN_LOAD4(Cc + (k)))
 #define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc)
 #define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc)
 #define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, cc)
 #define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, cc)
 
 /* out[k] := EXPR(k) for k < n, whole 64-byte lines of out streamed (EXPR4: four at a time) */
-#define BN_STREAM_RUN(EXPR, EXPR4)                                   \
-    do {                                                             \
-        Py_ssize_t k = 0;                                            \
-        for (; k < n && ((uintptr_t)(out + k) & 63) != 0; k++)      \
-            out[k] = EXPR(k);                                        \
-        for (; k + 8 <= n; k += 8) {                                 \
-            BN_STREAM4(out + k, EXPR4(k));                           \
-            BN_STREAM4(out + k + 4, EXPR4(k + 4));                   \
-        }                                                            \
-        for (; k < n; k++)                                           \
-            out[k] = EXPR(k);                                        \
+#define BN_STREAM_RUN(EXPR, EXPR4)                             \
+    do {                                                       \
+        Py_ssize_t k = 0;                                      \
+        for (; k < n && ((uintptr_t)(out + k) & 63) != 0; k++) \
+            out[k] = EXPR(k);                                  \
+        for (; k + 8 <= n; k += 8) {                           \
+            BN_STREAM4(out + k, EXPR4(k));                     \
+            BN_STREAM4(out + k + 4, EXPR4(k + 4));             \
+        }                                                      \
+        for (; k < n; k++)                                     \
+            out[k] = EXPR(k);                                  \
     } while (0)
 
 static inline __attribute__((always_inline)) void bn_rows_affine_stream(
@@ -214,21 +214,20 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 /* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j]);  without dy:
  * BN_AFFINE_OUT(S[j], z[r, j], m[j], Cc[j]).  In float64, rounded once at the end: the
  * terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by row
- * over the whole width: every row is one unit-stride run in and out (sweeping column
- * blocks down the rows instead wrote each row piecemeal, measured 2-3x slower from memory). */
+ * over the whole width: every row is one unit-stride run in and out, where column blocks
+ * swept down the rows would write each row piecemeal. */
 static BN_CLONES void BN_FN(bn_rows_affine)(
-    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
-    Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw,
-    const double *restrict m, const double *restrict S, const double *restrict A,
-    const double *restrict Cc, int stream)
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream)
 {
     Py_ssize_t j, r;
 #if defined(BN_F64) && defined(__SSE2__)
     if (stream) {
         for (r = 0; r < nrows; r++)
-            bn_rows_affine_stream(z + r * sz, dy == NULL ? NULL : dy + r * sdy, out + r * sout,
-                                  cw, m, S, A, Cc);
-        _mm_sfence();   /* streaming stores are weakly ordered: drain them before returning */
+            bn_rows_affine_stream(
+                z + r * sz, dy == NULL ? NULL : dy + r * sdy, out + r * sout, cw, m, S, A, Cc);
+        _mm_sfence(); /* streaming stores are weakly ordered: drain them before returning */
         return;
     }
 #endif
@@ -244,17 +243,17 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
             const BN_T *restrict dyr = dy + r * sdy;
             BN_SIMD
             for (j = 0; j < cw; j++)
-                outr[j] = (BN_T)BN_AFFINE_DX(A[j], (double)dyr[j], Cc[j], S[j], (double)zr[j],
-                                             m[j]);
+                outr[j] =
+                    (BN_T)BN_AFFINE_DX(A[j], (double)dyr[j], Cc[j], S[j], (double)zr[j], m[j]);
         }
     }
 }
 
 /* One column block of bn_rows_centered (inlined as bn_rows_sums_block) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
-    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
-    Py_ssize_t j0, const Py_ssize_t jw, const int prefetch,
-    const double *restrict mb, double *restrict a, double *restrict b)
+    const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0,
+    const Py_ssize_t jw, const int prefetch, const double *restrict mb, double *restrict a,
+    double *restrict b)
 {
     Py_ssize_t j, r;
     for (r = 0; r < nrows; r++) {
@@ -285,8 +284,8 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
 
 /* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n */
 static inline void BN_FN(bn_run_sums)(
-    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t n, double m,
-    double *restrict s_dy, double *restrict s_zm)
+    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t n, double m, double *restrict s_dy,
+    double *restrict s_zm)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i = 0, j;
@@ -333,8 +332,8 @@ static inline void BN_FN(bn_run_moments)(
 /* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c */
 static BN_CLONES void BN_FN(bn_plane_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t szn, Py_ssize_t szc,
-    Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
-    Py_ssize_t cw, const double *restrict m, double *restrict s_dy, double *restrict s_zm)
+    Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
+    const double *restrict m, double *restrict s_dy, double *restrict s_zm)
 {
     Py_ssize_t n, c, l0, l1;
     for (c = 0; c < cw; c++) {
@@ -344,19 +343,19 @@ static BN_CLONES void BN_FN(bn_plane_sums)(
     for (n = e0 / L; n * L < e1; n++) {
         bn_span(n, L, e0, e1, &l0, &l1);
         for (c = 0; c < cw; c++)
-            BN_FN(bn_run_sums)(z + n * szn + c * szc + l0, dy + n * sdyn + c * sdyc + l0,
-                               l1 - l0, m[c], s_dy + c, s_zm + c);
+            BN_FN(bn_run_sums)(
+                z + n * szn + c * szc + l0, dy + n * sdyn + c * sdyc + l0, l1 - l0, m[c], s_dy + c,
+                s_zm + c);
     }
 }
 
 /* out := A[c]*(dy + Cc[c]) + S[c]*(z - m[c]) over elements [e0, e1);
  * without dy: out := S[c]*(z - m[c]) + Cc[c]  (float64, as bn_rows_affine) */
 static BN_CLONES void BN_FN(bn_plane_affine)(
-    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out,
-    Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
-    Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
-    Py_ssize_t cw, const double *restrict m, const double *restrict S,
-    const double *restrict A, const double *restrict Cc, int stream)
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t szn,
+    Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc,
+    Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *restrict m,
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream)
 {
     Py_ssize_t n, c, l0, l1, i;
 #if defined(BN_F64) && defined(__SSE2__)
@@ -364,10 +363,10 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         for (n = e0 / L; n * L < e1; n++) {
             bn_span(n, L, e0, e1, &l0, &l1);
             for (c = 0; c < cw; c++)
-                bn_plane_affine_stream(z + n * szn + c * szc + l0,
-                                       dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
-                                       out + n * soutn + c * soutc + l0, l1 - l0, m[c], S[c],
-                                       dy == NULL ? 0.0 : A[c], Cc[c]);
+                bn_plane_affine_stream(
+                    z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
+                    out + n * soutn + c * soutc + l0, l1 - l0, m[c], S[c], dy == NULL ? 0.0 : A[c],
+                    Cc[c]);
         }
         _mm_sfence();
         return;
@@ -398,9 +397,8 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
 /* Mean and M2 of cw channels over elements [e0, e1) in one pass over x - K, K the
  * channel's first element there (see _rows_task_moments); d1: scratch of cw. */
 static BN_CLONES void BN_FN(bn_plane_moments)(
-    const BN_T *restrict x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
-    Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
-    double *restrict mean, double *restrict m2, double *restrict d1)
+    const BN_T *restrict x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L, Py_ssize_t e0,
+    Py_ssize_t e1, Py_ssize_t cw, double *restrict mean, double *restrict m2, double *restrict d1)
 {
     const double cnt = (double)(e1 - e0);
     Py_ssize_t n, c, l0, l1;
@@ -432,3 +430,55 @@ static BN_CLONES void BN_FN(bn_stream_add)(
         out[i] = a[i] + b[i];
 }
 
+/* ---- the dtype's table (bn_loops): entry points that take untyped data pointers ---- */
+
+static void BN_FN(bn_rows_sums_v)(
+    const void *z, const void *dy, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t nrows, Py_ssize_t cw,
+    const double *m, double *s_dy, double *s_zm)
+{
+    BN_FN(bn_rows_sums)(z, dy, sz, sdy, nrows, cw, m, s_dy, s_zm);
+}
+
+static void BN_FN(bn_rows_centered_v)(
+    const void *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw, const double *m0, double *d1,
+    double *d2)
+{
+    BN_FN(bn_rows_centered)(x, sx, nrows, cw, m0, d1, d2);
+}
+
+static void BN_FN(bn_rows_affine_v)(
+    const void *z, const void *dy, void *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
+    Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
+    const double *Cc, int stream)
+{
+    BN_FN(bn_rows_affine)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, stream);
+}
+
+static void BN_FN(bn_plane_sums_v)(
+    const void *z, const void *dy, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
+    Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *m, double *s_dy,
+    double *s_zm)
+{
+    BN_FN(bn_plane_sums)(z, dy, szn, szc, sdyn, sdyc, L, e0, e1, cw, m, s_dy, s_zm);
+}
+
+static void BN_FN(bn_plane_moments_v)(
+    const void *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+    Py_ssize_t cw, double *mean, double *m2, double *d1)
+{
+    BN_FN(bn_plane_moments)(x, sxn, sxc, L, e0, e1, cw, mean, m2, d1);
+}
+
+static void BN_FN(bn_plane_affine_v)(
+    const void *z, const void *dy, void *out, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn,
+    Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+    Py_ssize_t cw, const double *m, const double *S, const double *A, const double *Cc, int stream)
+{
+    BN_FN(bn_plane_affine)(
+        z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw, m, S, A, Cc, stream);
+}
+
+static const bn_loops BN_FN(bn_loops) = {
+    BN_FN(bn_rows_sums_v),  BN_FN(bn_rows_centered_v), BN_FN(bn_rows_affine_v),
+    BN_FN(bn_plane_sums_v), BN_FN(bn_plane_moments_v), BN_FN(bn_plane_affine_v),
+};

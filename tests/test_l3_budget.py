@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from bnkernels import _kernels
+from bnkernels import _kernels, _machine
 
 MiB = 1 << 20
 
@@ -25,8 +25,13 @@ def _child(code, l3):
         env.pop("BNKERNELS_L3_BYTES", None)
     else:
         env["BNKERNELS_L3_BYTES"] = str(l3)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -154,12 +159,24 @@ def test_too_large_value_is_ignored_with_a_warning(bad):
     assert "BNKERNELS_L3_BYTES" in proc.stderr and "RuntimeWarning" in proc.stderr
 
 
-@pytest.mark.parametrize("text, value", [("512K", 512 << 10), ("8192K\n", 8 << 20), ("32M", 32 << 20),
-                                         ("1G", 1 << 30), ("4096", 4096), ("", None),
-                                         ("0K", None), ("-5K", None), ("8MB", None), ("1.5M", None),
-                                         ("99999999999G", None)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("512K", 512 << 10),
+        ("8192K\n", 8 << 20),
+        ("32M", 32 << 20),
+        ("1G", 1 << 30),
+        ("4096", 4096),
+        ("", None),
+        ("0K", None),
+        ("-5K", None),
+        ("8MB", None),
+        ("1.5M", None),
+        ("99999999999G", None),
+    ],
+)
 def test_sysfs_size_parsing(text, value):
-    assert _kernels._sysfs_size(text) == value
+    assert _machine.sysfs_size(text) == value
 
 
 def _fake_cache(root, entries):
@@ -175,20 +192,27 @@ def _fake_cache(root, entries):
 def test_sysfs_decides_and_bad_entries_are_skipped(tmp_path):
     # an unreadable L1 entry must not send the lookup to the C library, whose L3 may be the
     # whole package's
-    base = _fake_cache(tmp_path, [("1", "Data", None), ("1", "Instruction", "64K"),
-                                  ("2", "Unified", "oops"), ("3", "Unified", "8192K")])
-    assert _kernels._cache_bytes(3, base) == 8 << 20
-    assert _kernels._cache_bytes(2, base) == 0
+    base = _fake_cache(
+        tmp_path,
+        [
+            ("1", "Data", None),
+            ("1", "Instruction", "64K"),
+            ("2", "Unified", "oops"),
+            ("3", "Unified", "8192K"),
+        ],
+    )
+    assert _machine.cache_bytes(3, base) == 8 << 20
+    assert _machine.cache_bytes(2, base) == 0
 
 
 def test_no_l3_in_sysfs_means_unknown(tmp_path):
     base = _fake_cache(tmp_path, [("1", "Data", "32K"), ("2", "Unified", "1024K")])
-    assert _kernels._cache_bytes(3, base) == 0
-    assert _kernels._cache_bytes(2, base) == 1 << 20
+    assert _machine.cache_bytes(3, base) == 0
+    assert _machine.cache_bytes(2, base) == 1 << 20
 
 
 def test_without_sysfs_the_c_library_answers(tmp_path):
-    value = _kernels._cache_bytes(3, str(tmp_path / "missing"))
+    value = _machine.cache_bytes(3, str(tmp_path / "missing"))
     assert isinstance(value, int) and 0 <= value <= 2**62
 
 
@@ -230,4 +254,4 @@ def test_streaming_stores_give_the_same_bits():
 def test_stream_threshold_is_the_l3_size():
     code = "from bnkernels import _kernels; print(_kernels.STREAM_OUTPUT_BYTES)"
     assert int(_child(code, 8 * MiB).stdout) == 8 * MiB
-    assert int(_child(code, 0).stdout) == 32 * MiB   # unknown L3
+    assert int(_child(code, 0).stdout) == 32 * MiB  # unknown L3
