@@ -382,6 +382,11 @@ cdef enum Sweep:
     SHARE        # each block: reduce its chunks, finish it, write its chunks backwards
 
 
+cdef enum:  # what _run returns when memory runs out
+    BUF_FAILED = -1       # the per-channel coefficients and partial sums
+    SCRATCH_FAILED = -2   # a thread's scratch
+
+
 cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int nt,
                         double *part, double *scratch) noexcept nogil:
     """Thread tid's share of one sweep over the tasks (or, SHARE, over the blocks)."""
@@ -423,10 +428,21 @@ cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int n
 
 
 cdef int _parallel(const Job *j, const Work *w, Sweep sweep, int nt, double *part) noexcept nogil:
-    """One sweep on nt threads, each with its own scratch; -1 if a scratch allocation failed
-    (that thread's tasks are then not done)."""
+    """One sweep on nt threads, each with its own scratch; SCRATCH_FAILED if a scratch
+    allocation failed (that thread's tasks are then not done).  One thread runs it without
+    entering an OpenMP region: no team to start, and it works in a forked child, where the
+    parent's OpenMP threads do not exist."""
     cdef int tid, failed = 0
     cdef double *scratch
+    if nt == 1:
+        scratch = NULL
+        if j.scratch_doubles > 0:
+            scratch = <double *>malloc(j.scratch_doubles * sizeof(double))
+            if scratch == NULL:
+                return SCRATCH_FAILED
+        _thread_sweep(j, w, sweep, 0, 1, part, scratch)
+        free(scratch)
+        return 0
     for tid in prange(nt, schedule='static', num_threads=nt):
         scratch = NULL
         if j.scratch_doubles > 0:
@@ -436,11 +452,17 @@ cdef int _parallel(const Job *j, const Work *w, Sweep sweep, int nt, double *par
         else:
             _thread_sweep(j, w, sweep, tid, nt, part, scratch)
             free(scratch)
-    return -1 if failed else 0
+    return SCRATCH_FAILED if failed else 0
+
+
+cdef inline Py_ssize_t _buf_doubles(const Job *j) noexcept nogil:
+    """A call's per-channel vectors: A, S, Cc and the chunks' two partial sums."""
+    return (3 + 2 * j.plan.n_chunks) * j.C
 
 
 cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
-    """Run pass w over the tasks of j's plan; 0, or -1 if memory ran out."""
+    """Run pass w over the tasks of j's plan; 0, or BUF_FAILED / SCRATCH_FAILED if memory
+    ran out."""
     cdef Plan *p = &j.plan
     cdef Py_ssize_t C = j.C
     cdef int nt, rc
@@ -452,9 +474,9 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
     nt = _n_threads(n_threads, p.n_tasks, j.extent * j.step * C)
-    buf = <double *>malloc((3 + 2 * p.n_chunks) * C * sizeof(double))
+    buf = <double *>malloc(_buf_doubles(j) * sizeof(double))
     if buf == NULL:
-        return -1
+        return BUF_FAILED
     j.A = buf
     j.S = buf + C
     j.Cc = buf + 2 * C
@@ -842,8 +864,14 @@ cdef int _run_or_raise(Job *j, const Work *w, int n_threads) except -1:
     cdef int rc
     with nogil:
         rc = _run(j, w, n_threads)
-    if rc != 0:
-        raise MemoryError()
+    if rc == BUF_FAILED:
+        raise MemoryError(
+            "bnkernels: could not allocate %d bytes for the per-channel coefficients and "
+            "partial sums of %d channels in %d chunks"
+            % (_buf_doubles(j) * sizeof(double), j.C, j.plan.n_chunks))
+    if rc == SCRATCH_FAILED:
+        raise MemoryError("bnkernels: could not allocate %d bytes of scratch for a thread"
+                          % (j.scratch_doubles * sizeof(double)))
     return 0
 
 
