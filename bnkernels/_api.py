@@ -266,13 +266,9 @@ def forward(
     if lay is None:
         xk, outk = _standard(x, ax), np.empty(np.moveaxis(x, ax, 1).shape, x.dtype)
         lay = choose([xk, outk], 1)
-    args = (train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, 0)
-    if lay[0] == "rows":
-        _, R, _, L, (sx, so) = lay
-        _kernels.forward_rows(xk, outk, R, C, L, sx, so, *args)
-    else:
-        _, N, _, L, ((sxn, sxc), (son, soc)) = lay
-        _kernels.forward_planar(xk, outk, N, C, L, sxn, sxc, son, soc, *args)
+    _kernels.forward(
+        lay, xk, outk, train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, 0
+    )
     if outk is not out:
         np.moveaxis(out, ax, 1)[...] = outk
 
@@ -446,49 +442,7 @@ def backward(
         zk, dyk = _standard(z, ax), _standard(dout, ax)
         dxk = np.empty_like(dyk)
         lay = choose([zk, dyk, dxk], 1)
-    if lay[0] == "rows":
-        _, R, _, L, (sz, sdy, sdx) = lay
-        _kernels.backward_rows(
-            zk,
-            dyk,
-            dxk,
-            R,
-            C,
-            L,
-            sz,
-            sdy,
-            sdx,
-            *vecs,
-            xhat_form,
-            std_mode,
-            train,
-            dgamma,
-            dbeta,
-            nt,
-        )
-    else:
-        _, N, _, L, ((szn, szc), (sdyn, sdyc), (sdxn, sdxc)) = lay
-        _kernels.backward_planar(
-            zk,
-            dyk,
-            dxk,
-            N,
-            C,
-            L,
-            szn,
-            szc,
-            sdyn,
-            sdyc,
-            sdxn,
-            sdxc,
-            *vecs,
-            xhat_form,
-            std_mode,
-            train,
-            dgamma,
-            dbeta,
-            nt,
-        )
+    _kernels.backward(lay, zk, dyk, dxk, *vecs, xhat_form, std_mode, train, dgamma, dbeta, nt)
     if dxk is not dx:
         np.moveaxis(dx, ax, 1)[...] = dxk
     return dx, dgamma, dbeta

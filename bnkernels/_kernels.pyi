@@ -38,16 +38,16 @@ def planar_plan(
     itemsize: int,  # Py_ssize_t, 4 or 8
     n_arrays: int,  # Py_ssize_t
 ) -> tuple[int, int, int, int]: ...  # (channels_per_block, n_blocks, elements_per_chunk, n_chunks)
-def backward_rows(
-    z: np.ndarray,  # const floating, rows view (R, C*L): x, or xhat when xhat_form
-    dy: np.ndarray,  # const floating, rows view, dtype of z
-    dx: np.ndarray,  # floating, rows view, dtype of z; written
-    R: int,  # Py_ssize_t
-    C: int,  # Py_ssize_t
-    L: int,  # Py_ssize_t, channel c owns columns c*L:(c+1)*L of a row
-    sz: int,  # Py_ssize_t, row stride of z
-    sdy: int,  # Py_ssize_t
-    sdx: int,  # Py_ssize_t
+
+# lay: bnkernels._layout.choose(arrays, axis) over the call's arrays in the order
+# (x or z, dy, out), the absent ones left out: ("rows", R, C, L, [row stride, ...]) or
+# ("planar", N, C, L, [(sn, sc), ...]), strides in elements
+
+def backward(
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, dx]
+    z: np.ndarray,  # const floating: x, or xhat when xhat_form
+    dy: np.ndarray,  # const floating, dtype of z
+    dx: np.ndarray,  # floating, dtype of z; written
     mean: np.ndarray,  # const float64[C]; zeros when xhat_form
     scale: np.ndarray,  # const float64[C]; invstd, or denom when xhat_form
     gamma: np.ndarray,  # const float64[C] or float32[C]
@@ -59,19 +59,20 @@ def backward_rows(
     dbeta: np.ndarray,  # floating[C], dtype of z; written
     n_threads: int,  # int
 ) -> None: ...
-def backward_planar(
-    z: np.ndarray,  # const floating, planar view (N, C, L), each plane contiguous
-    dy: np.ndarray,  # const floating, planar view, dtype of z
-    dx: np.ndarray,  # floating, planar view, dtype of z; written
-    N: int,  # Py_ssize_t
-    C: int,  # Py_ssize_t
-    L: int,  # Py_ssize_t
-    szn: int,  # Py_ssize_t, stride of z between n
-    szc: int,  # Py_ssize_t, stride of z between c
-    sdyn: int,  # Py_ssize_t
-    sdyc: int,  # Py_ssize_t
-    sdxn: int,  # Py_ssize_t
-    sdxc: int,  # Py_ssize_t
+def backward_reduce(
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy]
+    z: np.ndarray,  # const floating
+    dy: np.ndarray,  # const floating, dtype of z
+    mean: np.ndarray,  # const float64[C]
+    sum_dy: np.ndarray,  # float64[C]; written
+    sum_dy_zm: np.ndarray,  # float64[C]; written
+    n_threads: int,  # int
+) -> None: ...
+def backward_apply(
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, dx]
+    z: np.ndarray,  # const floating
+    dy: np.ndarray,  # const floating, dtype of z
+    dx: np.ndarray,  # floating, dtype of z; written
     mean: np.ndarray,  # const float64[C]
     scale: np.ndarray,  # const float64[C]
     gamma: np.ndarray,  # const float64[C] or float32[C]
@@ -79,46 +80,32 @@ def backward_planar(
     xhat_form: bool,  # bint
     std_mode: bool,  # bint
     train: bool,  # bint
+    sum_dy: np.ndarray,  # const float64[C], over the whole batch
+    sum_dy_zm: np.ndarray,  # const float64[C], over the whole batch
+    count: int,  # Py_ssize_t, elements per channel of the whole batch
     dgamma: np.ndarray,  # floating[C]; written
     dbeta: np.ndarray,  # floating[C]; written
     n_threads: int,  # int
 ) -> None: ...
-def forward_rows(
-    x: np.ndarray,  # const floating, rows view (R, C*L)
-    out: np.ndarray,  # floating, rows view, dtype of x; written
-    R: int,  # Py_ssize_t
-    C: int,  # Py_ssize_t
-    L: int,  # Py_ssize_t, channel c owns columns c*L:(c+1)*L of a row
-    sx: int,  # Py_ssize_t
-    sout: int,  # Py_ssize_t
+def forward(
+    lay: tuple[str, int, int, int, list],  # tuple, over [x, out]
+    x: np.ndarray,  # const floating
+    out: np.ndarray,  # floating, dtype of x; written
     train: bool,  # bint
     eps: float,  # double
     std_mode: bool,  # bint
     gamma: np.ndarray,  # const float64[C]
     beta: np.ndarray,  # const float64[C]
-    mean: np.ndarray,  # float64[C]; written in train mode, read in test mode
-    var: np.ndarray,  # float64[C]; written in train mode, read in test mode
-    invstd: np.ndarray,  # float64[C]; written in train mode, read in test mode
+    mean: np.ndarray,  # float64[C]; written in train mode, else read
+    var: np.ndarray,  # float64[C]; written in train mode, else read
+    invstd: np.ndarray,  # float64[C]; written in train mode, else read
     n_threads: int,  # int
 ) -> None: ...
-def forward_planar(
-    x: np.ndarray,  # const floating, planar view (N, C, L)
-    out: np.ndarray,  # floating, planar view, dtype of x; written
-    N: int,  # Py_ssize_t
-    C: int,  # Py_ssize_t
-    L: int,  # Py_ssize_t
-    sxn: int,  # Py_ssize_t
-    sxc: int,  # Py_ssize_t
-    soutn: int,  # Py_ssize_t
-    soutc: int,  # Py_ssize_t
-    train: bool,  # bint
-    eps: float,  # double
-    std_mode: bool,  # bint
-    gamma: np.ndarray,  # const float64[C]
-    beta: np.ndarray,  # const float64[C]
-    mean: np.ndarray,  # float64[C]; written in train mode, read in test mode
-    var: np.ndarray,  # float64[C]; written in train mode, read in test mode
-    invstd: np.ndarray,  # float64[C]; written in train mode, read in test mode
+def batch_stats(
+    lay: tuple[str, int, int, int, list],  # tuple, over [x]
+    x: np.ndarray,  # const floating
+    mean: np.ndarray,  # float64[C]; written
+    m2: np.ndarray,  # float64[C]; written: sum of squared deviations from mean
     n_threads: int,  # int
 ) -> None: ...
 def stream_add(

@@ -287,6 +287,9 @@ cdef struct Job:
     Py_ssize_t L            # columns of a channel in a row (rows) or plane length (planar)
     Py_ssize_t extent       # what chunks split: rows (rows layout) or elements per channel
     Py_ssize_t step         # elements of a channel per unit of extent: L (rows) or 1
+    Py_ssize_t count        # elements per channel of the batch: extent*step, or the global
+                            # count of a batch split across processes
+    bint planar             # the layout: planar, else rows
     Plan plan
     bint stream             # output written with streaming stores
     # the output is prefaulted as runs of run_len elements, n_runs_n x n_runs_c of them,
@@ -304,6 +307,8 @@ cdef struct Job:
     Coefs cf                # backward inputs
     char *dgamma            # backward outputs (C,), the data's dtype
     char *dbeta
+    double *sum_dy          # the backward's sums (C,): written by a sums-only pass, read by
+    double *sum_dy_zm       # a write-only one
     Stats st                # forward inputs and outputs
 
 
@@ -515,7 +520,7 @@ cdef inline void _bwd_coefs(const Job *j, Py_ssize_t c, double sum_dy,
     1 when z is xhat (then Q = 1).
     """
     cdef const Coefs *cf = &j.cf
-    cdef double inv_m = 1.0 / (j.extent * j.step)
+    cdef double inv_m = 1.0 / j.count
     cdef double r, s, q, b
     if cf.xhat_form:
         r = 1.0 / cf.scale[c]
@@ -548,27 +553,49 @@ cdef inline void _bwd_coefs(const Job *j, Py_ssize_t c, double sum_dy,
     j.S[c] = b * q   # finite in float64 whatever the scale
 
 
-cdef void _bwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
-                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """_bwd_coefs of channels c0..c1-1 from (sum_dy, sum_dy_zm) partials added in chunk
-    order; one chunk's sums are taken as they are (adding them to 0.0 would turn a -0.0
-    dbeta into +0.0).  Read chunk by chunk, across the channels: a channel's partials lie C
-    apart, and read down that stride they share one cache set when C is a power of two.
-    A and S hold the running sums until _bwd_coefs overwrites them."""
+cdef void _merge_sums(const Job *j, const double *part, Py_ssize_t n_chunks,
+                      Py_ssize_t c0, Py_ssize_t c1, double *s1, double *s2) noexcept nogil:
+    """s1[c], s2[c] of channels c0..c1-1: their chunks' partial sums added in chunk order;
+    one chunk's sums are taken as they are (adding them to 0.0 would turn a -0.0 dbeta into
+    +0.0).  Read chunk by chunk, across the channels: a channel's partials lie C apart, and
+    read down that stride they share one cache set when C is a power of two."""
     cdef Py_ssize_t c, ci, C = j.C
     if n_chunks == 1:
         for c in range(c0, c1):
-            _bwd_coefs(j, c, part[c], part[C + c])
+            s1[c] = part[c]
+            s2[c] = part[C + c]
         return
     for c in range(c0, c1):
-        j.A[c] = 0.0
-        j.S[c] = 0.0
+        s1[c] = 0.0
+        s2[c] = 0.0
     for ci in range(n_chunks):
         for c in range(c0, c1):
-            j.A[c] = j.A[c] + part[ci * C + c]
-            j.S[c] = j.S[c] + part[(n_chunks + ci) * C + c]
+            s1[c] = s1[c] + part[ci * C + c]
+            s2[c] = s2[c] + part[(n_chunks + ci) * C + c]
+
+
+cdef void _bwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Backward: _bwd_coefs of channels c0..c1-1 from their merged sums (held in A and S
+    until _bwd_coefs overwrites them)."""
+    cdef Py_ssize_t c
+    _merge_sums(j, part, n_chunks, c0, c1, j.A, j.S)
     for c in range(c0, c1):
         _bwd_coefs(j, c, j.A[c], j.S[c])
+
+
+cdef void _sums_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+                       Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Sums only: the merged (sum_dy, sum_dy_zm) are the output."""
+    _merge_sums(j, part, n_chunks, c0, c1, j.sum_dy, j.sum_dy_zm)
+
+
+cdef void _bwd_given(const Job *j, const double *part, Py_ssize_t n_chunks,
+                     Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Write only: _bwd_coefs from given sums (of a batch of j.count elements per channel)."""
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        _bwd_coefs(j, c, j.sum_dy[c], j.sum_dy_zm[c])
 
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
@@ -581,16 +608,15 @@ cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
     n_a[0] = n
 
 
-cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
-                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Channels c0..c1-1's mean, var and invstd from their chunks' (mean, M2), merged in
-    chunk order, chunk by chunk across the channels (as _bwd_finish), and the output's
-    S = gamma*invstd, Cc = beta.  mean and var hold the running (mean, M2) meanwhile."""
+cdef void _merge_moments(const Job *j, const double *part, Py_ssize_t n_chunks,
+                         Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels c0..c1-1's mean and M2 (in st.mean, st.var) from their chunks' (mean, M2),
+    merged in chunk order, chunk by chunk across the channels (as _merge_sums)."""
     cdef const Stats *st = &j.st
     cdef Py_ssize_t C = j.C, M = j.extent * j.step
     cdef Py_ssize_t chunk = j.plan.chunk * j.step   # elements of a channel per chunk
     cdef double n_a = min(chunk, M)
-    cdef double n_b, n_c, var
+    cdef double n_b, n_c
     cdef Py_ssize_t c, ci
     for c in range(c0, c1):
         st.mean[c] = part[c]
@@ -602,6 +628,23 @@ cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
             _chan_merge(&n_c, &st.mean[c], &st.var[c], n_b, part[ci * C + c],
                         part[(n_chunks + ci) * C + c])
         n_a = n_a + n_b
+
+
+cdef void _stats_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Statistics only: the merged mean and M2 are the output."""
+    _merge_moments(j, part, n_chunks, c0, c1)
+
+
+cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Forward: channels c0..c1-1's mean, var and invstd from their merged moments, and the
+    output's S = gamma*invstd, Cc = beta."""
+    cdef const Stats *st = &j.st
+    cdef Py_ssize_t M = j.extent * j.step
+    cdef Py_ssize_t c
+    cdef double var
+    _merge_moments(j, part, n_chunks, c0, c1)
     for c in range(c0, c1):
         var = st.var[c] / M
         if var < 0.0:
@@ -617,7 +660,8 @@ cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
 
 cdef void _fwd_scale(const Job *j, const double *part, Py_ssize_t n_chunks,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Test mode: S = gamma*invstd, Cc = beta from the given statistics (no partials)."""
+    """Write only: S = gamma*invstd, Cc = beta from given statistics (test mode, or the
+    statistics of a batch split across processes)."""
     cdef Py_ssize_t c
     for c in range(c0, c1):
         j.S[c] = j.st.gamma[c] * j.st.invstd[c]
@@ -753,6 +797,29 @@ cdef void _plane_write(const Job *j, Span sp, double *scratch) noexcept nogil:
 # The passes
 # ---------------------------------------------------------------------------
 
+cdef void _reduce_dy(const Job *j, Span sp, double *s1, double *s2,
+                     double *scratch) noexcept nogil:
+    if j.planar:
+        _plane_reduce_dy(j, sp, s1, s2, scratch)
+    else:
+        _rows_reduce_dy(j, sp, s1, s2, scratch)
+
+
+cdef void _reduce_moments(const Job *j, Span sp, double *s1, double *s2,
+                          double *scratch) noexcept nogil:
+    if j.planar:
+        _plane_reduce_moments(j, sp, s1, s2, scratch)
+    else:
+        _rows_reduce_moments(j, sp, s1, s2, scratch)
+
+
+cdef void _write(const Job *j, Span sp, double *scratch) noexcept nogil:
+    if j.planar:
+        _plane_write(j, sp, scratch)
+    else:
+        _rows_write(j, sp, scratch)
+
+
 cdef Work _work(reduce_fn reduce, finish_fn finish, write_fn write):
     cdef Work w
     w.reduce = reduce
@@ -761,12 +828,12 @@ cdef Work _work(reduce_fn reduce, finish_fn finish, write_fn write):
     return w
 
 
-cdef Work BACKWARD_ROWS = _work(_rows_reduce_dy, _bwd_finish, _rows_write)
-cdef Work BACKWARD_PLANAR = _work(_plane_reduce_dy, _bwd_finish, _plane_write)
-cdef Work FORWARD_ROWS = _work(_rows_reduce_moments, _fwd_finish, _rows_write)
-cdef Work FORWARD_PLANAR = _work(_plane_reduce_moments, _fwd_finish, _plane_write)
-cdef Work FORWARD_TEST_ROWS = _work(NULL, _fwd_scale, _rows_write)
-cdef Work FORWARD_TEST_PLANAR = _work(NULL, _fwd_scale, _plane_write)
+cdef Work BACKWARD = _work(_reduce_dy, _bwd_finish, _write)
+cdef Work BACKWARD_REDUCE = _work(_reduce_dy, _sums_finish, NULL)
+cdef Work BACKWARD_APPLY = _work(NULL, _bwd_given, _write)
+cdef Work FORWARD = _work(_reduce_moments, _fwd_finish, _write)
+cdef Work FORWARD_GIVEN = _work(NULL, _fwd_scale, _write)
+cdef Work BATCH_STATS = _work(_reduce_moments, _stats_finish, NULL)
 
 
 # ---------------------------------------------------------------------------
@@ -779,17 +846,37 @@ cdef inline bint _streams(Py_ssize_t n_elems, Py_ssize_t isz) noexcept nogil:
     return isz == 8 and n_elems * isz >= _sizes.stream_output_bytes
 
 
-cdef Job _job(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t C, Py_ssize_t L):
+cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t n_arrays):
+    """A call's Job from its layout (bnkernels._layout.choose over [x, dy, out], the absent
+    ones left out) and its arrays; n_arrays: the inputs a task streams, for the plan."""
     cdef Job j
+    cdef str kind = lay[0]
+    cdef Py_ssize_t n = lay[1], C = lay[2], L = lay[3]
+    cdef list strides = list(lay[4])
+    if n * L <= 0 or C <= 0:
+        raise ValueError("empty input: every channel needs at least one element")
     j.isz = cnp.PyArray_ITEMSIZE(x)
     j.loops = &bn_loops_f if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 else &bn_loops_d
     j.x = <const char *>cnp.PyArray_DATA(x)
     j.dy = <const char *>cnp.PyArray_DATA(dy) if dy is not None else NULL
-    j.out = <char *>cnp.PyArray_DATA(out)
+    j.out = <char *>cnp.PyArray_DATA(out) if out is not None else NULL
     j.C = C
     j.L = L
-    j.dy_n = 0
-    j.dy_c = 0
+    j.planar = kind == "planar"
+    x_s = strides.pop(0)
+    dy_s = strides.pop(0) if dy is not None else (0, 0)
+    out_s = strides.pop(0) if out is not None else (0, 0)
+    if j.planar:
+        j.x_n, j.x_c = x_s
+        j.dy_n, j.dy_c = dy_s
+        j.out_n, j.out_c = out_s
+        _planar_layout(&j, n, n_arrays)
+    else:
+        j.x_n = x_s
+        j.dy_n = dy_s if dy is not None else 0
+        j.out_n = out_s if out is not None else 0
+        _rows_layout(&j, n, n_arrays)
+    j.count = j.extent * j.step
     return j
 
 
@@ -875,75 +962,68 @@ cdef int _run_or_raise(Job *j, const Work *w, int n_threads) except -1:
     return 0
 
 
-def _check_nonempty(Py_ssize_t M, Py_ssize_t C):
-    if M <= 0 or C <= 0:
-        raise ValueError("empty input: every channel needs at least one element")
+cdef double *_f64(cnp.ndarray v):
+    return <double *>cnp.PyArray_DATA(v)
 
 
-def backward_rows(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,            # IN, IN, OUT
-                  Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
-                  Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sdx,
-                  cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
-                  bint xhat_form, bint std_mode, bint train,               # IN (C,) float64*
-                  cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):   # OUT (C,)
-    """Backward over a rows view (R, C*L): channel c owns columns c*L:(c+1)*L of each row.
-
-    See _bwd_coefs for the per-channel inputs (*gamma may also be float32).
-    """
-    _check_nonempty(R * L, C)
-    cdef Job j = _job(z, dy, dx, C, L)
-    j.x_n = sz
-    j.dy_n = sdy
-    j.out_n = sdx
-    _rows_layout(&j, R, 2)
+def backward(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,    # IN, IN, OUT
+             cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
+             bint xhat_form, bint std_mode, bint train,                   # IN (C,) float64*
+             cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):       # OUT (C,)
+    """dx, dgamma, dbeta; see _bwd_coefs for the per-channel inputs (*gamma may also be
+    float32).  lay: bnkernels._layout.choose([z, dy, dx], axis)."""
+    cdef Job j = _job(lay, z, dy, dx, 2)
     _backward_inputs(&j, mean, scale, gamma, var, xhat_form, std_mode, train, dgamma, dbeta)
-    _run_or_raise(&j, &BACKWARD_ROWS, n_threads)
+    _run_or_raise(&j, &BACKWARD, n_threads)
 
 
-def backward_planar(cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,         # IN, IN, OUT
-                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
-                    Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
-                    Py_ssize_t sdxn, Py_ssize_t sdxc,
-                    cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
-                    bint xhat_form, bint std_mode, bint train,             # IN (C,) float64
-                    cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):  # OUT (C,)
-    """Backward over a planar view (N, C, L); see _bwd_coefs for the per-channel inputs
-    (gamma may also be float32)."""
-    _check_nonempty(N * L, C)
-    cdef Job j = _job(z, dy, dx, C, L)
-    j.x_n, j.x_c, j.dy_n, j.dy_c, j.out_n, j.out_c = szn, szc, sdyn, sdyc, sdxn, sdxc
-    _planar_layout(&j, N, 2)
+def backward_reduce(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray mean,  # IN
+                    cnp.ndarray sum_dy, cnp.ndarray sum_dy_zm, int n_threads):  # OUT (C,) float64
+    """sum_dy := sum(dy), sum_dy_zm := sum(dy*(z - mean)) per channel, in the order backward
+    adds them.  lay: choose([z, dy], axis)."""
+    cdef Job j = _job(lay, z, dy, None, 2)
+    j.shift = _f64(mean)
+    j.sum_dy = _f64(sum_dy)
+    j.sum_dy_zm = _f64(sum_dy_zm)
+    _run_or_raise(&j, &BACKWARD_REDUCE, n_threads)
+
+
+def backward_apply(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,  # IN, IN, OUT
+                   cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
+                   bint xhat_form, bint std_mode, bint train,
+                   cnp.ndarray sum_dy, cnp.ndarray sum_dy_zm, Py_ssize_t count,  # IN
+                   cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):       # OUT (C,)
+    """backward's output from given sums over a batch of count elements per channel (this
+    call's data being part of it).  lay: choose([z, dy, dx], axis)."""
+    if count <= 0:
+        raise ValueError("count must be positive")
+    cdef Job j = _job(lay, z, dy, dx, 2)
     _backward_inputs(&j, mean, scale, gamma, var, xhat_form, std_mode, train, dgamma, dbeta)
-    _run_or_raise(&j, &BACKWARD_PLANAR, n_threads)
+    j.sum_dy = _f64(sum_dy)
+    j.sum_dy_zm = _f64(sum_dy_zm)
+    j.count = count
+    _run_or_raise(&j, &BACKWARD_APPLY, n_threads)
 
 
-def forward_rows(cnp.ndarray x, cnp.ndarray out, Py_ssize_t R, Py_ssize_t C, Py_ssize_t L,
-                 Py_ssize_t sx, Py_ssize_t sout, bint train, double eps, bint std_mode,
-                 cnp.ndarray gamma, cnp.ndarray beta,                  # IN (C,) float64
-                 cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,  # OUT (train) / IN (test)
-                 int n_threads):
-    """Forward over a rows view (R, C*L): statistics (train) and out."""
-    _check_nonempty(R * L, C)
-    cdef Job j = _job(x, None, out, C, L)
-    j.x_n = sx
-    j.out_n = sout
-    _rows_layout(&j, R, 1)
+def forward(tuple lay, cnp.ndarray x, cnp.ndarray out, bint train, double eps, bint std_mode,
+            cnp.ndarray gamma, cnp.ndarray beta,                    # IN (C,) float64
+            cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,  # OUT (train) / IN (else)
+            int n_threads):
+    """train: mean, var, invstd := the batch statistics; then out := gamma*invstd*(x - mean)
+    + beta (not train: with the given statistics).  lay: choose([x, out], axis)."""
+    cdef Job j = _job(lay, x, None, out, 1)
     _forward_inputs(&j, eps, std_mode, gamma, beta, mean, var, invstd)
-    _run_or_raise(&j, &FORWARD_ROWS if train else &FORWARD_TEST_ROWS, n_threads)
+    _run_or_raise(&j, &FORWARD if train else &FORWARD_GIVEN, n_threads)
 
 
-def forward_planar(cnp.ndarray x, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
-                   Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t soutn, Py_ssize_t soutc,
-                   bint train, double eps, bint std_mode,
-                   cnp.ndarray gamma, cnp.ndarray beta,
-                   cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd, int n_threads):
-    """Forward over a planar view (N, C, L): statistics (train) and out."""
-    _check_nonempty(N * L, C)
-    cdef Job j = _job(x, None, out, C, L)
-    j.x_n, j.x_c, j.out_n, j.out_c = sxn, sxc, soutn, soutc
-    _planar_layout(&j, N, 1)
-    _forward_inputs(&j, eps, std_mode, gamma, beta, mean, var, invstd)
-    _run_or_raise(&j, &FORWARD_PLANAR if train else &FORWARD_TEST_PLANAR, n_threads)
+def batch_stats(tuple lay, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2,  # IN, OUT (C,) float64
+                int n_threads):
+    """Per-channel mean and M2 (sum of squared deviations) in one pass, as forward computes
+    them.  lay: choose([x], axis)."""
+    cdef Job j = _job(lay, x, None, None, 1)
+    j.st.mean = _f64(mean)
+    j.st.var = _f64(m2)
+    _run_or_raise(&j, &BATCH_STATS, n_threads)
 
 
 # ---------------------------------------------------------------------------
