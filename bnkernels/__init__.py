@@ -3,7 +3,9 @@
     out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"})
     dx, dgamma, dbeta = bnkernels.backward(dout, cache)
 
-``bnkernels.reference`` holds the pure NumPy implementations the kernels are
+For a batch split across processes: ``forward(..., comm=comm)`` over MPI, or the
+split-phase functions ``batch_stats``, ``merge_stats``, ``backward_reduce`` and
+``backward_apply``.  ``bnkernels.reference`` holds the pure NumPy implementations the kernels are
 tested against.
 """
 
@@ -53,10 +55,22 @@ def _import_kernels():
 
 _kernels = _import_kernels()
 
-from . import reference  # noqa: E402
+from . import _api, reference  # noqa: E402
 from ._api import backward, forward  # noqa: E402
+from ._distributed import backward_apply, backward_reduce, batch_stats, merge_stats  # noqa: E402
 
-__all__ = ["forward", "backward", "reference", "openmp_enabled", "max_threads", "__version__"]
+__all__ = [
+    "forward",
+    "backward",
+    "batch_stats",
+    "merge_stats",
+    "backward_reduce",
+    "backward_apply",
+    "reference",
+    "openmp_enabled",
+    "max_threads",
+    "__version__",
+]
 
 
 # Thin wrappers rather than re-exports: the compiled functions' own docstrings are one-liners,
@@ -89,11 +103,14 @@ def max_threads() -> int:
             bnkernels.max_threads()    # 1, and the kernels run on one thread
 
     ``bnkernels.backward(..., num_threads=n)`` overrides it for one call.  Small
-    inputs, or shapes with fewer tasks than threads, use fewer.
+    inputs, or shapes with fewer tasks than threads, use fewer.  Every count, default or
+    requested, is capped at the CPUs this process may use (``os.sched_getaffinity``),
+    and is 1 in a process made by ``os.fork()`` (a 'fork' multiprocessing worker):
+    GNU OpenMP's threads do not survive a fork.
 
     Returns
     -------
     int
         The default thread count, >= 1; always 1 for a serial build.
     """
-    return _kernels.max_threads()
+    return _api._n_threads(None)

@@ -1,5 +1,8 @@
 """python -m bnkernels            version, OpenMP, self-check against the reference, timings
-python -m bnkernels bench ...  the benchmark (see ``python -m bnkernels bench --help``)"""
+python -m bnkernels bench ...  the benchmark (see ``python -m bnkernels bench --help``)
+mpiexec -n 2 python -m bnkernels --mpi
+                               batch norm across processes: per-rank agreement with one
+                               process, and the cost of the collectives"""
 
 import importlib
 import os
@@ -162,12 +165,99 @@ def _check(shape, axis, dtype, rng):
     return worst, worst <= RTOL[dtype]
 
 
+# the per-rank slice of the MPI self-check's timed step
+MPI_TIMED = ((32, 64, 28, 28), np.float32)
+
+
+def mpi_check():
+    """Under mpiexec: each rank normalizes a slice of one batch with comm=MPI.COMM_WORLD and
+    checks it against one process on the whole batch; then the synchronized step is timed
+    against the local one on the same slice (the collectives' cost)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        print("--mpi needs mpi4py: pip install 'bnkernels[mpi]'", file=sys.stderr)
+        return 2
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    rng = np.random.default_rng(0)  # the same batch on every rank
+    worst, lines = 0.0, []
+    for shape, axis, dtype in SELF_CHECK:
+        n = max(shape[0], size)
+        full = (n,) + shape[1:]
+        x = (rng.standard_normal(full) * 3 + 2).astype(dtype)
+        dy = rng.standard_normal(full).astype(dtype)
+        C = full[axis]
+        g, b = np.ones(C, dtype), np.zeros(C, dtype)
+        lo, hi = n * rank // size, n * (rank + 1) // size
+        out, cache = bnkernels.forward(x[lo:hi], g, b, {"mode": "train"}, axis=axis, comm=comm)
+        dx, dgamma, dbeta = bnkernels.backward(dy[lo:hi], cache)
+        ref_out, ref_cache = bnkernels.forward(x, g, b, {"mode": "train"}, axis=axis)
+        rdx, rdg, rdb = bnkernels.backward(dy, ref_cache)
+        err = 0.0
+        for got, want in ((out, ref_out[lo:hi]), (dx, rdx[lo:hi]), (dgamma, rdg), (dbeta, rdb)):
+            scale = float(np.max(np.abs(want))) or 1.0
+            err = max(err, float(np.max(np.abs(got - want), initial=0.0)) / scale)
+        same = comm.allgather(dgamma.tobytes() + dbeta.tobytes())
+        worst = max(worst, err)
+        ok = err <= RTOL[dtype] and all(s == same[0] for s in same)
+        lines.append(
+            "  %-20s %-8s rows %d:%d  %.1e  %s"
+            % (full, np.dtype(dtype).name, lo, hi, err, "ok" if ok else "FAILED")
+        )
+    everyone = comm.allgather(lines)
+    shape, dtype = MPI_TIMED
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    g, b = np.ones(shape[1], dtype), np.zeros(shape[1], dtype)
+
+    def local_step():
+        bnkernels.backward(dy, bnkernels.forward(x, g, b, {"mode": "train"})[1])
+
+    def synced_step():
+        bnkernels.backward(dy, bnkernels.forward(x, g, b, {"mode": "train"}, comm=comm)[1])
+
+    times = {}
+    for name, fn in (("local", local_step), ("synchronized", synced_step)) * 2:
+        comm.Barrier()
+        times[name] = _median_time(fn, 20)
+    if rank == 0:
+        print(
+            "bnkernels %s over MPI: %d ranks (%s)"
+            % (bnkernels.__version__, size, MPI.Get_library_version().splitlines()[0])
+        )
+        print("synchronized forward + backward against one process on the whole batch:")
+        for r, rl in enumerate(everyone):
+            for line in rl:
+                print("  rank %d%s" % (r, line))
+        failed = any("FAILED" in line for rl in everyone for line in rl)
+        print(
+            "all %d ranks agree with one process, and with each other: %s"
+            % (size, "no" if failed else "yes")
+        )
+        print(
+            "a training step on a %s %s slice per rank (median ms): local %.3f, synchronized"
+            " %.3f, collectives %.3f"
+            % (
+                shape,
+                np.dtype(dtype).name,
+                times["local"] * 1e3,
+                times["synchronized"] * 1e3,
+                (times["synchronized"] - times["local"]) * 1e3,
+            )
+        )
+    failed = any("FAILED" in line for rl in everyone for line in rl)
+    return 1 if failed else 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         from bnkernels import _bench
 
         return _bench.main(argv[1:])
+    if argv == ["--mpi"]:
+        return mpi_check()
     if argv:
         print(__doc__)
         return 0 if argv[0] in ("-h", "--help") else 2

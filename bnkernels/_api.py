@@ -6,7 +6,11 @@ longdouble) run :mod:`bnkernels.reference`.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import numbers
+import os
+import sys
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -43,18 +47,20 @@ def _same_dtype(names, arrays):
         raise TypeError("%s must share one dtype, got %s" % (" and ".join(names), listing))
 
 
-def _channel_axis(axis, ndim):
+def _channel_axis(axis, ndim, key="axis", array="an array"):
+    """The channel axis as a non-negative int; ``key`` names the axis argument in messages,
+    ``array`` the array it indexes."""
     if ndim < 2:
         raise ValueError(
-            "batch norm needs an array with ndim >= 2 (batch, channels, ...), got ndim %d" % ndim
+            "batch norm needs %s with ndim >= 2 (batch, channels, ...), got ndim %d" % (array, ndim)
         )
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise TypeError("axis must be an int, got %r" % (axis,))
+        raise TypeError("%s must be an int, got %r" % (key, axis))
     if not -ndim <= axis < ndim:
-        raise ValueError("axis %d is out of range for an array with ndim %d" % (axis, ndim))
+        raise ValueError("%s %d is out of range for %s with ndim %d" % (key, axis, array, ndim))
     if axis % ndim == 0:
         raise ValueError(
-            "axis 0 is the batch axis; the channel axis is 1 or -1 (or another axis > 0)"
+            "%s 0 is the batch axis; the channel axis is 1 or -1 (or another axis > 0)" % key
         )
     return int(axis) % ndim
 
@@ -69,14 +75,126 @@ def _per_channel(name, v, C, shape):
     return v
 
 
+def _usable_cpus():
+    """The CPUs this process may run on (its affinity mask where the OS has one), shared
+    with the other processes an MPI launcher started on this machine: ranks that each ran
+    a full team would take turns on the cores and stall in every barrier."""
+    try:
+        n = len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n // _local_ranks())
+
+
+# what MPI launchers say of the ranks they started on this machine: MPICH and Intel MPI,
+# Open MPI
+_LOCAL_RANKS_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def _local_ranks():
+    """Processes of this one's MPI job on this machine (1 outside one)."""
+    for var in _LOCAL_RANKS_VARS:
+        text = os.environ.get(var, "")
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    return 1
+
+
+_cpus = _usable_cpus()  # read again whenever a call asks for more threads than this
+_forked = False  # this process was made by os.fork() (or is a descendant of one)
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _n_threads(num_threads):
+    """The threads of one kernel call: num_threads, or the OpenMP default for None, capped
+    at the CPUs this process may use.  1 in a forked process: GNU OpenMP's threads do not
+    survive fork(), a call on one thread enters no OpenMP region, and the results are the
+    same for every thread count."""
+    global _cpus
     if num_threads is None:
-        return 0
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError("num_threads must be None or a positive int, got %r" % (num_threads,))
-    if num_threads < 1:
-        raise ValueError("num_threads must be None or >= 1, got %d" % num_threads)
-    return int(num_threads)
+        n = 1 if _forked else _kernels.max_threads()
+    else:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+            raise TypeError("num_threads must be None or a positive int, got %r" % (num_threads,))
+        n = int(num_threads)
+        if n < 1:
+            raise ValueError("num_threads must be None or >= 1, got %d" % n)
+    if _forked:
+        return 1
+    if n > _cpus:
+        _cpus = _usable_cpus()
+        n = min(n, _cpus)
+    return n
+
+
+def _array(name: str, a: Any) -> np.ndarray:
+    """np.asarray(a), refusing numpy.ma arrays (the kernels would ignore the mask).  No masked
+    array can exist before numpy.ma is imported, so plain inputs cost a dict lookup."""
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(a, ma.MaskedArray):
+        raise TypeError(
+            "%s is a masked array (numpy.ma): masked arrays are not supported, the mask would "
+            "be ignored; pass .filled(value), or compress the masked entries out first" % name
+        )
+    return np.asarray(a)
+
+
+def _real(name, v):
+    """v as a float; a TypeError unless it is a real number (int, float, NumPy scalar;
+    not bool, not str)."""
+    if type(v) is float:
+        return v
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(
+            "%s must be a real number (int or float), got %r of type %s"
+            % (name, v, type(v).__name__)
+        )
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
+_F16 = np.dtype(np.float16)
+_TINY32 = float(np.finfo(np.float32).tiny)
+_TINY64 = float(np.finfo(np.float64).tiny)
+
+
+def _eps(name, v, dtype):
+    """eps as a float > 0 whose reciprocal is finite where it is used: float64 (the kernels,
+    longdouble), or float32 for float16 data (the reference computes it in float32)."""
+    eps = _real(name, v)
+    least = _TINY32 if dtype == _F16 else _TINY64
+    if not least <= eps < math.inf:
+        raise ValueError(
+            "%s must be a finite number > 0 (at least %.3g), got %r" % (name, least, eps)
+        )
+    return eps
+
+
+def _running_stat(key, v, C, x):
+    """bn_param[key] as a (C,) array: zeros of x's dtype when missing or None; integers
+    become x's dtype (a running statistic is never truncated); other non-floating dtypes
+    are refused."""
+    name = "bn_param[%r]" % key
+    if v is None:
+        return np.zeros(C, dtype=x.dtype)
+    v = _per_channel(name, _array(name, v), C, x.shape)
+    if v.dtype.kind in "iu":
+        return v.astype(x.dtype)
+    if v.dtype.kind != "f":
+        raise TypeError(
+            "%s must be a floating-point (or integer) array, got dtype %s" % (name, v.dtype)
+        )
+    return v
 
 
 def _vec64(v, C, shape, name, keep=(_F64,)):
@@ -144,6 +262,8 @@ def forward(
     bn_param: dict[str, Any],
     *,
     axis: int = 1,
+    comm: Any = None,
+    stats: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Batch normalization forward pass.
 
@@ -163,11 +283,12 @@ def forward(
 
         - ``'mode'``: ``'train'`` (batch statistics) or ``'test'`` (running
           statistics); required.
-        - ``'eps'``: float, default 1e-5.  ``'momentum'``: float, default 0.9.
+        - ``'eps'``: a real number > 0, default 1e-5.  ``'momentum'``: a real
+          number, default 0.9.
         - ``'running_mean'``, ``'running_var'``: ndarray, shape (C,); zeros when
           missing.  In train mode replaced by
           ``momentum * running + (1 - momentum) * batch_stat`` (biased batch
-          variance), in the dtype they had.
+          variance), in the floating dtype they had; integers become x's dtype.
         - ``'eps_mode'``: ``'var'`` (default), ``xhat = (x - mean) / sqrt(var + eps)``;
           or ``'std'``, ``xhat = (x - mean) / (sqrt(var) + eps)``.
     axis : int, default 1
@@ -187,8 +308,9 @@ def forward(
     Raises
     ------
     TypeError
-        x, gamma or beta is not a floating-point array, their dtypes differ, or
-        ``bn_param`` is not a dict.
+        x, gamma or beta is not a floating-point array, their dtypes differ, an
+        array is a masked array (numpy.ma), ``bn_param`` is not a dict, or one of its
+        values has the wrong type.
     ValueError
         x has ndim < 2 or no elements, ``axis`` is 0 or out of range, a per-channel
         array has the wrong shape, or ``bn_param`` holds an invalid value.
@@ -207,15 +329,16 @@ def forward(
     >>> out.shape, out.dtype
     ((4, 3), dtype('float32'))
     """
-    x = np.asarray(x)
+    x = _array("x", x)
     ax = _channel_axis(axis, x.ndim)
     C = x.shape[ax]
-    if x.size == 0:
+    split = comm is not None or stats is not None  # x is a part of the batch
+    if x.size == 0 and not (split and C > 0):
         raise ValueError(
             "x is empty (shape %s): batch norm needs at least one element per channel" % (x.shape,)
         )
-    gamma = _per_channel("gamma", gamma, C, x.shape)
-    beta = _per_channel("beta", beta, C, x.shape)
+    gamma = _per_channel("gamma", _array("gamma", gamma), C, x.shape)
+    beta = _per_channel("beta", _array("beta", beta), C, x.shape)
     for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
         _float_dtype(name, a)
     _same_dtype(("x", "gamma", "beta"), (x, gamma, beta))
@@ -229,30 +352,55 @@ def forward(
     eps_mode = bn_param.get("eps_mode", "var")
     if eps_mode not in ("var", "std"):
         raise ValueError("bn_param['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
-    eps = float(bn_param.get("eps", 1e-5))
-    if not eps >= 0:
-        raise ValueError("bn_param['eps'] must be >= 0, got %r" % (eps,))
-    momentum = float(bn_param.get("momentum", 0.9))
-    running_mean = bn_param.get("running_mean")
-    running_var = bn_param.get("running_var")
-    running_mean = (
-        np.zeros(C, dtype=x.dtype)
-        if running_mean is None
-        else _per_channel("bn_param['running_mean']", running_mean, C, x.shape)
-    )
-    running_var = (
-        np.zeros(C, dtype=x.dtype)
-        if running_var is None
-        else _per_channel("bn_param['running_var']", running_var, C, x.shape)
-    )
-
-    if x.dtype not in _KERNEL_DTYPES:
-        bn_param.setdefault("running_mean", running_mean)
-        bn_param.setdefault("running_var", running_var)
-        return reference.forward(x, gamma, beta, bn_param, axis=ax)
+    eps = _eps("bn_param['eps']", bn_param.get("eps", 1e-5), x.dtype)
+    momentum = _real("bn_param['momentum']", bn_param.get("momentum", 0.9))
+    if not math.isfinite(momentum):
+        raise ValueError("bn_param['momentum'] must be a finite number, got %r" % (momentum,))
+    running_mean = _running_stat("running_mean", bn_param.get("running_mean"), C, x)
+    running_var = _running_stat("running_var", bn_param.get("running_var"), C, x)
 
     train = mode == "train"
     std_mode = eps_mode == "std"
+    if split:
+        from . import _distributed
+
+        count, mean, var = _distributed.whole_batch_stats(
+            x,
+            ax,
+            comm,
+            stats,
+            {
+                "channels": C,
+                "dtype": x.dtype.str,
+                "axis": ax,
+                "eps": eps,
+                "eps_mode": eps_mode,
+                "mode": mode,
+            },
+        )
+        if not train:  # the running statistics; comm only checked that the ranks agree
+            mean, var = _f64(running_mean), _f64(running_var)
+        invstd = _invstd(var, eps, std_mode)
+        out = _normalize(x, ax, gamma, beta, False, eps, std_mode, mean, var, invstd)
+        if train:
+            bn_param["running_mean"] = _running(running_mean, mean, momentum)
+            bn_param["running_var"] = _running(running_var, var, momentum)
+        cache = _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax)
+        cache["count"] = count
+        if comm is not None:
+            cache["comm"] = comm
+        return out, cache
+
+    if x.dtype not in _KERNEL_DTYPES:
+        # the reference gets the checked values; bn_param is updated as in the kernels' path
+        param = dict(bn_param, eps=eps, momentum=momentum)
+        param.update(running_mean=running_mean, running_var=running_var)
+        result = reference.forward(x, gamma, beta, param, axis=ax)
+        if mode == "train":
+            bn_param["running_mean"] = param["running_mean"]
+            bn_param["running_var"] = param["running_var"]
+        return result
+
     if train:
         mean = np.empty(C)
         var = np.empty(C)
@@ -260,22 +408,45 @@ def forward(
     else:
         mean = _f64(running_mean)
         var = _f64(running_var)
-        invstd = 1.0 / (np.sqrt(var) + eps if std_mode else np.sqrt(var + eps))
+        invstd = _invstd(var, eps, std_mode)
+    out = _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd)
+    if train:
+        bn_param["running_mean"] = _running(running_mean, mean, momentum)
+        bn_param["running_var"] = _running(running_var, var, momentum)
+    return out, _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax)
+
+
+def _invstd(var, eps, std_mode):
+    return 1.0 / (np.sqrt(var) + eps if std_mode else np.sqrt(var + eps))
+
+
+def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
+    """out = gamma*invstd*(x - mean) + beta; train: mean, var, invstd are first filled with
+    the batch statistics.  Without train, x may be empty and of any floating dtype."""
     out = np.empty_like(x)
+    if x.size == 0:
+        return out
+    if x.dtype not in _KERNEL_DTYPES:  # given statistics, a dtype without kernels
+        shape = [1] * x.ndim
+        shape[ax] = x.shape[ax]
+        scale = (_f64(gamma) * invstd).reshape(shape)
+        out[...] = scale * (x.astype(np.float64) - mean.reshape(shape)) + _f64(beta).reshape(shape)
+        return out
     lay, (xk, outk) = _to_layout([x, out], ax)
     if lay is None:
         xk, outk = _standard(x, ax), np.empty(np.moveaxis(x, ax, 1).shape, x.dtype)
         lay = choose([xk, outk], 1)
+    nt = _n_threads(None)
     _kernels.forward(
-        lay, xk, outk, train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, 0
+        lay, xk, outk, train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, nt
     )
     if outk is not out:
         np.moveaxis(out, ax, 1)[...] = outk
+    return out
 
-    if train:
-        bn_param["running_mean"] = _running(running_mean, mean, momentum)
-        bn_param["running_var"] = _running(running_var, var, momentum)
-    cache = {
+
+def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax):
+    return {
         "x": x,
         "mean": mean,
         "var": var,
@@ -286,12 +457,59 @@ def forward(
         "mode": mode,
         "axis": ax,
     }
-    return out, cache
 
 
 # ---------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------
+
+
+_VEC_KEYS = ("mean", "invstd", "gamma", "var")  # in the order the kernels take them
+_VEC_NAMES = tuple("cache[%r]" % key for key in _VEC_KEYS)
+
+
+def _forward_cache(cache):
+    """_unpack for a complete forward cache, checked as strictly as forward's arguments and
+    as cheaply: types, dtypes and shapes, never a pass over the data."""
+    z = _array("cache['x']", cache["x"])
+    _float_dtype("cache['x']", z)
+    ax = _channel_axis(cache["axis"], z.ndim, "cache['axis']", "cache['x']")
+    mode, eps_mode = cache["mode"], cache["eps_mode"]
+    if mode not in ("train", "test"):
+        raise ValueError("cache['mode'] must be 'train' or 'test', got %r" % (mode,))
+    if eps_mode not in ("var", "std"):
+        raise ValueError("cache['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
+    _eps("cache['eps']", cache["eps"], z.dtype)
+    C = z.shape[ax]
+    vs = [cache[key] for key in _VEC_KEYS]
+    for i, name in enumerate(_VEC_NAMES):
+        v = vs[i]
+        if type(v) is np.ndarray and v.dtype.kind == "f" and v.shape == (C,):
+            continue  # what forward cached
+        vs[i] = v = _array(name, v)
+        _float_dtype(name, v)
+        if v.ndim != 1:
+            raise ValueError("%s must be a vector of shape (C,), got shape %s" % (name, v.shape))
+    n = len(vs[0])
+    if n != C and all(len(v) == n for v in vs):
+        # the statistics agree with each other, not with x: name x or axis, whichever moved
+        there = [a for a in range(1, z.ndim) if z.shape[a] == n]
+        if there:
+            raise ValueError(
+                "cache['axis'] is %r, but the cached statistics are for %d channels, the "
+                "length of axis %d of cache['x'] (shape %s)" % (cache["axis"], n, there[0], z.shape)
+            )
+        raise ValueError(
+            "cache['x'] has shape %s, %d channels on axis %d, but the cached statistics are "
+            "for %d channels: it is not the array forward normalized" % (z.shape, C, ax, n)
+        )
+    vecs = (
+        _vec64(vs[0], C, z.shape, _VEC_NAMES[0]),
+        _vec64(vs[1], C, z.shape, _VEC_NAMES[1]),
+        _vec64(vs[2], C, z.shape, _VEC_NAMES[2], _KERNEL_DTYPES),
+        _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
+    )
+    return z, ax, vecs, False, eps_mode == "std", mode == "train"
 
 
 def _unpack(cache):
@@ -304,39 +522,72 @@ def _unpack(cache):
         raise TypeError(
             "cache must be the dict returned by bnkernels.forward, got %s" % type(cache).__name__
         )
-    if "x" in cache and "invstd" in cache:
-        if not cache.keys() >= _CACHE_KEY_SET:
-            missing = [key for key in _CACHE_KEYS if key not in cache]
-            raise ValueError(
-                "cache is missing %s; pass the cache bnkernels.forward returned"
-                % ", ".join(map(repr, missing))
-            )
-        z = np.asarray(cache["x"])
-        _float_dtype("cache['x']", z)
-        ax = _channel_axis(cache["axis"], z.ndim)
-        C = z.shape[ax]
-        vecs = (
-            _vec64(cache["mean"], C, z.shape, "cache['mean']"),
-            _vec64(cache["invstd"], C, z.shape, "cache['invstd']"),
-            _vec64(cache["gamma"], C, z.shape, "cache['gamma']", _KERNEL_DTYPES),
-            _vec64(cache["var"], C, z.shape, "cache['var']"),
-        )
-        return (z, ax, vecs, False, cache["eps_mode"] == "std", cache["mode"] == "train")
-    if all(key in cache for key in _SEED_KEYS):
-        z = np.asarray(cache["x_hat"])
+    complete = cache.keys() >= _CACHE_KEY_SET
+    if not complete and all(key in cache for key in _SEED_KEYS):
+        # a seed-style cache, whatever else it holds (hand-written code may keep x, invstd...)
+        z = _array("cache['x_hat']", cache["x_hat"])
         _float_dtype("cache['x_hat']", z)
         if z.ndim != 2:
             raise ValueError(
                 "a seed-style cache holds a (N, D) batch; cache['x_hat'] has shape %s" % (z.shape,)
             )
         C = z.shape[1]
-        denom = _f64(_per_channel("cache['denom']", cache["denom"], C, z.shape))
-        gamma = _f64(_per_channel("cache['gamma']", cache["gamma"], C, z.shape))
+        denom = _per_channel("cache['denom']", _array("cache['denom']", cache["denom"]), C, z.shape)
+        gamma = _per_channel("cache['gamma']", _array("cache['gamma']", cache["gamma"]), C, z.shape)
         zeros = np.zeros(C)
-        return z, 1, [zeros, denom, gamma, zeros], True, False, True
+        return z, 1, [zeros, _f64(denom), _f64(gamma), zeros], True, False, True
+    if "x" in cache and "invstd" in cache:
+        if not complete:
+            missing = [key for key in _CACHE_KEYS if key not in cache]
+            raise ValueError(
+                "cache is missing %s; pass the cache bnkernels.forward returned"
+                % ", ".join(map(repr, missing))
+            )
+        return _forward_cache(cache)
     raise ValueError(
         "cache must come from bnkernels.forward (keys %s) or be a seed-style dict "
         "with keys %s" % (", ".join(_CACHE_KEYS), ", ".join(_SEED_KEYS))
+    )
+
+
+class _BackwardInputs(NamedTuple):
+    z: np.ndarray  # the cached x, or x_hat
+    axis: int
+    C: int
+    # mean, scale, gamma, var: a 4-tuple so mypy can count the kernels' arguments
+    vecs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    xhat_form: bool
+    std_mode: bool
+    train: bool
+    dout: np.ndarray
+    n_threads: int
+    batch_count: int | None  # elements per channel of the batch of the statistics, if given
+
+
+def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardInputs:
+    """backward's arguments, checked; allow_empty for a part of a batch split across
+    processes (an empty part still joins in)."""
+    z, ax, vecs, xhat_form, std_mode, train = _unpack(cache)
+    dout = _array("dout", dout)
+    _float_dtype("dout", dout)
+    if dout.shape != z.shape:
+        raise ValueError(
+            "dout has shape %s but the cached input has shape %s" % (dout.shape, z.shape)
+        )
+    if dout.dtype != z.dtype:
+        raise TypeError(
+            "dout and the cache must share one dtype, got dout %s and cache %s"
+            % (dout.dtype, z.dtype)
+        )
+    C = z.shape[ax]
+    if dout.size == 0 and not (allow_empty and C > 0):
+        raise ValueError(
+            "dout is empty (shape %s): batch norm needs at least one element per "
+            "channel" % (dout.shape,)
+        )
+    count = cache.get("count") if not xhat_form else None
+    return _BackwardInputs(
+        z, ax, C, tuple(vecs), xhat_form, std_mode, train, dout, _n_threads(num_threads), count
     )
 
 
@@ -362,8 +613,9 @@ def backward(
     num_threads : int or None, default None
         OpenMP threads for this call.  None uses the OpenMP default, which
         ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(n,
-        user_api="openmp")`` control.  The results are bitwise identical for every
-        thread count.
+        user_api="openmp")`` control.  Capped at the CPUs this process may use; 1 in
+        a forked process (GNU OpenMP's threads do not survive ``os.fork``).  The
+        results are bitwise identical for every thread count.
 
     Returns
     -------
@@ -378,9 +630,11 @@ def backward(
     ------
     TypeError
         ``cache`` is not a dict, dout is not a floating-point array, its dtype
-        differs from the cached input's, or ``num_threads`` is not an int.
+        differs from the cached input's, an array is a masked array (numpy.ma), a
+        cached value has the wrong type, or ``num_threads`` is not an int.
     ValueError
-        The cache is incomplete or of neither kind, dout's shape differs from the
+        The cache is incomplete, of neither kind or inconsistent (its statistics do
+        not fit ``cache['x']`` and ``cache['axis']``), dout's shape differs from the
         cached input's, dout is empty, or ``num_threads < 1``.
 
     See Also
@@ -410,39 +664,34 @@ def backward(
     >>> dx.shape, dgamma.shape
     ((8, 3, 4, 4), (3,))
     """
-    # mean, scale, gamma, var: typed as a 4-tuple so mypy can count the kernels' arguments
-    vecs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-    z, ax, vecs, xhat_form, std_mode, train = _unpack(cache)
-    dout = np.asarray(dout)
-    _float_dtype("dout", dout)
-    if dout.shape != z.shape:
-        raise ValueError(
-            "dout has shape %s but the cached input has shape %s" % (dout.shape, z.shape)
-        )
-    if dout.dtype != z.dtype:
-        raise TypeError(
-            "dout and the cache must share one dtype, got dout %s and cache %s"
-            % (dout.dtype, z.dtype)
-        )
-    if dout.size == 0:
-        raise ValueError(
-            "dout is empty (shape %s): batch norm needs at least one element per "
-            "channel" % (dout.shape,)
-        )
-    nt = _n_threads(num_threads)
-    if dout.dtype not in _KERNEL_DTYPES:
-        return reference.backward_alt(dout, cache)
+    if isinstance(cache, dict) and cache.get("comm") is not None:
+        from . import _distributed
 
-    C = z.shape[ax]
-    dx = np.empty_like(dout)
-    dgamma = np.empty(C, dtype=dout.dtype)
-    dbeta = np.empty(C, dtype=dout.dtype)
-    lay, (zk, dyk, dxk) = _to_layout([z, dout, dx], ax)
+        return _distributed.sync_backward(cache["comm"], dout, cache, num_threads)
+    b = _backward_inputs(dout, cache, num_threads)
+    if b.batch_count is not None and b.batch_count != b.dout.size // b.C:
+        raise ValueError(
+            "the cache holds the statistics of a batch of %d elements per channel, and dout "
+            "has %d: for a batch split across processes use backward_reduce, then "
+            "backward_apply with the sums of every part" % (b.batch_count, b.dout.size // b.C)
+        )
+    if b.dout.dtype not in _KERNEL_DTYPES:
+        if b.xhat_form:  # the seed keys alone: the reference tells the kinds apart by others
+            cache = {key: cache[key] for key in _SEED_KEYS}
+        return reference.backward_alt(b.dout, cache)
+
+    z, dy, ax = b.z, b.dout, b.axis
+    dx = np.empty_like(dy)
+    dgamma = np.empty(b.C, dtype=dy.dtype)
+    dbeta = np.empty(b.C, dtype=dy.dtype)
+    lay, (zk, dyk, dxk) = _to_layout([z, dy, dx], ax)
     if lay is None:
-        zk, dyk = _standard(z, ax), _standard(dout, ax)
+        zk, dyk = _standard(z, ax), _standard(dy, ax)
         dxk = np.empty_like(dyk)
         lay = choose([zk, dyk, dxk], 1)
-    _kernels.backward(lay, zk, dyk, dxk, *vecs, xhat_form, std_mode, train, dgamma, dbeta, nt)
+    _kernels.backward(
+        lay, zk, dyk, dxk, *b.vecs, b.xhat_form, b.std_mode, b.train, dgamma, dbeta, b.n_threads
+    )
     if dxk is not dx:
         np.moveaxis(dx, ax, 1)[...] = dxk
     return dx, dgamma, dbeta

@@ -747,6 +747,18 @@ def _positive_int(s):
     return v
 
 
+def _unwritable(path):
+    """Why a file cannot be written at ``path`` (without creating it), or None."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return "no directory %s" % folder
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "the file is not writable"
+    return None if os.access(folder, os.W_OK | os.X_OK) else "%s is not writable" % folder
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bnkernels bench",
@@ -791,6 +803,11 @@ def main(argv=None):
         with open(args.markdown) as f:
             print(format_markdown(json.load(f)), end="")
         return 0
+    # the output paths are checked now, not after a run of many minutes
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _unwritable(path)
+        if problem:
+            parser.error("%s %s cannot be written: %s" % (option, path, problem))
     omp_default = _kernels.max_threads()  # read before torch can change the OpenMP default
     threads = args.threads or omp_default
     if args.cases:

@@ -7,6 +7,7 @@ that size, the shape and the dtype, never on the thread count.
 
 import ctypes
 import os
+import sys
 import warnings
 
 # anything larger is not a cache size (and would not fit Py_ssize_t)
@@ -70,6 +71,29 @@ def cache_bytes(level, base=SYSFS_CACHE):
     return 0
 
 
+def _outside_stacklevel():
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the
+    first frame outside bnkernels and importlib: the user's import, not the machinery that
+    loads the kernel module.  Counted as :mod:`warnings` counts, which skips importlib's
+    bootstrap frames."""
+    package = os.path.dirname(__file__) + os.sep
+
+    def bootstrap(frame):
+        name = frame.f_code.co_filename
+        return "importlib" in name and "_bootstrap" in name
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(package) or "importlib" in name):
+            return level
+        frame = frame.f_back
+        while frame is not None and bootstrap(frame):
+            frame = frame.f_back
+        level += 1
+    return 2
+
+
 def l3_bytes():
     """The L3 size the plans assume: ``BNKERNELS_L3_BYTES`` if set (to pin the plans, and
     so the bits, across machines), else what :func:`cache_bytes` finds."""
@@ -81,6 +105,6 @@ def l3_bytes():
         warnings.warn(
             "BNKERNELS_L3_BYTES=%r is not a byte count from 0 to 2**62; ignored" % text,
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=_outside_stacklevel(),
         )
     return cache_bytes(3)

@@ -32,3 +32,15 @@ def omp_threads():
     before = bnkernels.max_threads()
     yield openmp_threads
     assert bnkernels.max_threads() == before, "the OpenMP thread limit leaked out of the test"
+
+
+@pytest.fixture(autouse=True)
+def threads_uncapped(monkeypatch):
+    """Lift the face's cap on threads (the CPUs this process may use) for in-process tests:
+    the thread-count tests ask for more threads than a small machine has (3, 8), so that
+    more ways of sharing the tasks are compared.  tests/test_processes.py tests the cap, in
+    fresh processes."""
+    from bnkernels import _api
+
+    monkeypatch.setattr(_api, "_usable_cpus", lambda: 1 << 10)
+    monkeypatch.setattr(_api, "_cpus", 1 << 10)

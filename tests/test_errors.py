@@ -192,6 +192,12 @@ ERROR_CASES = [
         TypeError,
         r"x float128|x longdouble|x float96",
     ),
+    ErrorCase(
+        "x is a masked array",
+        _fwd(x=np.ma.masked_greater(_x(), 5)),
+        TypeError,
+        r"x is a masked array \(numpy\.ma\).*\.filled\(value\)",
+    ),
     # --- forward: shapes and axis
     ErrorCase(
         "gamma length differs from the channel count",
@@ -298,16 +304,52 @@ ERROR_CASES = [
         r"bn_param\['eps_mode'\] must be 'var' or 'std', got 'sqrt'",
     ),
     ErrorCase(
+        "bn_param 'eps' is 0",
+        _fwd(bn_param={"mode": "train", "eps": 0}),
+        ValueError,
+        r"bn_param\['eps'\] must be a finite number > 0.*got 0\.0",
+    ),
+    ErrorCase(
         "bn_param 'eps' is negative",
         _fwd(bn_param={"mode": "train", "eps": -1e-5}),
         ValueError,
-        r"bn_param\['eps'\] must be >= 0, got -1e-05",
+        r"bn_param\['eps'\] must be a finite number > 0.*got -1e-05",
     ),
     ErrorCase(
         "bn_param 'eps' is NaN",
         _fwd(bn_param={"mode": "test", "eps": float("nan")}),
         ValueError,
-        r"bn_param\['eps'\] must be >= 0, got nan",
+        r"bn_param\['eps'\] must be a finite number > 0.*got nan",
+    ),
+    ErrorCase(
+        "bn_param 'eps' is a string",
+        _fwd(bn_param={"mode": "train", "eps": "1e-5"}),
+        TypeError,
+        r"bn_param\['eps'\] must be a real number.*'1e-5' of type str",
+    ),
+    ErrorCase(
+        "bn_param 'momentum' is a string",
+        _fwd(bn_param={"mode": "train", "momentum": "0.9"}),
+        TypeError,
+        r"bn_param\['momentum'\] must be a real number.*'0\.9' of type str",
+    ),
+    ErrorCase(
+        "bn_param 'running_mean' holds strings",
+        _fwd(bn_param={"mode": "train", "running_mean": np.array(list("0000"))}),
+        TypeError,
+        r"bn_param\['running_mean'\] must be a floating-point \(or integer\) array.*<U1",
+    ),
+    ErrorCase(
+        "bn_param 'running_var' is a boolean array",
+        _fwd(bn_param={"mode": "test", "running_var": np.ones(4, bool)}),
+        TypeError,
+        r"bn_param\['running_var'\] must be a floating-point \(or integer\).*bool",
+    ),
+    ErrorCase(
+        "bn_param 'running_var' is a masked array",
+        _fwd(bn_param={"mode": "train", "running_var": np.ma.array(_c(4), mask=[0, 1, 0, 0])}),
+        TypeError,
+        r"bn_param\['running_var'\] is a masked array \(numpy\.ma\)",
     ),
     ErrorCase(
         "bn_param 'running_mean' has the wrong length",
@@ -363,6 +405,12 @@ ERROR_CASES = [
         _bwd(np.ones((2, 4), np.complex128), _cache()),
         TypeError,
         r"dout must be a floating-point array.*complex128",
+    ),
+    ErrorCase(
+        "dout is a masked array",
+        _bwd(np.ma.masked_less(np.ones((2, 4)), 0), _cache()),
+        TypeError,
+        r"dout is a masked array \(numpy\.ma\)",
     ),
     # --- backward: num_threads
     ErrorCase(
@@ -455,6 +503,54 @@ ERROR_CASES = [
         _bwd(np.ones((6, 3)), _seed_cache()),
         ValueError,
         r"dout has shape \(6, 3\) but the cached input has shape \(5, 3\)",
+    ),
+    ErrorCase(
+        "cache 'x' is a masked array",
+        _bwd(np.ones((2, 4)), dict(_cache(), x=np.ma.masked_greater(_x(), 5))),
+        TypeError,
+        r"cache\['x'\] is a masked array \(numpy\.ma\)",
+    ),
+    ErrorCase(
+        "cache 'mode' is not 'train' or 'test'",
+        _bwd(np.ones((2, 4)), dict(_cache(), mode="bogus")),
+        ValueError,
+        r"cache\['mode'\] must be 'train' or 'test', got 'bogus'",
+    ),
+    ErrorCase(
+        "cache 'eps_mode' is not 'var' or 'std'",
+        _bwd(np.ones((2, 4)), dict(_cache(), eps_mode="bogus")),
+        ValueError,
+        r"cache\['eps_mode'\] must be 'var' or 'std', got 'bogus'",
+    ),
+    ErrorCase(
+        "cache 'eps' is 0",
+        _bwd(np.ones((2, 4)), dict(_cache(), eps=0.0)),
+        ValueError,
+        r"cache\['eps'\] must be a finite number > 0.*got 0\.0",
+    ),
+    ErrorCase(
+        "cache 'x' has another shape",
+        _bwd(np.ones((2, 5)), dict(_cache(), x=_x((2, 5)))),
+        ValueError,
+        r"cache\['x'\] has shape \(2, 5\).*statistics are for 4 channels",
+    ),
+    ErrorCase(
+        "cache 'axis' changed",
+        _bwd(np.ones((2, 3, 4, 4)), dict(_cache((2, 3, 4, 4)), axis=2)),
+        ValueError,
+        r"cache\['axis'\] is 2.*3 channels, the length of axis 1 of cache\['x'\]",
+    ),
+    ErrorCase(
+        "cache 'axis' is 0",
+        _bwd(np.ones((2, 4)), dict(_cache(), axis=0)),
+        ValueError,
+        r"cache\['axis'\] 0 is the batch axis",
+    ),
+    ErrorCase(
+        "cache 'mean' is an integer array",
+        _bwd(np.ones((2, 4)), dict(_cache(), mean=np.zeros(4, np.int64))),
+        TypeError,
+        r"cache\['mean'\] must be a floating-point array.*int64",
     ),
     # --- backward: empty batches
     ErrorCase(
