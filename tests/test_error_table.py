@@ -1,10 +1,13 @@
-"""README's table of errors is generated from tests/test_errors.py's ERROR_CASES.
+"""The tables of errors in README.md and docs/errors.md are generated from
+tests/test_errors.py's ERROR_CASES.
 
-    python tests/test_error_table.py --write    # rewrite the README block
-    python tests/test_error_table.py            # print the table
+    python tests/test_error_table.py --write    # rewrite both blocks
+    python tests/test_error_table.py            # print docs/errors.md's table
 
-The test fails when the block between the README markers differs from the table
-the cases produce, so the documented messages are the tested ones.
+docs/errors.md has a row per case; README one per rule (the first case of those whose
+messages differ only in the argument, the values and the shapes they name).  The tests fail when a
+block between the markers differs from the table the cases produce, so the documented
+messages are the tested ones.
 """
 
 import importlib.util
@@ -16,6 +19,7 @@ from readme_blocks import read_readme_block, write_readme_block
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
+ERRORS_DOC = os.path.join(os.path.dirname(HERE), "docs", "errors.md")
 START, END = "<!-- errors:start -->", "<!-- errors:end -->"
 HEADER = (
     "<!-- generated from tests/test_errors.py by `python tests/test_error_table.py --write` -->\n"
@@ -76,6 +80,29 @@ def build_table(cases):
     return HEADER + "\n".join(rows) + "\n"
 
 
+def message_key(case):
+    """What makes two cases one rule: the exception and the message's first piece with the
+    argument it names first, quoted values, shapes and numbers left out (an integer x and
+    a complex gamma break one rule)."""
+    alternatives = literal_pieces(case.match)
+    text = alternatives[0][0] if alternatives else case.match
+    text = re.sub(r"\([^()]*(\([^()]*\))?[^()]*\)", "()", text)
+    text = re.sub(r"'[^']*'", "''", text)
+    text = re.sub(r"\d+", "#", text)
+    text = re.sub(r"^\S+\s+(?=(must|is|has|and)\b)", "", text)
+    return case.exc, text
+
+
+def one_per_message(cases):
+    """The first case of each message_key, in order."""
+    seen, kept = set(), []
+    for c in cases:
+        if message_key(c) not in seen:
+            seen.add(message_key(c))
+            kept.append(c)
+    return kept
+
+
 # ---------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------
@@ -83,10 +110,25 @@ def build_table(cases):
 
 def test_readme_error_table_is_current():
     block = read_readme_block(README, START, END)
-    expected = "\n" + build_table(load_cases())
+    expected = "\n" + build_table(one_per_message(load_cases()))
     assert block == expected, (
         "README's error table is out of date: run `python tests/test_error_table.py --write`"
     )
+
+
+def test_docs_error_table_is_current():
+    block = read_readme_block(ERRORS_DOC, START, END)
+    expected = "\n" + build_table(load_cases())
+    assert block == expected, (
+        "docs/errors.md's table is out of date: run `python tests/test_error_table.py --write`"
+    )
+
+
+def test_readme_keeps_every_message():
+    cases = load_cases()
+    kept = one_per_message(cases)
+    assert {message_key(c) for c in kept} == {message_key(c) for c in cases}
+    assert len(kept) < len(cases)
 
 
 def test_table_has_a_row_per_case():
@@ -111,10 +153,14 @@ def test_rendered_messages_say_what_the_regex_matches():
 
 if __name__ == "__main__":
     sys.path.append(os.path.dirname(HERE))  # an uninstalled checkout: bnkernels from the tree
-    table = build_table(load_cases())
+    cases = load_cases()
+    table = build_table(cases)
     if sys.argv[1:] == ["--write"]:
-        write_readme_block(README, START, END, "\n" + table)
-        print("wrote %d rows to %s" % (len(table.splitlines()) - 3, README))
+        write_readme_block(ERRORS_DOC, START, END, "\n" + table)
+        short = build_table(one_per_message(cases))
+        write_readme_block(README, START, END, "\n" + short)
+        for path, t in ((ERRORS_DOC, table), (README, short)):
+            print("wrote %d rows to %s" % (len(t.splitlines()) - 3, path))
     elif sys.argv[1:]:
         sys.exit("usage: python tests/test_error_table.py [--write]")
     else:
