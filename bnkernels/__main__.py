@@ -113,14 +113,9 @@ def build_report():
         "build flags: %s" % _kernels.build_flags(),
         "OpenMP runtime: %s" % openmp_runtime(),
         "SIMD: %s; this CPU runs %s" % (_kernels.simd_targets(), simd_clone()),
-        "caches: %s; plans assume an L3 of %s (narrow fused tasks %s; float64 outputs from"
-        " %s written with streaming stores)"
-        % (
-            cache_report(),
-            _kib(_kernels.L3_BYTES),
-            "on" if _kernels.BIG_TASK_INPUT_BYTES else "off",
-            _kib(_kernels.STREAM_OUTPUT_BYTES),
-        ),
+        "caches: %s; plans assume an L3 of %s (float64 outputs from %s written with"
+        " streaming stores)"
+        % (cache_report(), _kib(_kernels.L3_BYTES), _kib(_kernels.STREAM_OUTPUT_BYTES)),
     ]
 
 

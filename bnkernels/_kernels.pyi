@@ -9,9 +9,7 @@ import numpy as np
 
 CHANNEL_BLOCK_BYTES: int  # narrowest channel block of a fused rows task, bytes
 TASK_INPUT_BYTES: int  # input bytes one task aims for (its data stays in L2)
-NARROW_BLOCK_COLUMNS: int  # columns of a narrow fused rows block (tall data)
-# input bytes of a narrow fused rows task at most: 4 MiB if L3_BYTES >= 32 MiB, else 0 (none)
-BIG_TASK_INPUT_BYTES: int
+WIDE_BLOCK_BYTES: int  # channel block of a chunked rows task: full rows up to this, bytes
 PARALLEL_MIN_ELEMS: int  # elements from which a call may use several threads
 # the L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs, else sysconf; 0: unknown
 L3_BYTES: int

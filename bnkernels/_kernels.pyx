@@ -46,7 +46,7 @@ from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
-from bnkernels import _machine
+from . import _machine
 
 cnp.import_array()
 
@@ -86,13 +86,12 @@ cdef extern from "_kernels.h" nogil:
 cpdef enum:
     CHANNEL_BLOCK_BYTES = 1024    # narrowest channel block of a fused rows task
     TASK_INPUT_BYTES = 1 << 20    # input bytes of one task: its second sweep hits L2
-    NARROW_BLOCK_COLUMNS = 64     # columns of a narrow fused rows block (tall data)
+    WIDE_BLOCK_BYTES = 16384      # channel block of a chunked rows task (full rows up to this)
     PARALLEL_MIN_ELEMS = 1 << 15  # below this many elements, one thread
 
 cdef enum:
     LINE_BYTES = 64           # cache line
     SEGMENT_BYTES = 1024      # preferred width of a rows task's block
-    WIDE_BLOCK_BYTES = 16384  # channel block of a chunked rows task (full rows up to this)
     PAR_TASKS = 16            # rows and planar plans aim for this many tasks when the data allows
     SCRATCH = 4               # per-column vectors a rows task spreads (m, S, A, Cc)
     PREFAULT_BYTES = 4 << 20  # outputs from this size are faulted in before the tasks run
@@ -103,27 +102,17 @@ cdef enum:
 # What the plans assume of the machine, fixed when the module loads
 # ---------------------------------------------------------------------------
 
-cdef Py_ssize_t _big_task_bytes(Py_ssize_t l3):
-    """Input bytes of a narrow fused rows task at most: an eighth of a 32 MiB or larger L3
-    (so that both cores' tasks stay there between their two sweeps); 0, no such tasks, on
-    a smaller or unknown L3, where their strided rows were measured to alias
-    (docs/performance.md)."""
-    return (4 << 20) if l3 >= (32 << 20) else 0
-
-
 cdef struct Sizes:
-    Py_ssize_t big_task_input_bytes   # BIG_TASK_INPUT_BYTES
     Py_ssize_t l3_share_bytes         # input bytes of a planar block that may use the L3 share
     Py_ssize_t stream_output_bytes    # STREAM_OUTPUT_BYTES
 
-# the L3 size the plans assume (BNKERNELS_L3_BYTES pins it)
+# the L3 size the plans assume (BNKERNELS_L3_BYTES pins it).  Only the planar L3 share and
+# the streaming stores follow it, and neither changes a bit of the results.
 L3_BYTES = _machine.l3_bytes()
-BIG_TASK_INPUT_BYTES = _big_task_bytes(L3_BYTES)
 # float64 outputs of at least this many bytes are written with streaming stores (results
 # are the same either way): the L3 size, 32 MiB where it is unknown
 STREAM_OUTPUT_BYTES = L3_BYTES if L3_BYTES > 0 else 32 << 20
 cdef Sizes _sizes
-_sizes.big_task_input_bytes = BIG_TASK_INPUT_BYTES
 _sizes.l3_share_bytes = L3_BYTES // 4
 _sizes.stream_output_bytes = STREAM_OUTPUT_BYTES
 
@@ -181,7 +170,6 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
     cdef Py_ssize_t min_cb = max(1, CHANNEL_BLOCK_BYTES // width)
     cdef Py_ssize_t fit = TASK_INPUT_BYTES // max(1, R * width * n_arrays)  # channels whose rows fit
-    cdef Py_ssize_t narrow = min(C, max(1, NARROW_BLOCK_COLUMNS // L))
     if fit >= min(C, min_cb):
         if n_arrays > 1 and L > 1:
             # backward over NCHW planes taken as rows: the narrowest block, so that more
@@ -198,11 +186,11 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
             # lines per row (single-line runs were erratic; docs/performance.md)
             p.cb = _cdiv(_cdiv(C, 2), line) * line
         p.chunk = R
-    elif R * narrow * width * n_arrays <= _sizes.big_task_input_bytes:
-        # tall: a narrow block of all rows still fits a share of L3; its second sweep reads L3
-        p.cb = narrow
-        p.chunk = R
     else:
+        # tall: chunks of full rows (up to WIDE_BLOCK_BYTES of each), not narrow blocks of
+        # all rows: those would keep their second sweep in a share of the L3, which a shared
+        # VM does not reliably give, and their far-apart short runs alias in the caches
+        # (slower on every machine measured; docs/performance.md)
         p.cb = min(C, max(1, WIDE_BLOCK_BYTES // width))
         p.chunk = max(1, TASK_INPUT_BYTES // (p.cb * width * n_arrays))
     p.n_blocks = _cdiv(C, p.cb)

@@ -1,9 +1,8 @@
 """The L3 size the plans assume: detected, or pinned with BNKERNELS_L3_BYTES.
 
-Narrow fused rows tasks (blocks of NARROW_BLOCK_COLUMNS columns of all rows, whose second
-sweep reads L3) are planned only where the L3 has 32 MiB or more.  Which machine runs the
-suite decides whether the other tests reach them, so they run here in child processes
-with the L3 size pinned both ways.
+It decides only the planar L3 share and the streaming stores, neither of which changes a
+bit of the results; the rows plans do not depend on it.  Which machine runs the suite
+decides the size, so these tests run in child processes with it pinned.
 """
 
 import json
@@ -39,32 +38,22 @@ def _child(code, l3):
 PLAN = """
     import json
     from bnkernels import _kernels
-    print(json.dumps([_kernels.L3_BYTES, _kernels.BIG_TASK_INPUT_BYTES,
+    print(json.dumps([_kernels.L3_BYTES, _kernels.STREAM_OUTPUT_BYTES,
                       _kernels.rows_plan(2048, 1024, 4, 2), _kernels.rows_plan(4096, 1024, 4, 1)]))
 """
 
 
-@pytest.mark.parametrize("l3", [32 * MiB, 64 * MiB])
-def test_large_l3_plans_narrow_fused_tasks(l3):
-    got_l3, big, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
-    assert got_l3 == l3 and big == 4 * MiB
-    # all rows of a narrow block in one task: one chunk
-    assert bwd == [_kernels.NARROW_BLOCK_COLUMNS, 1024 // _kernels.NARROW_BLOCK_COLUMNS, 2048, 1]
-    assert fwd[0] == _kernels.NARROW_BLOCK_COLUMNS and fwd[3] == 1
-
-
-@pytest.mark.parametrize("l3", [0, 8 * MiB, 32 * MiB - 1])
-def test_smaller_l3_plans_chunked_full_rows(l3):
-    got_l3, big, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
-    assert got_l3 == l3 and big == 0
+@pytest.mark.parametrize("l3", [0, 8 * MiB, 32 * MiB - 1, 32 * MiB, 64 * MiB])
+def test_tall_rows_are_chunked_full_rows_whatever_the_l3(l3):
+    got_l3, stream, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
+    assert got_l3 == l3 and stream == (l3 or 32 * MiB)
     for cb, n_blocks, _chunk, n_chunks in (bwd, fwd):
         assert cb == 1024 and n_blocks == 1 and n_chunks > 1
 
 
 def test_unset_means_detected():
-    got_l3, big, _, _ = json.loads(_child(PLAN, None).stdout)
+    got_l3, _, _, _ = json.loads(_child(PLAN, None).stdout)
     assert got_l3 == _kernels.cache_bytes()[1]
-    assert big == (4 * MiB if got_l3 >= 32 * MiB else 0)
 
 
 @pytest.mark.parametrize("bad", ["abc", "-5", "1.5e6"])
@@ -103,16 +92,15 @@ RESULTS = """
         ref = reference.backward_alt(dy.astype(np.float64), ref_cache)
         errs = [rel(outs[0][0], ref_out)] + [rel(u, v) for u, v in zip(outs[0][1:], ref)]
         assert max(errs) < tol, (shape, errs)
-    print(_kernels.BIG_TASK_INPUT_BYTES)
+    print(_kernels.L3_BYTES)
 """
 
 
 @pytest.mark.parametrize("l3", [32 * MiB, 8 * MiB])
 def test_results_either_way(l3):
-    # (2048, 1024) float32 and (1024, 700) float64 run in narrow fused tasks with a 32 MiB
-    # L3 and in chunked full rows with an 8 MiB one; (600, 24, 7, 7) as rows of C*L columns
-    big = int(_child(RESULTS, l3).stdout)
-    assert big == (4 * MiB if l3 >= 32 * MiB else 0)
+    # (2048, 1024) float32 and (1024, 700) float64 in chunked full rows, (600, 24, 7, 7) as
+    # rows of C*L columns, streamed or not
+    assert int(_child(RESULTS, l3).stdout) == l3
 
 
 PLANAR = """

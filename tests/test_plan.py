@@ -19,8 +19,7 @@ from bnkernels import _kernels, reference
 
 MIN_BLOCK = _kernels.CHANNEL_BLOCK_BYTES  # narrowest channel block, bytes
 TASK = _kernels.TASK_INPUT_BYTES  # input bytes a task aims for
-NARROW = _kernels.NARROW_BLOCK_COLUMNS  # columns of a narrow fused block (tall data)
-BIG_TASK = _kernels.BIG_TASK_INPUT_BYTES  # input bytes of a narrow fused task at most
+WIDE_BLOCK = _kernels.WIDE_BLOCK_BYTES  # channel block of a chunked rows task, bytes
 PARALLEL = _kernels.PARALLEL_MIN_ELEMS  # elements from which a call may use several threads
 ITEMSIZES = (4, 8)  # float32, float64: the only dtypes the kernels run
 N_ARRAYS = (1, 2)  # forward reads x; backward reads z and dy
@@ -45,11 +44,9 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     assert n_chunks == -(-R // chunk)
     assert (n_chunks - 1) * chunk < R <= n_chunks * chunk
     # sensible sizes: a block is at least MIN_BLOCK bytes wide (or all channels) and its task's
-    # input stays within TASK bytes (unless one row of a block is more); or, for data too tall
-    # for that, a narrow block of all rows within BIG_TASK bytes; else a split channel gets
-    # chunks of at least half a task, not slivers
+    # input stays within TASK bytes (unless one row of a block is more); else a split channel
+    # gets chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
-    narrow = min(C, max(1, NARROW // L))
     line = max(1, 64 // width)
     if (
         n_chunks == 1
@@ -61,17 +58,13 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     ):
         # all channels would fit one task: split in two, for two threads
         return cb, n_blocks, chunk, n_chunks
-    if n_chunks == 1 and (
-        cb < min(C, max(1, MIN_BLOCK // width)) or task_bytes > max(TASK, cb * width * n_arrays)
-    ):
-        assert cb == narrow
-        assert task_bytes <= BIG_TASK
+    if n_chunks > 1:
+        # full rows of a block of up to WIDE_BLOCK bytes, as many rows as fit a task
+        assert cb == min(C, max(1, WIDE_BLOCK // width))
+        assert task_bytes >= TASK // 2
     else:
         assert cb >= min(C, max(1, MIN_BLOCK // width))
-        assert task_bytes <= max(TASK, cb * width * n_arrays)
-    if n_chunks > 1:
-        assert task_bytes >= TASK // 2
-        assert R * narrow * width * n_arrays > BIG_TASK  # a narrow fused task would not fit
+    assert task_bytes <= max(TASK, cb * width * n_arrays)
     return cb, n_blocks, chunk, n_chunks
 
 
