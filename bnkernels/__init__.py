@@ -106,11 +106,13 @@ def max_threads() -> int:
     inputs, or shapes with fewer tasks than threads, use fewer.  Every count, default or
     requested, is capped at the CPUs this process may use (``os.sched_getaffinity``),
     and is 1 in a process made by ``os.fork()`` (a 'fork' multiprocessing worker):
-    GNU OpenMP's threads do not survive a fork.
+    GNU OpenMP's threads do not survive a fork.  A call with the default also leaves
+    out the CPUs that other runnable tasks hold at the time (``/proc/loadavg``): a
+    thread the OS deschedules would stall its whole team.
 
     Returns
     -------
     int
         The default thread count, >= 1; always 1 for a serial build.
     """
-    return _api._n_threads(None)
+    return _api._n_threads(None, load=False)

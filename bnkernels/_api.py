@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,11 +41,35 @@ def _float_dtype(name, a):
         )
 
 
-def _same_dtype(names, arrays):
-    dtypes = [a.dtype for a in arrays]
-    if dtypes.count(dtypes[0]) != len(dtypes):
-        listing = ", ".join("%s %s" % (n, d) for n, d in zip(names, dtypes))
-        raise TypeError("%s must share one dtype, got %s" % (" and ".join(names), listing))
+def _real_dtype(name, a):
+    """Parameters and running statistics may have any real dtype: integer or floating."""
+    if a.dtype.kind not in "iuf":
+        raise TypeError(
+            "%s must be a floating-point (or integer) array, got dtype %s" % (name, a.dtype)
+        )
+
+
+def _param(name, v, C, shape):
+    """gamma or beta: None (no affine: 1 and 0), else a (C,) array of a real dtype."""
+    if v is None:
+        return None
+    v = _per_channel(name, _array(name, v), C, shape)
+    _real_dtype(name, v)
+    return v
+
+
+def _param_dtype(x, gamma, beta):
+    """The parameters' dtype: the floating dtypes among gamma and beta, promoted; x's when
+    neither is floating (integers, None).  forward caches gamma in it, and dgamma and dbeta
+    come out in it."""
+    floating = [p.dtype for p in (gamma, beta) if p is not None and p.dtype.kind == "f"]
+    return np.result_type(*floating) if floating else x.dtype
+
+
+def _grad_dtype(gamma, z):
+    """The dtype of dgamma and dbeta: that of the cached gamma when it is floating (the
+    parameters' dtype), else (integers, None) that of x."""
+    return gamma.dtype if gamma is not None and gamma.dtype.kind == "f" else z.dtype
 
 
 def _channel_axis(axis, ndim, key="axis", array="an array"):
@@ -113,12 +138,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _n_threads(num_threads):
+def _n_threads(num_threads, load=True):
     """The threads of one kernel call: num_threads, or the OpenMP default for None, capped
     at the CPUs this process may use.  1 in a forked process: GNU OpenMP's threads do not
     survive fork(), a call on one thread enters no OpenMP region, and the results are the
-    same for every thread count."""
-    global _cpus
+    same for every thread count.  The default (None) also leaves out the CPUs that other
+    runnable tasks hold now (load; see _busy_cpus)."""
+    global _cpus, _last_team
     if num_threads is None:
         n = 1 if _forked else _kernels.max_threads()
     else:
@@ -132,7 +158,39 @@ def _n_threads(num_threads):
     if n > _cpus:
         _cpus = _usable_cpus()
         n = min(n, _cpus)
+    if num_threads is None and load and n > 1:
+        n = max(1, min(n, _cpus - _busy_cpus()))
+        _last_team = n
     return n
+
+
+# A team larger than the idle CPUs stalls: a thread that the OS has descheduled for
+# another runnable task holds every other thread at the next barrier for a time slice
+# (milliseconds, for calls of tens of microseconds).  The default thread count therefore
+# leaves out the CPUs that other tasks are running on.  Linux counts the runnable tasks in
+# /proc/loadavg, which is read at most every LOAD_PERIOD seconds.
+LOAD_PERIOD = 0.02
+_LOADAVG = "/proc/loadavg"
+_load_at = -1.0
+_load_busy = 0
+_last_team = 1  # threads of the last call that adapted: its workers may still be runnable
+
+
+def _busy_cpus():
+    """CPUs that tasks other than this call's own threads ran on, recently; 0 if unknown."""
+    global _load_at, _load_busy
+    now = time.monotonic()
+    if now - _load_at >= LOAD_PERIOD:
+        try:
+            with open(_LOADAVG) as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            running = 0
+        # the caller's thread is one of them, and so may be the (spinning) workers of the
+        # last team
+        _load_busy = max(0, running - max(1, _last_team))
+        _load_at = now
+    return _load_busy
 
 
 def _array(name: str, a: Any) -> np.ndarray:
@@ -180,21 +238,41 @@ def _eps(name, v, dtype):
     return eps
 
 
-def _running_stat(key, v, C, x):
-    """bn_param[key] as a (C,) array: zeros of x's dtype when missing or None; integers
-    become x's dtype (a running statistic is never truncated); other non-floating dtypes
-    are refused."""
+def _running_stat(key, v, C, shape, dtype):
+    """bn_param[key] as a (C,) array: zeros of ``dtype`` (the wider of x's and the
+    parameters' dtypes) when missing or None; integers become ``dtype`` (a running statistic
+    is never truncated); floating arrays keep their dtype; other dtypes are refused."""
     name = "bn_param[%r]" % key
     if v is None:
-        return np.zeros(C, dtype=x.dtype)
-    v = _per_channel(name, _array(name, v), C, x.shape)
+        return np.zeros(C, dtype=dtype)
+    v = _per_channel(name, _array(name, v), C, shape)
+    _real_dtype(name, v)
     if v.dtype.kind in "iu":
-        return v.astype(x.dtype)
-    if v.dtype.kind != "f":
-        raise TypeError(
-            "%s must be a floating-point (or integer) array, got dtype %s" % (name, v.dtype)
-        )
+        return v.astype(dtype)
     return v
+
+
+def _momentum(v):
+    """bn_param['momentum'] as a float, or None for the cumulative average."""
+    if v is None:
+        return None
+    momentum = _real("bn_param['momentum']", v)
+    if not math.isfinite(momentum):
+        raise ValueError(
+            "bn_param['momentum'] must be a finite number or None, got %r" % (momentum,)
+        )
+    return momentum
+
+
+def _batches_tracked(v):
+    """bn_param['num_batches_tracked'] as an int (0 when missing or None)."""
+    if v is None:
+        return 0
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError("bn_param['num_batches_tracked'] must be an int >= 0, got %r" % (v,))
+    if v < 0:
+        raise ValueError("bn_param['num_batches_tracked'] must be an int >= 0, got %d" % v)
+    return int(v)
 
 
 def _vec64(v, C, shape, name, keep=(_F64,)):
@@ -223,6 +301,23 @@ def _running(running, stat, momentum):
         if new is not None:
             return new
     return (momentum * running + (1 - momentum) * stat).astype(running.dtype, copy=False)
+
+
+def _update_running(bn_param, running_mean, running_var, mean, var, momentum, tracked):
+    """Train mode: bn_param gets the new running statistics and counts one more batch.
+    momentum None: the cumulative average of the batches seen,
+    running + (stat - running) / n with n = num_batches_tracked after counting this one."""
+    n = tracked + 1
+    for key, running, stat in (
+        ("running_mean", running_mean, mean),
+        ("running_var", running_var, var),
+    ):
+        if momentum is None:
+            new = (running + (stat - running) / n).astype(running.dtype, copy=False)
+        else:
+            new = _running(running, stat, momentum)
+        bn_param[key] = new
+    bn_param["num_batches_tracked"] = n
 
 
 def _to_layout(arrays, axis):
@@ -276,19 +371,31 @@ def forward(
         The batch.  float32 and float64 run the compiled kernels; float16 and
         longdouble run :mod:`bnkernels.reference` and keep their dtype.  Any
         strides (channels-last, transposed, sliced); not modified, may be read-only.
-    gamma, beta : ndarray, shape (C,), the dtype of x
-        Scale and shift per channel.
+    gamma, beta : ndarray, shape (C,), any real dtype, or None
+        Scale and shift per channel; None stands for 1 (gamma) and 0 (beta), no
+        affine transform.  Integer or floating, of x's dtype or another: the
+        parameters' dtype is the floating dtypes among gamma and beta promoted
+        (x's if neither is floating); they are taken in it, and :func:`backward`
+        gives dgamma and dbeta in it (float32 parameters of float16 data get
+        float32 gradients).  Booleans, complex numbers, objects and strings are
+        refused.
     bn_param : dict
         The CS231n-style parameter dict, updated in place in train mode:
 
         - ``'mode'``: ``'train'`` (batch statistics) or ``'test'`` (running
           statistics); required.
-        - ``'eps'``: a real number > 0, default 1e-5.  ``'momentum'``: a real
-          number, default 0.9.
+        - ``'eps'``: a real number > 0, default 1e-5.
+        - ``'momentum'``: a real number, default 0.9 (PyTorch's 0.1), or None for
+          the cumulative average of all the batches seen.
         - ``'running_mean'``, ``'running_var'``: ndarray, shape (C,); zeros when
           missing.  In train mode replaced by
           ``momentum * running + (1 - momentum) * batch_stat`` (biased batch
-          variance), in the floating dtype they had; integers become x's dtype.
+          variance), or with ``momentum=None`` by
+          ``running + (batch_stat - running) / num_batches_tracked``; in the
+          floating dtype they had.  Missing or integer ones take the wider of x's
+          and the parameters' dtypes (never truncated).
+        - ``'num_batches_tracked'``: an int >= 0, default 0; every train-mode call
+          counts its batch here, whatever the momentum (as PyTorch does).
         - ``'eps_mode'``: ``'var'`` (default), ``xhat = (x - mean) / sqrt(var + eps)``;
           or ``'std'``, ``xhat = (x - mean) / (sqrt(var) + eps)``.
     axis : int, default 1
@@ -302,15 +409,15 @@ def forward(
     cache : dict
         What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
         per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (float64, shape
-        (C,)), ``'gamma'``, ``'eps'``, ``'eps_mode'``, ``'mode'`` and ``'axis'``
-        (normalized to a non-negative int).
+        (C,)), ``'gamma'`` (in the parameters' dtype; ones for None), ``'eps'``,
+        ``'eps_mode'``, ``'mode'`` and ``'axis'`` (normalized to a non-negative int).
 
     Raises
     ------
     TypeError
-        x, gamma or beta is not a floating-point array, their dtypes differ, an
-        array is a masked array (numpy.ma), ``bn_param`` is not a dict, or one of its
-        values has the wrong type.
+        x is not a floating-point array, gamma or beta not a real one, an array is
+        a masked array (numpy.ma), ``bn_param`` is not a dict, or one of its values
+        has the wrong type.
     ValueError
         x has ndim < 2 or no elements, ``axis`` is 0 or out of range, a per-channel
         array has the wrong shape, or ``bn_param`` holds an invalid value.
@@ -337,11 +444,9 @@ def forward(
         raise ValueError(
             "x is empty (shape %s): batch norm needs at least one element per channel" % (x.shape,)
         )
-    gamma = _per_channel("gamma", _array("gamma", gamma), C, x.shape)
-    beta = _per_channel("beta", _array("beta", beta), C, x.shape)
-    for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
-        _float_dtype(name, a)
-    _same_dtype(("x", "gamma", "beta"), (x, gamma, beta))
+    _float_dtype("x", x)
+    g_in = _param("gamma", gamma, C, x.shape)
+    b_in = _param("beta", beta, C, x.shape)
     if not isinstance(bn_param, dict):
         raise TypeError("bn_param must be a dict, got %s" % type(bn_param).__name__)
     if "mode" not in bn_param:
@@ -353,14 +458,33 @@ def forward(
     if eps_mode not in ("var", "std"):
         raise ValueError("bn_param['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
     eps = _eps("bn_param['eps']", bn_param.get("eps", 1e-5), x.dtype)
-    momentum = _real("bn_param['momentum']", bn_param.get("momentum", 0.9))
-    if not math.isfinite(momentum):
-        raise ValueError("bn_param['momentum'] must be a finite number, got %r" % (momentum,))
-    running_mean = _running_stat("running_mean", bn_param.get("running_mean"), C, x)
-    running_var = _running_stat("running_var", bn_param.get("running_var"), C, x)
+    momentum = _momentum(bn_param.get("momentum", 0.9))
+    tracked = _batches_tracked(bn_param.get("num_batches_tracked"))
+    # gamma and beta are taken in the parameters' dtype; the cache keeps gamma in it
+    pdtype = _param_dtype(x, g_in, b_in)
+    scale = np.ones(C, pdtype) if g_in is None else g_in.astype(pdtype, copy=False)
+    shift = None if b_in is None else b_in.astype(pdtype, copy=False)
+    stat_dtype = np.result_type(x.dtype, pdtype)
+    running_mean = _running_stat(
+        "running_mean", bn_param.get("running_mean"), C, x.shape, stat_dtype
+    )
+    running_var = _running_stat("running_var", bn_param.get("running_var"), C, x.shape, stat_dtype)
 
     train = mode == "train"
     std_mode = eps_mode == "std"
+    if x.dtype not in _KERNEL_DTYPES and not split:
+        # the reference gets the checked values; bn_param is updated as in the kernels' path
+        param = dict(bn_param, eps=eps, momentum=momentum, num_batches_tracked=tracked)
+        param.update(running_mean=running_mean, running_var=running_var)
+        result = reference.forward(x, scale, shift, param, axis=ax)
+        if train:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                bn_param[key] = param[key]
+        return result
+
+    g64 = _f64(scale)
+    b64 = np.zeros(C) if shift is None else _f64(shift)
+    count = None
     if split:
         from . import _distributed
 
@@ -381,39 +505,25 @@ def forward(
         if not train:  # the running statistics; comm only checked that the ranks agree
             mean, var = _f64(running_mean), _f64(running_var)
         invstd = _invstd(var, eps, std_mode)
-        out = _normalize(x, ax, gamma, beta, False, eps, std_mode, mean, var, invstd)
+        out = _normalize(x, ax, g64, b64, False, eps, std_mode, mean, var, invstd)
+    else:
         if train:
-            bn_param["running_mean"] = _running(running_mean, mean, momentum)
-            bn_param["running_var"] = _running(running_var, var, momentum)
-        cache = _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax)
+            mean = np.empty(C)
+            var = np.empty(C)
+            invstd = np.empty(C)
+        else:
+            mean = _f64(running_mean)
+            var = _f64(running_var)
+            invstd = _invstd(var, eps, std_mode)
+        out = _normalize(x, ax, g64, b64, train, eps, std_mode, mean, var, invstd)
+    if train:
+        _update_running(bn_param, running_mean, running_var, mean, var, momentum, tracked)
+    cache = _forward_cache_dict(x, mean, var, invstd, scale, eps, eps_mode, mode, ax)
+    if split:
         cache["count"] = count
         if comm is not None:
             cache["comm"] = comm
-        return out, cache
-
-    if x.dtype not in _KERNEL_DTYPES:
-        # the reference gets the checked values; bn_param is updated as in the kernels' path
-        param = dict(bn_param, eps=eps, momentum=momentum)
-        param.update(running_mean=running_mean, running_var=running_var)
-        result = reference.forward(x, gamma, beta, param, axis=ax)
-        if mode == "train":
-            bn_param["running_mean"] = param["running_mean"]
-            bn_param["running_var"] = param["running_var"]
-        return result
-
-    if train:
-        mean = np.empty(C)
-        var = np.empty(C)
-        invstd = np.empty(C)
-    else:
-        mean = _f64(running_mean)
-        var = _f64(running_var)
-        invstd = _invstd(var, eps, std_mode)
-    out = _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd)
-    if train:
-        bn_param["running_mean"] = _running(running_mean, mean, momentum)
-        bn_param["running_var"] = _running(running_var, var, momentum)
-    return out, _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax)
+    return out, cache
 
 
 def _invstd(var, eps, std_mode):
@@ -421,25 +531,24 @@ def _invstd(var, eps, std_mode):
 
 
 def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
-    """out = gamma*invstd*(x - mean) + beta; train: mean, var, invstd are first filled with
-    the batch statistics.  Without train, x may be empty and of any floating dtype."""
+    """out = gamma*invstd*(x - mean) + beta, gamma and beta float64 (C,); train: mean, var,
+    invstd are first filled with the batch statistics.  Without train, x may be empty and
+    of any floating dtype."""
     out = np.empty_like(x)
     if x.size == 0:
         return out
     if x.dtype not in _KERNEL_DTYPES:  # given statistics, a dtype without kernels
         shape = [1] * x.ndim
         shape[ax] = x.shape[ax]
-        scale = (_f64(gamma) * invstd).reshape(shape)
-        out[...] = scale * (x.astype(np.float64) - mean.reshape(shape)) + _f64(beta).reshape(shape)
+        scale = (gamma * invstd).reshape(shape)
+        out[...] = scale * (x.astype(np.float64) - mean.reshape(shape)) + beta.reshape(shape)
         return out
     lay, (xk, outk) = _to_layout([x, out], ax)
     if lay is None:
         xk, outk = _standard(x, ax), np.empty(np.moveaxis(x, ax, 1).shape, x.dtype)
         lay = choose([xk, outk], 1)
     nt = _n_threads(None)
-    _kernels.forward(
-        lay, xk, outk, train, eps, std_mode, _f64(gamma), _f64(beta), mean, var, invstd, nt
-    )
+    _kernels.forward(lay, xk, outk, train, eps, std_mode, gamma, beta, mean, var, invstd, nt)
     if outk is not out:
         np.moveaxis(out, ax, 1)[...] = outk
     return out
@@ -482,12 +591,14 @@ def _forward_cache(cache):
     _eps("cache['eps']", cache["eps"], z.dtype)
     C = z.shape[ax]
     vs = [cache[key] for key in _VEC_KEYS]
+    if vs[2] is None:  # no affine
+        vs[2] = np.ones(C, z.dtype)
     for i, name in enumerate(_VEC_NAMES):
         v = vs[i]
         if type(v) is np.ndarray and v.dtype.kind == "f" and v.shape == (C,):
             continue  # what forward cached
         vs[i] = v = _array(name, v)
-        _float_dtype(name, v)
+        (_real_dtype if i == 2 else _float_dtype)(name, v)
         if v.ndim != 1:
             raise ValueError("%s must be a vector of shape (C,), got shape %s" % (name, v.shape))
     n = len(vs[0])
@@ -509,33 +620,39 @@ def _forward_cache(cache):
         _vec64(vs[2], C, z.shape, _VEC_NAMES[2], _KERNEL_DTYPES),
         _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
     )
-    return z, ax, vecs, False, eps_mode == "std", mode == "train"
+    grads = _grad_dtype(vs[2], z)
+    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads
 
 
 def _unpack(cache):
-    """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train).
+    """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train,
+    the dtype of dgamma and dbeta).
 
     z is the cached x, with mean and scale = invstd; or, for a seed-style cache, x_hat
     with mean 0 and scale = denom.  The kernels derive the coefficients from these.
     """
     if not isinstance(cache, dict):
         raise TypeError(
-            "cache must be the dict returned by bnkernels.forward, got %s" % type(cache).__name__
+            "cache must be the dict returned by bnkernels.forward, got %s; a hand-written "
+            "forward can return this dict instead: {'x_hat': x_hat, 'gamma': gamma, "
+            "'denom': np.sqrt(var + eps)}" % type(cache).__name__
         )
     complete = cache.keys() >= _CACHE_KEY_SET
     if not complete and all(key in cache for key in _SEED_KEYS):
         # a seed-style cache, whatever else it holds (hand-written code may keep x, invstd...)
         z = _array("cache['x_hat']", cache["x_hat"])
         _float_dtype("cache['x_hat']", z)
-        if z.ndim != 2:
-            raise ValueError(
-                "a seed-style cache holds a (N, D) batch; cache['x_hat'] has shape %s" % (z.shape,)
-            )
-        C = z.shape[1]
+        ax = _channel_axis(cache.get("axis", 1), z.ndim, "cache['axis']", "cache['x_hat']")
+        C = z.shape[ax]
         denom = _per_channel("cache['denom']", _array("cache['denom']", cache["denom"]), C, z.shape)
-        gamma = _per_channel("cache['gamma']", _array("cache['gamma']", cache["gamma"]), C, z.shape)
+        gamma = _param("cache['gamma']", cache["gamma"], C, z.shape)
+        g = (
+            np.ones(C)
+            if gamma is None
+            else _vec64(gamma, C, z.shape, "cache['gamma']", _KERNEL_DTYPES)
+        )
         zeros = np.zeros(C)
-        return z, 1, [zeros, _f64(denom), _f64(gamma), zeros], True, False, True
+        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, _grad_dtype(gamma, z)
     if "x" in cache and "invstd" in cache:
         if not complete:
             missing = [key for key in _CACHE_KEYS if key not in cache]
@@ -562,12 +679,13 @@ class _BackwardInputs(NamedTuple):
     dout: np.ndarray
     n_threads: int
     batch_count: int | None  # elements per channel of the batch of the statistics, if given
+    grad_dtype: np.dtype  # of dgamma and dbeta: the parameters' dtype
 
 
 def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardInputs:
     """backward's arguments, checked; allow_empty for a part of a batch split across
     processes (an empty part still joins in)."""
-    z, ax, vecs, xhat_form, std_mode, train = _unpack(cache)
+    z, ax, vecs, xhat_form, std_mode, train, grad_dtype = _unpack(cache)
     dout = _array("dout", dout)
     _float_dtype("dout", dout)
     if dout.shape != z.shape:
@@ -586,9 +704,9 @@ def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardIn
             "channel" % (dout.shape,)
         )
     count = cache.get("count") if not xhat_form else None
-    return _BackwardInputs(
-        z, ax, C, tuple(vecs), xhat_form, std_mode, train, dout, _n_threads(num_threads), count
-    )
+    nt = _n_threads(num_threads)
+    vecs = tuple(vecs)
+    return _BackwardInputs(z, ax, C, vecs, xhat_form, std_mode, train, dout, nt, count, grad_dtype)
 
 
 def backward(
@@ -607,9 +725,11 @@ def backward(
         :func:`bnkernels.reference.backward_alt`.
     cache : dict
         The cache :func:`forward` (or :func:`bnkernels.reference.forward`) returned.
-        Or a seed-style dict for a (N, D) batch, as hand-written CS231n code keeps
-        it: ``'x_hat'`` (shape (N, D)), ``'gamma'`` and ``'denom'``
-        (= ``sqrt(var + eps)``), both shape (D,); other keys are ignored.
+        Or a seed-style dict, as hand-written CS231n code can keep it:
+        ``{'x_hat': x_hat, 'gamma': gamma, 'denom': np.sqrt(var + eps)}``, x_hat of
+        the shape of dout, gamma (or None) and denom of shape (C,), and optionally
+        ``'axis'``, the channel axis of x_hat (default 1: (N, D) and NCHW need
+        none); other keys are ignored.
     num_threads : int or None, default None
         OpenMP threads for this call.  None uses the OpenMP default, which
         ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(n,
@@ -621,15 +741,21 @@ def backward(
     -------
     dx : ndarray, the shape, dtype and memory layout of dout
         The gradient dL/dx.
-    dgamma : ndarray, shape (C,), the dtype of dout
-        The gradient dL/dgamma.
-    dbeta : ndarray, shape (C,), the dtype of dout
-        The gradient dL/dbeta.
+    dgamma : ndarray, shape (C,)
+        The gradient dL/dgamma, in the parameters' dtype: that of the cached gamma
+        when it is floating, else (integers, None) that of dout.  Where that is not
+        dout's dtype, the sums and the write run as two passes
+        (:func:`bnkernels.backward_reduce`, :func:`bnkernels.backward_apply`; the
+        same dx), and dgamma and dbeta are rounded once from float64.
+    dbeta : ndarray, shape (C,), the dtype of dgamma
+        The gradient dL/dbeta.  With gamma and beta None (no affine), dgamma and
+        dbeta are the gradients they would have at 1 and 0.
 
     Raises
     ------
     TypeError
-        ``cache`` is not a dict, dout is not a floating-point array, its dtype
+        ``cache`` is not a dict (the message shows the seed-style dict to build),
+        dout is not a floating-point array, its dtype
         differs from the cached input's, an array is a masked array (numpy.ma), a
         cached value has the wrong type, or ``num_threads`` is not an int.
     ValueError
@@ -678,7 +804,15 @@ def backward(
     if b.dout.dtype not in _KERNEL_DTYPES:
         if b.xhat_form:  # the seed keys alone: the reference tells the kinds apart by others
             cache = {key: cache[key] for key in _SEED_KEYS}
+            cache["axis"] = b.axis
         return reference.backward_alt(b.dout, cache)
+    if b.grad_dtype != b.dout.dtype:
+        # dgamma and dbeta in the parameters' dtype, rounded once from the float64 sums:
+        # the sums, then the write (the same dx as one fused pass)
+        from . import _distributed
+
+        s1, s2 = _distributed._reduce(b)
+        return _distributed._apply(b, s1, s2, b.dout.size // b.C)
 
     z, dy, ax = b.z, b.dout, b.axis
     dx = np.empty_like(dy)

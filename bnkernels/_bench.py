@@ -759,6 +759,128 @@ def _unwritable(path):
     return None if os.access(folder, os.W_OK | os.X_OK) else "%s is not writable" % folder
 
 
+# --load: calls from the smallest (a CS231n layer) to the grid's medium cases
+LOAD_CASES = (
+    Case("2d-50x100-f64", "2d", (50, 100), "float64"),
+    Case("2d-1000x100-f64", "2d", (1000, 100), "float64"),
+    Case("nchw-32x64x28x28-f32", "nchw", (32, 64, 28, 28), "float32"),
+    Case("nhwc-32x28x28x64-f32", "nhwc", (32, 28, 28, 64), "float32"),
+    Case("2d-4096x512-f32", "2d", (4096, 512), "float32"),
+)
+LOAD_SECONDS = 2.0  # per case, pass and thread setting: enough calls for a 99th percentile
+LOAD_MIN_CALLS = 100
+
+
+def _percentiles(fn, seconds, min_calls):
+    """Warm up, then call fn() for `seconds` (at least min_calls times): (p50, p99, calls)."""
+    fn()
+    times = []
+    end = time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50), float(p99), len(times)
+
+
+def _busy_processes(n):
+    """n processes that each keep a core busy (stopped by the caller)."""
+    return [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(n)
+    ]
+
+
+def _load_calls(case):
+    """{pass: make(nt) -> a call of that pass on nt threads (None: the default)} for case;
+    forward has no num_threads, so its only settings are 1 (set through OpenMP) and None."""
+    data = CaseData(case)
+    x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, case.axis
+    param = {"mode": "train", "eps": EPS}
+    cache = bnkernels.forward(x, g, b, param, axis=axis)[1]
+
+    def backward(nt):
+        return lambda: bnkernels.backward(dy, cache, num_threads=nt)
+
+    def forward(nt):
+        return lambda: bnkernels.forward(x, g, b, param, axis=axis)
+
+    return {"backward": backward, "forward": forward}
+
+
+def run_load(n_busy, cases, seconds):
+    """Per case and pass: the single-thread median on the quiet machine, then p50 and p99
+    with n_busy busy processes for one thread, every usable core (backward), and the
+    default, which leaves out the CPUs busy with other tasks."""
+    cores = usable_cores()
+    records = []
+    for case in cases:
+        for pass_, make in _load_calls(case).items():
+            settings = [("1", 1), (str(cores), cores), ("default", None)]
+            if pass_ == "forward":
+                settings = [("1", 1), ("default", None)]
+            with openmp_limit(1):
+                quiet = _percentiles(make(1), seconds / 2, LOAD_MIN_CALLS // 2)[0]
+            busy = _busy_processes(n_busy)
+            try:
+                time.sleep(0.2)  # let them start
+                for label, nt in settings:
+                    with (
+                        openmp_limit(nt) if pass_ == "forward" and nt else contextlib.nullcontext()
+                    ):
+                        p50, p99, calls = _percentiles(make(nt), seconds, LOAD_MIN_CALLS)
+                    records.append(
+                        {
+                            "case": case.name,
+                            "shape": list(case.shape),
+                            "dtype": case.dtype,
+                            "pass": pass_,
+                            "threads": label,
+                            "busy": n_busy,
+                            "quiet_1_thread_median_s": quiet,
+                            "p50_s": p50,
+                            "p99_s": p99,
+                            "calls": calls,
+                        }
+                    )
+                    _progress(
+                        "%-22s %-8s threads %-7s p50 %8.3f ms  p99 %8.3f ms  (quiet, 1 thread"
+                        " %.3f ms)" % (case.name, pass_, label, p50 * 1e3, p99 * 1e3, quiet * 1e3)
+                    )
+            finally:
+                for proc in busy:
+                    proc.kill()
+                for proc in busy:
+                    proc.wait()
+    return records
+
+
+def format_load(records):
+    """The --load table: per case, pass and thread setting, p50 and p99 against the quiet
+    single-thread median."""
+    lines = [
+        "under load (%d busy processes), ms:" % records[0]["busy"],
+        "%-22s %-8s %-8s %9s %9s %9s %9s"
+        % ("case", "pass", "threads", "quiet 1t", "p50", "p99", "p99/q1t"),
+    ]
+    for r in records:
+        q = r["quiet_1_thread_median_s"]
+        lines.append(
+            "%-22s %-8s %-8s %9.3f %9.3f %9.3f %9.1f"
+            % (
+                r["case"],
+                r["pass"],
+                r["threads"],
+                q * 1e3,
+                r["p50_s"] * 1e3,
+                r["p99_s"] * 1e3,
+                r["p99_s"] / q,
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bnkernels bench",
@@ -786,6 +908,14 @@ def build_parser():
         help="comma-separated fnmatch patterns or substrings of case names, "
         "e.g. '2d-*-f32' or nhwc",
     )
+    p.add_argument(
+        "--load",
+        type=_positive_int,
+        metavar="N",
+        help="start N busy processes for the run (stopped after it) and report p50 and p99 "
+        "call times per case and thread setting (cases: %s)"
+        % ", ".join(c.name for c in LOAD_CASES),
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement and the machine as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedups and roofline distances")
     p.add_argument(
@@ -809,6 +939,21 @@ def main(argv=None):
         if problem:
             parser.error("%s %s cannot be written: %s" % (option, path, problem))
     omp_default = _kernels.max_threads()  # read before torch can change the OpenMP default
+    if args.load:
+        cases = select_cases(args.cases, LOAD_CASES) if args.cases else list(LOAD_CASES)
+        if not cases:
+            parser.error("no --load case matches %r" % (args.cases,))
+        seconds = LOAD_SECONDS / 4 if args.quick else LOAD_SECONDS
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        records = run_load(args.load, cases, seconds)
+        print(format_load(records), end="")
+        if args.json:
+            doc = {"date": date, "machine": machine_info(None, omp_default), "load": records}
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+            _progress("wrote %s" % args.json)
+        return 0
     threads = args.threads or omp_default
     if args.cases:
         cases = select_cases(args.cases)

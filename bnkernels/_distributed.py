@@ -161,7 +161,11 @@ def backward_reduce(
     The sums of all slices, added in slice order, go to :func:`backward_apply`.  An empty
     slice gives zeros.
     """
-    b = _api._backward_inputs(dout, cache, num_threads, allow_empty=True)
+    return _reduce(_api._backward_inputs(dout, cache, num_threads, allow_empty=True))
+
+
+def _reduce(b):
+    """sum_dy, sum_dy_zm of prepared backward inputs b."""
     sum_dy, sum_dy_zm = np.zeros(b.C), np.zeros(b.C)
     if b.dout.size == 0:
         return sum_dy, sum_dy_zm
@@ -222,15 +226,21 @@ def backward_apply(
 def _apply(b, s1, s2, count):
     """dx, dgamma, dbeta of prepared backward inputs b from the whole batch's sums."""
     mean, scale, gamma, var = b.vecs
-    dgamma = np.empty(b.C, dtype=b.dout.dtype)
-    dbeta = np.empty(b.C, dtype=b.dout.dtype)
+    q = 1.0 if b.xhat_form else scale  # xhat = (z - mean) * q
     dx = np.empty_like(b.dout)
+    # in the parameters' dtype, rounded once from float64, as the kernels round them
+    dgamma = (q * s2).astype(b.grad_dtype)
+    dbeta = s1.astype(b.grad_dtype)
     if b.dout.size and b.dout.dtype in _api._KERNEL_DTYPES:
         lay, (zk, dyk, dxk) = _api._to_layout([b.z, b.dout, dx], b.axis)
         if lay is None:
             zk, dyk = _api._standard(b.z, b.axis), _api._standard(b.dout, b.axis)
             dxk = np.empty_like(dyk)
             lay = choose([zk, dyk, dxk], 1)
+        # the kernel writes dgamma and dbeta in the data's dtype: the same bits as above
+        # when that is the parameters' dtype
+        kgamma = np.empty(b.C, dtype=b.dout.dtype)
+        kbeta = np.empty(b.C, dtype=b.dout.dtype)
         _kernels.backward_apply(
             lay,
             zk,
@@ -243,17 +253,14 @@ def _apply(b, s1, s2, count):
             s1,
             s2,
             count,
-            dgamma,
-            dbeta,
+            kgamma,
+            kbeta,
             b.n_threads,
         )
         if dxk is not dx:
             np.moveaxis(dx, b.axis, 1)[...] = dxk
         return dx, dgamma, dbeta
     # no kernel: an empty slice, or a dtype the kernels do not take (float16, longdouble)
-    q = 1.0 if b.xhat_form else scale
-    dbeta[...] = s1
-    dgamma[...] = q * s2
     if b.dout.size:
         r = 1.0 / scale if b.xhat_form else scale
         if b.xhat_form:

@@ -3,7 +3,10 @@
 This module never imports the compiled kernels. It follows the conventions of the
 CS231n assignment: a ``bn_param`` dict, a cache dict, channel axis ``axis`` (every
 other axis is reduced).  Arithmetic runs in the input dtype, as hand-written NumPy
-code does (float16 input is computed in float32 and rounded back).
+code does (float16 input is computed in float32 and rounded back); the backward runs
+in the cached gamma's dtype where that is wider, and gives dgamma and dbeta in it
+(the parameters' dtype: float32 parameters of float16 data get float32 gradients).
+gamma=None and beta=None stand for 1 and 0.
 
 Functions
 ---------
@@ -45,6 +48,18 @@ def _bshape(ndim, axis, c):
     return tuple(shape)
 
 
+def _param_dtype(x, gamma, beta):
+    # the floating dtypes among gamma and beta, promoted; x's when neither is floating
+    floating = [np.asarray(p).dtype for p in (gamma, beta) if p is not None]
+    floating = [d for d in floating if d.kind == "f"]
+    return np.result_type(*floating) if floating else x.dtype
+
+
+def _grad_dtype(gamma, dout):
+    # dgamma and dbeta: the dtype of the cached gamma when floating, else that of dout
+    return gamma.dtype if gamma is not None and gamma.dtype.kind == "f" else dout.dtype
+
+
 def _denominator(var, eps, eps_mode):
     if eps_mode == "var":
         return np.sqrt(var + eps)
@@ -62,14 +77,18 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
     ----------
     x : ndarray, shape (N, C, ...), or channels-last (N, ..., C) with ``axis=-1``
         Any floating dtype, any strides.
-    gamma, beta : ndarray, shape (C,)
-        Scale and shift per channel, cast to the work dtype.
+    gamma, beta : ndarray, shape (C,), any real dtype, or None (1 and 0)
+        Scale and shift per channel, cast to the work dtype.  The parameters' dtype is
+        that of the floating ones among them, promoted (x's if neither is floating).
     bn_param : dict
         ``'mode'`` (``'train'`` or ``'test'``, required), ``'eps'`` (1e-5),
         ``'momentum'`` (0.9), ``'eps_mode'`` (``'var'`` or ``'std'``),
-        ``'running_mean'`` and ``'running_var'`` (shape (C,), zeros when missing).
+        ``'running_mean'`` and ``'running_var'`` (shape (C,); when missing, zeros of
+        the wider of x's and the parameters' dtypes), ``'num_batches_tracked'`` (0).
         In train mode the running statistics are replaced by
-        ``momentum * running + (1 - momentum) * batch_stat`` (biased variance).
+        ``momentum * running + (1 - momentum) * batch_stat`` (biased variance), or
+        with ``momentum=None`` by ``running + (batch_stat - running) / n``, n the
+        batches seen; ``'num_batches_tracked'`` counts the batch either way.
     axis : int, default 1
         The channel axis; every other axis is reduced.
 
@@ -79,7 +98,8 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         ``gamma * xhat + beta``.
     cache : dict
         ``'x'`` (the input, not a copy), ``'mean'``, ``'var'``, ``'invstd'`` (shape
-        (C,), the work dtype), ``'gamma'``, ``'eps'``, ``'eps_mode'``, ``'mode'``,
+        (C,), the work dtype), ``'gamma'`` (in the parameters' dtype; ones for None),
+        ``'eps'``, ``'eps_mode'``, ``'mode'``,
         ``'axis'`` (non-negative).  Accepted by :func:`bnkernels.backward` too.
 
     Raises
@@ -104,22 +124,31 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
     red = tuple(i for i in range(x.ndim) if i != axis)
     bs = _bshape(x.ndim, axis, c)
     xw = x.astype(wt, copy=False)
+    pdtype = _param_dtype(x, gamma, beta)
+    gamma = np.ones(c, pdtype) if gamma is None else np.asarray(gamma).astype(pdtype)
+    beta = np.zeros(c, pdtype) if beta is None else np.asarray(beta)
     running_mean = bn_param.get("running_mean")
     running_var = bn_param.get("running_var")
     if running_mean is None:
-        running_mean = np.zeros(c, dtype=x.dtype)
+        running_mean = np.zeros(c, dtype=np.result_type(x.dtype, pdtype))
     if running_var is None:
-        running_var = np.zeros(c, dtype=x.dtype)
+        running_var = np.zeros(c, dtype=np.result_type(x.dtype, pdtype))
 
     if mode == "train":
         mean = xw.mean(axis=red)
         var = ((xw - mean.reshape(bs)) ** 2).mean(axis=red)
-        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean.astype(
-            np.asarray(running_mean).dtype
-        )
-        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var.astype(
-            np.asarray(running_var).dtype
-        )
+        n = (bn_param.get("num_batches_tracked") or 0) + 1
+        for key, running, stat in (
+            ("running_mean", running_mean, mean),
+            ("running_var", running_var, var),
+        ):
+            running = np.asarray(running)
+            stat = stat.astype(running.dtype)
+            if momentum is None:  # the cumulative average of the n batches seen
+                bn_param[key] = running + (stat - running) / n
+            else:
+                bn_param[key] = momentum * running + (1 - momentum) * stat
+        bn_param["num_batches_tracked"] = n
     else:
         mean = np.asarray(running_mean, dtype=wt)
         var = np.asarray(running_var, dtype=wt)
@@ -131,7 +160,7 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         "mean": mean,
         "var": var,
         "invstd": invstd,
-        "gamma": np.asarray(gamma),
+        "gamma": gamma,
         "eps": eps,
         "eps_mode": eps_mode,
         "mode": mode,
@@ -143,15 +172,19 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
 def _unpack(dout, cache):
     """Normalize a forward() cache or a seed-style dict cache.
 
-    Returns (wt, axis, red, bs, M, train, eps_mode, gamma, xmu, xhat, denom, var):
-    arrays in the work dtype, per-channel ones shaped to broadcast.
+    Returns (wt, grads, axis, red, bs, M, train, eps_mode, gamma, xmu, xhat, denom, var):
+    arrays in the work dtype, per-channel ones shaped to broadcast; grads is the dtype of
+    dgamma and dbeta.
     """
     dout = np.asarray(dout)
-    wt = _work_dtype(dout.dtype)
+    gamma = cache["gamma"]
+    gamma = None if gamma is None else np.asarray(gamma)
+    grads = _grad_dtype(gamma, dout)
+    wt = _work_dtype(np.result_type(dout.dtype, grads))
     if "x_hat" in cache and "invstd" not in cache:
-        # seed style: a (N, D) batch with x_hat, gamma, denom = sqrt(var + eps)
+        # seed style: x_hat, gamma, denom = sqrt(var + eps), the channels on 'axis' (1)
         xhat = np.asarray(cache["x_hat"], dtype=wt)
-        axis = 1
+        axis = cache.get("axis", 1) % xhat.ndim
         c = xhat.shape[axis]
         bs = _bshape(xhat.ndim, axis, c)
         denom = np.asarray(cache["denom"], dtype=wt).reshape(bs)
@@ -169,10 +202,10 @@ def _unpack(dout, cache):
         denom = _denominator(var, wt.type(cache["eps"]), eps_mode)
         xmu = x - np.asarray(cache["mean"], dtype=wt).reshape(bs)
         xhat = xmu / denom
-    gamma = np.asarray(cache["gamma"], dtype=wt).reshape(bs)
+    gamma = np.ones(bs, wt) if gamma is None else gamma.astype(wt).reshape(bs)
     red = tuple(i for i in range(xhat.ndim) if i != axis)
     m = xhat.size // c
-    return wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var
+    return wt, grads, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var
 
 
 def backward_graph(dout, cache):
@@ -187,26 +220,30 @@ def backward_graph(dout, cache):
     Parameters
     ----------
     dout : ndarray, the shape of the cached input
-        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype
-        (float16 in float32).
+        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype,
+        or the cached gamma's if wider (float16 in float32).
     cache : dict
         The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
-        seed-style dict for a (N, D) batch: ``'x_hat'`` (shape (N, D)), ``'gamma'``
-        and ``'denom'`` (= ``sqrt(var + eps)``), both shape (D,).
+        seed-style dict: ``'x_hat'`` (the shape of dout), ``'gamma'`` (or None) and
+        ``'denom'`` (= ``sqrt(var + eps)``), both shape (C,), and optionally
+        ``'axis'``, the channel axis of x_hat (default 1).
 
     Returns
     -------
     dx : ndarray, the shape and dtype of dout
         The gradient dL/dx.
-    dgamma, dbeta : ndarray, shape (C,), the dtype of dout
-        The gradients dL/dgamma and dL/dbeta.
+    dgamma, dbeta : ndarray, shape (C,)
+        The gradients dL/dgamma and dL/dbeta, in the dtype of the cached gamma when
+        it is floating, else in that of dout.
 
     See Also
     --------
     backward_alt : The same gradients from the simplified closed form.
     """
     dtype = np.asarray(dout).dtype
-    wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
+    wt, grads, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(
+        dout, cache
+    )
     dy = np.asarray(dout, dtype=wt)
 
     dbeta = dy.sum(axis=red)
@@ -229,7 +266,7 @@ def backward_graph(dout, cache):
         dx = dxmu + dmu / m  # mu = mean(x), branches add
     else:
         dx = dxmu
-    return (dx.astype(dtype, copy=False), dgamma.astype(dtype), dbeta.astype(dtype))
+    return (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
 
 
 def backward_alt(dout, cache):
@@ -245,19 +282,21 @@ def backward_alt(dout, cache):
     Parameters
     ----------
     dout : ndarray, the shape of the cached input
-        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype
-        (float16 in float32).
+        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype,
+        or the cached gamma's if wider (float16 in float32).
     cache : dict
         The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
-        seed-style dict for a (N, D) batch: ``'x_hat'`` (shape (N, D)), ``'gamma'``
-        and ``'denom'`` (= ``sqrt(var + eps)``), both shape (D,).
+        seed-style dict: ``'x_hat'`` (the shape of dout), ``'gamma'`` (or None) and
+        ``'denom'`` (= ``sqrt(var + eps)``), both shape (C,), and optionally
+        ``'axis'``, the channel axis of x_hat (default 1).
 
     Returns
     -------
     dx : ndarray, the shape and dtype of dout
         The gradient dL/dx.
-    dgamma, dbeta : ndarray, shape (C,), the dtype of dout
-        The gradients dL/dgamma and dL/dbeta.
+    dgamma, dbeta : ndarray, shape (C,)
+        The gradients dL/dgamma and dL/dbeta, in the dtype of the cached gamma when
+        it is floating, else in that of dout.
 
     See Also
     --------
@@ -265,7 +304,9 @@ def backward_alt(dout, cache):
     bnkernels.backward : The compiled version.
     """
     dtype = np.asarray(dout).dtype
-    wt, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(dout, cache)
+    wt, grads, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(
+        dout, cache
+    )
     dy = np.asarray(dout, dtype=wt)
 
     dbeta = dy.sum(axis=red)
@@ -280,4 +321,4 @@ def backward_alt(dout, cache):
             with np.errstate(divide="ignore", invalid="ignore"):
                 k = np.where(std > 0, denom / std, 0)
         dx = gamma / (m * denom) * (m * dy - dbeta.reshape(bs) - xhat * (dgamma.reshape(bs) * k))
-    return (dx.astype(dtype, copy=False), dgamma.astype(dtype), dbeta.astype(dtype))
+    return (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))

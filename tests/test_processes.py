@@ -19,6 +19,9 @@ import textwrap
 import pytest
 
 import bnkernels
+from bnkernels import _api as _api_module
+
+_BUSY_CPUS = _api_module._busy_cpus
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"),
@@ -195,3 +198,59 @@ def test_ranks_of_an_mpi_job_share_the_cpus(var):
     assert proc.returncode == 0, proc.stderr
     cpus, default = json.loads(proc.stdout)
     assert default == max(1, cpus // 2)
+
+
+def test_the_default_leaves_out_cpus_busy_with_other_tasks(tmp_path, monkeypatch):
+    from bnkernels import _api
+
+    fake = tmp_path / "loadavg"
+    monkeypatch.setattr(_api, "_LOADAVG", str(fake))
+    monkeypatch.setattr(_api, "_busy_cpus", _BUSY_CPUS)  # the real one (conftest stubs it)
+    monkeypatch.setattr(_api, "_cpus", 4)
+    monkeypatch.setattr(_api, "_last_team", 1)
+    monkeypatch.setattr(bnkernels._kernels, "max_threads", lambda: 4)
+    for running, want in (("1", 4), ("2", 3), ("4", 1), ("9", 1)):
+        fake.write_text("0.50 0.40 0.30 %s/321 4242\n" % running)
+        monkeypatch.setattr(_api, "_load_at", -1.0)  # read it again
+        monkeypatch.setattr(_api, "_last_team", 1)
+        assert _api._n_threads(None) == want, running
+        assert _api._n_threads(3) == 3  # an explicit count is kept
+    # the last team's own workers do not count as other tasks
+    fake.write_text("0.50 0.40 0.30 3/321 4242\n")
+    monkeypatch.setattr(_api, "_load_at", -1.0)
+    monkeypatch.setattr(_api, "_last_team", 3)
+    assert _api._n_threads(None) == 4
+    # unreadable: no adaptation
+    fake.write_text("garbage\n")
+    monkeypatch.setattr(_api, "_load_at", -1.0)
+    assert _api._n_threads(None) == 4
+
+
+def test_under_load_the_default_runs_on_fewer_threads():
+    # as many busy processes as CPUs: the default call runs on one thread
+    code = (
+        "import os, subprocess, sys, time, bnkernels\n"
+        "from bnkernels import _api\n"
+        "n = len(os.sched_getaffinity(0))\n"
+        "busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(n)]\n"
+        "try:\n"
+        "    time.sleep(0.5)\n"
+        "    _api._load_at = -1.0\n"
+        "    print(_api._n_threads(None), bnkernels.max_threads())\n"
+        "finally:\n"
+        "    [p.kill() for p in busy]\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="8")
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    under_load, most = map(int, proc.stdout.split())
+    assert under_load == 1
+    assert most == len(os.sched_getaffinity(0))  # max_threads reports the most, not the load
