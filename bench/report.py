@@ -29,14 +29,19 @@ GENERATED = "<!-- generated from docs/bench.json by `python bench/report.py --wr
 
 BIG_BYTES = 8 << 20  # the roofline ratios are taken over cases whose arrays take this or more
 # (pass, numerator, denominator, statistic, cases, target, sense): the performance targets
+# the physical limit and no peer faster, on every machine: both passes at most 1.3x the
+# roofline in median (1.6 at worst) over the 8 MiB+ cases, never slower than PyTorch and 1.5x
+# faster in median, backward 8x the NumPy alt in median
 TARGETS = (
-    ("backward", "alt", "bnkernels", "median", "all", 10.0, ">="),
-    ("backward", "torch", "bnkernels", "median", "all", 2.5, ">="),
-    ("backward", "torch", "bnkernels", "min", "all", 1.2, ">="),
+    ("backward", "alt", "bnkernels", "median", "all", 8.0, ">="),
+    ("backward", "torch", "bnkernels", "median", "all", 1.5, ">="),
+    ("backward", "torch", "bnkernels", "min", "all", 1.0, ">="),
     ("backward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
     ("backward", "bnkernels", "roofline", "max", "big", 1.6, "<="),
-    ("forward", "torch", "bnkernels", "median", "all", 2.0, ">="),
+    ("forward", "torch", "bnkernels", "median", "all", 1.5, ">="),
+    ("forward", "torch", "bnkernels", "min", "all", 1.0, ">="),
     ("forward", "bnkernels", "roofline", "median", "big", 1.3, "<="),
+    ("forward", "bnkernels", "roofline", "max", "big", 1.6, "<="),
 )
 # the summary's columns: (numerator, denominator, big cases only)
 SUMMARY = (

@@ -144,7 +144,7 @@ def _n_threads(num_threads, load=True):
     survive fork(), a call on one thread enters no OpenMP region, and the results are the
     same for every thread count.  The default (None) also leaves out the CPUs that other
     runnable tasks hold now (load; see _busy_cpus)."""
-    global _cpus, _last_team
+    global _cpus
     if num_threads is None:
         n = 1 if _forked else _kernels.max_threads()
     else:
@@ -160,35 +160,47 @@ def _n_threads(num_threads, load=True):
         n = min(n, _cpus)
     if num_threads is None and load and n > 1:
         n = max(1, min(n, _cpus - _busy_cpus()))
-        _last_team = n
     return n
 
 
 # A team larger than the idle CPUs stalls: a thread that the OS has descheduled for
 # another runnable task holds every other thread at the next barrier for a time slice
 # (milliseconds, for calls of tens of microseconds).  The default thread count therefore
-# leaves out the CPUs that other tasks are running on.  Linux counts the runnable tasks in
-# /proc/loadavg, which is read at most every LOAD_PERIOD seconds.
+# leaves out the CPUs that other processes are running on: Linux's count of runnable
+# tasks (/proc/loadavg) less this process's own (/proc/self/task: the caller, and idle
+# OpenMP workers of this or another runtime, which spin for a while after a call), read
+# at most every LOAD_PERIOD seconds.
 LOAD_PERIOD = 0.02
 _LOADAVG = "/proc/loadavg"
+_TASKS = "/proc/self/task"
 _load_at = -1.0
 _load_busy = 0
-_last_team = 1  # threads of the last call that adapted: its workers may still be runnable
+
+
+def _own_running():
+    """Threads of this process that are runnable now (state R)."""
+    n = 0
+    for tid in os.listdir(_TASKS):
+        try:
+            with open(os.path.join(_TASKS, tid, "stat")) as f:
+                stat = f.read()
+        except OSError:  # the thread has exited
+            continue
+        n += stat[stat.rindex(")") + 2 : stat.rindex(")") + 3] == "R"
+    return n
 
 
 def _busy_cpus():
-    """CPUs that tasks other than this call's own threads ran on, recently; 0 if unknown."""
+    """CPUs that other processes' tasks ran on, recently; 0 if unknown."""
     global _load_at, _load_busy
     now = time.monotonic()
     if now - _load_at >= LOAD_PERIOD:
         try:
             with open(_LOADAVG) as f:
                 running = int(f.read().split()[3].split("/")[0])
+            _load_busy = max(0, running - max(1, _own_running()))
         except (OSError, ValueError, IndexError):
-            running = 0
-        # the caller's thread is one of them, and so may be the (spinning) workers of the
-        # last team
-        _load_busy = max(0, running - max(1, _last_team))
+            _load_busy = 0
         _load_at = now
     return _load_busy
 
@@ -401,6 +413,18 @@ def forward(
     axis : int, default 1
         The channel axis (any axis but 0, the batch axis); every other axis is
         reduced.  1 for (N, C, ...), -1 for channels-last arrays.
+    comm : MPI communicator, optional
+        x is this rank's slice of a batch split across the ranks of ``comm`` (an
+        mpi4py ``MPI.Comm``, or any object whose ``allgather(obj)`` returns every
+        rank's ``obj`` in rank order).  The statistics and the running-statistics
+        update are those of the whole batch; one ``allgather`` per call; the slice may
+        be empty.  :func:`backward` of the cache reduces across the same ``comm``.
+    stats : (count, mean, m2), optional
+        The statistics of the whole batch x is part of, as :func:`batch_stats` and
+        :func:`merge_stats` give them: x is normalized with them, in train-mode
+        semantics (running statistics updated with them).  The cache records
+        ``count``; its gradients come from :func:`backward_reduce` and
+        :func:`backward_apply`.
 
     Returns
     -------

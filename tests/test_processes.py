@@ -207,23 +207,24 @@ def test_the_default_leaves_out_cpus_busy_with_other_tasks(tmp_path, monkeypatch
     monkeypatch.setattr(_api, "_LOADAVG", str(fake))
     monkeypatch.setattr(_api, "_busy_cpus", _BUSY_CPUS)  # the real one (conftest stubs it)
     monkeypatch.setattr(_api, "_cpus", 4)
-    monkeypatch.setattr(_api, "_last_team", 1)
     monkeypatch.setattr(bnkernels._kernels, "max_threads", lambda: 4)
-    for running, want in (("1", 4), ("2", 3), ("4", 1), ("9", 1)):
+    for running, own, want in (("1", 1, 4), ("2", 1, 3), ("4", 1, 1), ("9", 1, 1), ("3", 3, 4)):
+        # own: this process's runnable threads (the caller, spinning workers), not others
+        monkeypatch.setattr(_api, "_own_running", lambda own=own: own)
         fake.write_text("0.50 0.40 0.30 %s/321 4242\n" % running)
         monkeypatch.setattr(_api, "_load_at", -1.0)  # read it again
-        monkeypatch.setattr(_api, "_last_team", 1)
-        assert _api._n_threads(None) == want, running
+        assert _api._n_threads(None) == want, (running, own)
         assert _api._n_threads(3) == 3  # an explicit count is kept
-    # the last team's own workers do not count as other tasks
-    fake.write_text("0.50 0.40 0.30 3/321 4242\n")
-    monkeypatch.setattr(_api, "_load_at", -1.0)
-    monkeypatch.setattr(_api, "_last_team", 3)
-    assert _api._n_threads(None) == 4
     # unreadable: no adaptation
     fake.write_text("garbage\n")
     monkeypatch.setattr(_api, "_load_at", -1.0)
     assert _api._n_threads(None) == 4
+
+
+def test_own_running_threads_are_counted():
+    from bnkernels import _api
+
+    assert _api._own_running() >= 1  # the caller
 
 
 def test_under_load_the_default_runs_on_fewer_threads():

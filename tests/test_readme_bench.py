@@ -124,11 +124,11 @@ def test_targets_of_a_small_run():
     # the roofline targets look at case b only (16 MiB arrays): 1.6 <= 1.6 for the maximum
     assert "| backward | bnk/roof | max (8 MiB+) | <= 1.60 | 1.60 met |" in lines
     assert "| backward | bnk/roof | median (8 MiB+) | <= 1.30 | 1.60 not met |" in lines
-    assert "| backward | torch/bnk | min | >= 1.20 | 3.00 met |" in lines
-    assert "| forward | torch/bnk | median | >= 2.00 | 1.00 not met |" in lines
+    assert "| backward | torch/bnk | min | >= 1.00 | 3.00 met |" in lines
+    assert "| forward | torch/bnk | median | >= 1.50 | 1.00 not met |" in lines
     # with an earlier run, a column for each
     both = report.format_targets(doc, doc).splitlines()
-    assert "| backward | torch/bnk | min | >= 1.20 | 3.00 met | 3.00 met |" in both
+    assert "| backward | torch/bnk | min | >= 1.00 | 3.00 met | 3.00 met |" in both
 
 
 def test_write_puts_the_summary_between_the_markers(tmp_path):
