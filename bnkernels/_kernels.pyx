@@ -285,13 +285,9 @@ cdef struct Job:
     bint prefault
     Py_ssize_t n_runs_n, n_runs_c, run_len
     Py_ssize_t scratch_doubles  # per-thread scratch of a task
+    Py_ssize_t local_doubles    # per-thread Vecs of the sweep that runs (set by _run)
     Py_ssize_t share_bytes      # input bytes of one block's channels; -1: no L3 share
-    # per-channel vectors (C,): the shift m and the output's coefficients, written by the
-    # pass's finish: out = A*(dy + Cc) + S*(z - m), or S*(z - m) + Cc without dy
-    const double *shift
-    double *A
-    double *S
-    double *Cc
+    const double *shift     # (C,) the shift m of out = A*(dy + Cc) + S*(z - m)
     Coefs cf                # backward inputs
     char *dgamma            # backward outputs (C,), the data's dtype
     char *dbeta
@@ -300,15 +296,31 @@ cdef struct Job:
     Stats st                # forward inputs and outputs
 
 
+cdef struct Vecs:
+    # the working vectors of the channels a sweep has in hand, from channel `base` on: the
+    # output's coefficients of channel c at A[c - base], S[c - base], Cc[c - base] (written
+    # by the pass's finish: out = A*(dy + Cc) + S*(z - m), or S*(z - m) + Cc without dy),
+    # and its partial sums of chunk ci at part[ci*stride + c - base] and
+    # part[(n_chunks + ci)*stride + c - base].  A thread's own for a task or a block; the
+    # call's, of all C channels, for the chunked schedule only: scratch grows with the work
+    # in flight, not with C.
+    double *A
+    double *S
+    double *Cc
+    double *part
+    Py_ssize_t base
+    Py_ssize_t stride
+
+
 # reduce: the task's per-channel partial sums (two vectors of cw); scratch: per thread
 ctypedef void (*reduce_fn)(const Job *j, Span sp, double *s1, double *s2,
                            double *scratch) noexcept nogil
-# finish: channels [c0, c1) from the partials of n_chunks chunks, part[ci*C + c] and
-# part[(n_chunks + ci)*C + c], added in chunk order (n_chunks = 0 when the pass has no reduce)
-ctypedef void (*finish_fn)(const Job *j, const double *part, Py_ssize_t n_chunks,
+# finish: channels [c0, c1) of v from the partials of n_chunks chunks, added in chunk order
+# (n_chunks = 0 when the pass has no reduce)
+ctypedef void (*finish_fn)(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                            Py_ssize_t c0, Py_ssize_t c1) noexcept nogil
-# write: the task's output from the coefficients
-ctypedef void (*write_fn)(const Job *j, Span sp, double *scratch) noexcept nogil
+# write: the task's output from the coefficients in v
+ctypedef void (*write_fn)(const Job *j, const Vecs *v, Span sp, double *scratch) noexcept nogil
 
 
 cdef struct Work:
@@ -380,23 +392,43 @@ cdef enum:  # what _run returns when memory runs out
     SCRATCH_FAILED = -2   # a thread's scratch
 
 
+cdef inline Vecs _vecs(double *buf, Py_ssize_t n_chunks, Py_ssize_t width) noexcept nogil:
+    """Vecs of `width` channels from base 0 in buf: the partial sums first, then A, S, Cc."""
+    cdef Vecs v
+    v.part = buf
+    v.A = buf + 2 * n_chunks * width
+    v.S = v.A + width
+    v.Cc = v.S + width
+    v.base = 0
+    v.stride = width
+    return v
+
+
+cdef inline Py_ssize_t _vecs_doubles(Py_ssize_t n_chunks, Py_ssize_t width) noexcept nogil:
+    return (3 + 2 * n_chunks) * width
+
+
 cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int nt,
-                        double *part, double *scratch) noexcept nogil:
-    """Thread tid's share of one sweep over the tasks (or, SHARE, over the blocks)."""
+                        const Vecs *shared, double *local, double *scratch) noexcept nogil:
+    """Thread tid's share of one sweep over the tasks (or, SHARE, over the blocks); local:
+    the thread's Vecs storage (FUSED, WRITE, SHARE), shared: the call's (REDUCE,
+    WRITE_BACK)."""
     cdef const Plan *p = &j.plan
-    cdef Py_ssize_t C = j.C, nc = p.n_chunks
+    cdef Py_ssize_t C = j.C, nc = p.n_chunks, cb = p.cb
     cdef Py_ssize_t t, t0, t1, bi
     cdef Span sp
+    cdef Vecs v
     if sweep == SHARE:
+        v = _vecs(local, nc, cb)
         for bi in range(_share(p.n_blocks, tid, nt), _share(p.n_blocks, tid + 1, nt)):
+            v.base = bi * cb
             for t in range(bi * nc, bi * nc + nc):
                 sp = _task(p, t, C, j.extent)
-                w.reduce(j, sp, part + sp.ci * C + sp.c0, part + (nc + sp.ci) * C + sp.c0,
-                         scratch)
-            w.finish(j, part, nc, bi * p.cb, min(C, bi * p.cb + p.cb))
+                w.reduce(j, sp, v.part + sp.ci * cb, v.part + (nc + sp.ci) * cb, scratch)
+            w.finish(j, &v, nc, v.base, min(C, v.base + cb))
             t = bi * nc + nc - 1
             while t >= bi * nc:
-                w.write(j, _task(p, t, C, j.extent), scratch)
+                w.write(j, &v, _task(p, t, C, j.extent), scratch)
                 t = t - 1
         return
     t0 = _share(p.n_tasks, tid, nt)
@@ -404,53 +436,56 @@ cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int n
     if sweep == WRITE_BACK:
         t = t1 - 1
         while t >= t0:
-            w.write(j, _task(p, t, C, j.extent), scratch)
+            w.write(j, shared, _task(p, t, C, j.extent), scratch)
             t = t - 1
         return
+    if sweep == REDUCE:
+        for t in range(t0, t1):
+            sp = _task(p, t, C, j.extent)
+            w.reduce(j, sp, shared.part + sp.ci * C + sp.c0,
+                     shared.part + (nc + sp.ci) * C + sp.c0, scratch)
+        return
+    # FUSED (the task's data is still in cache for the output) or WRITE: the task's
+    # channels only, in the thread's own Vecs
+    v = _vecs(local, 1, cb)
     for t in range(t0, t1):
         sp = _task(p, t, C, j.extent)
-        if sweep == WRITE:
-            w.write(j, sp, scratch)
-            continue
-        w.reduce(j, sp, part + sp.ci * C + sp.c0, part + (nc + sp.ci) * C + sp.c0, scratch)
+        v.base = sp.c0
         if sweep == FUSED:
-            # the block's data is still in cache for the output
-            w.finish(j, part, 1, sp.c0, sp.c0 + sp.cw)
-            if w.write != NULL:
-                w.write(j, sp, scratch)
+            w.reduce(j, sp, v.part, v.part + cb, scratch)
+        w.finish(j, &v, 1 if sweep == FUSED else 0, sp.c0, sp.c0 + sp.cw)
+        if w.write != NULL:
+            w.write(j, &v, sp, scratch)
 
 
-cdef int _parallel(const Job *j, const Work *w, Sweep sweep, int nt, double *part) noexcept nogil:
-    """One sweep on nt threads, each with its own scratch; SCRATCH_FAILED if a scratch
-    allocation failed (that thread's tasks are then not done).  One thread runs it without
-    entering an OpenMP region: no team to start, and it works in a forked child, where the
-    parent's OpenMP threads do not exist."""
+cdef int _parallel(const Job *j, const Work *w, Sweep sweep, int nt,
+                   const Vecs *shared) noexcept nogil:
+    """One sweep on nt threads, each with its own scratch and Vecs storage; SCRATCH_FAILED if
+    an allocation failed (that thread's tasks are then not done).  One thread runs it
+    without entering an OpenMP region: no team to start, and it works in a forked child,
+    where the parent's OpenMP threads do not exist."""
     cdef int tid, failed = 0
-    cdef double *scratch
+    cdef double *buf
+    cdef Py_ssize_t n = j.scratch_doubles + j.local_doubles
     if nt == 1:
-        scratch = NULL
-        if j.scratch_doubles > 0:
-            scratch = <double *>malloc(j.scratch_doubles * sizeof(double))
-            if scratch == NULL:
+        buf = NULL
+        if n > 0:
+            buf = <double *>malloc(n * sizeof(double))
+            if buf == NULL:
                 return SCRATCH_FAILED
-        _thread_sweep(j, w, sweep, 0, 1, part, scratch)
-        free(scratch)
+        _thread_sweep(j, w, sweep, 0, 1, shared, buf + j.scratch_doubles, buf)
+        free(buf)
         return 0
     for tid in prange(nt, schedule='static', num_threads=nt):
-        scratch = NULL
-        if j.scratch_doubles > 0:
-            scratch = <double *>malloc(j.scratch_doubles * sizeof(double))
-        if j.scratch_doubles > 0 and scratch == NULL:
+        buf = NULL
+        if n > 0:
+            buf = <double *>malloc(n * sizeof(double))
+        if n > 0 and buf == NULL:
             failed += 1
         else:
-            _thread_sweep(j, w, sweep, tid, nt, part, scratch)
-            free(scratch)
+            _thread_sweep(j, w, sweep, tid, nt, shared, buf + j.scratch_doubles, buf)
+            free(buf)
     return SCRATCH_FAILED if failed else 0
-
-
-cdef inline Py_ssize_t _buf_doubles(const Job *j) noexcept nogil:
-    """A call's per-channel vectors: A, S, Cc and the chunks' two partial sums."""
-    return (3 + 2 * j.plan.n_chunks) * j.C
 
 
 cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
@@ -459,38 +494,38 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
     cdef Plan *p = &j.plan
     cdef Py_ssize_t C = j.C
     cdef int nt, rc
-    cdef double *buf
-    cdef double *part
+    cdef double *buf = NULL
+    cdef Vecs shared
     if w.reduce == NULL:
         # write only: the output is elementwise, any block of whole channels will do
         p.chunk = j.extent
         p.n_chunks = 1
         p.n_tasks = p.n_blocks
     nt = _n_threads(n_threads, p.n_tasks, j.extent * j.step * C)
-    buf = <double *>malloc(_buf_doubles(j) * sizeof(double))
-    if buf == NULL:
-        return BUF_FAILED
-    j.A = buf
-    j.S = buf + C
-    j.Cc = buf + 2 * C
-    part = buf + 3 * C    # [n_chunks, C] first partial sums, then [n_chunks, C] second
     if j.prefault and w.write != NULL:
         _prefault(j, nt)
+    j.local_doubles = _vecs_doubles(1, p.cb)
     if w.reduce == NULL:
-        w.finish(j, part, 0, 0, C)
-        rc = _parallel(j, w, WRITE, nt, part)
+        rc = _parallel(j, w, WRITE, nt, NULL)
     elif p.n_chunks == 1:
-        rc = _parallel(j, w, FUSED, nt, part)
+        rc = _parallel(j, w, FUSED, nt, NULL)
     elif (j.share_bytes >= 0 and p.n_blocks >= 4 * nt
           and j.share_bytes <= _sizes.l3_share_bytes):
-        rc = _parallel(j, w, SHARE, nt, part)
+        j.local_doubles = _vecs_doubles(p.n_chunks, p.cb)
+        rc = _parallel(j, w, SHARE, nt, NULL)
     else:
-        rc = _parallel(j, w, REDUCE, nt, part)
+        # chunked: every channel's partials and coefficients, between the two sweeps
+        j.local_doubles = 0
+        buf = <double *>malloc(_vecs_doubles(p.n_chunks, C) * sizeof(double))
+        if buf == NULL:
+            return BUF_FAILED
+        shared = _vecs(buf, p.n_chunks, C)
+        rc = _parallel(j, w, REDUCE, nt, &shared)
         if rc == 0:
-            w.finish(j, part, p.n_chunks, 0, C)
+            w.finish(j, &shared, p.n_chunks, 0, C)
             if w.write != NULL:
-                rc = _parallel(j, w, WRITE_BACK, nt, part)
-    free(buf)
+                rc = _parallel(j, w, WRITE_BACK, nt, &shared)
+        free(buf)
     return rc
 
 
@@ -498,7 +533,7 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
 # Per-channel math: the finish functions
 # ---------------------------------------------------------------------------
 
-cdef inline void _bwd_coefs(const Job *j, Py_ssize_t c, double sum_dy,
+cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double sum_dy,
                             double sum_dy_zm) noexcept nogil:
     """dx = A*(dy + Cc) + S*(z - mean) for channel c; and dgamma, dbeta.
 
@@ -508,6 +543,7 @@ cdef inline void _bwd_coefs(const Job *j, Py_ssize_t c, double sum_dy,
     1 when z is xhat (then Q = 1).
     """
     cdef const Coefs *cf = &j.cf
+    cdef Py_ssize_t k = c - v.base
     cdef double inv_m = 1.0 / j.count
     cdef double r, s, q, b
     if cf.xhat_form:
@@ -529,61 +565,63 @@ cdef inline void _bwd_coefs(const Job *j, Py_ssize_t c, double sum_dy,
         (<double *>j.dbeta)[c] = sum_dy
         (<double *>j.dgamma)[c] = q * sum_dy_zm
     if cf.gamma_single:
-        j.A[c] = (<const float *>cf.gamma)[c] * r
+        v.A[k] = (<const float *>cf.gamma)[c] * r
     else:
-        j.A[c] = (<const double *>cf.gamma)[c] * r
+        v.A[k] = (<const double *>cf.gamma)[c] * r
     if cf.train:
-        b = -j.A[c] * s * sum_dy_zm * inv_m
-        j.Cc[c] = -sum_dy * inv_m   # dy - mean(dy) first: exact 0 when M = 1
+        b = -v.A[k] * s * sum_dy_zm * inv_m
+        v.Cc[k] = -sum_dy * inv_m   # dy - mean(dy) first: exact 0 when M = 1
     else:
         b = 0.0
-        j.Cc[c] = 0.0
-    j.S[c] = b * q   # finite in float64 whatever the scale
+        v.Cc[k] = 0.0
+    v.S[k] = b * q   # finite in float64 whatever the scale
 
 
-cdef void _merge_sums(const Job *j, const double *part, Py_ssize_t n_chunks,
-                      Py_ssize_t c0, Py_ssize_t c1, double *s1, double *s2) noexcept nogil:
-    """s1[c], s2[c] of channels c0..c1-1: their chunks' partial sums added in chunk order;
-    one chunk's sums are taken as they are (adding them to 0.0 would turn a -0.0 dbeta into
-    +0.0).  Read chunk by chunk, across the channels: a channel's partials lie C apart, and
-    read down that stride they share one cache set when C is a power of two."""
-    cdef Py_ssize_t c, ci, C = j.C
+cdef void _merge_sums(const Vecs *v, Py_ssize_t n_chunks, Py_ssize_t c0, Py_ssize_t c1,
+                      double *s1, double *s2) noexcept nogil:
+    """s1[c - c0], s2[c - c0] of channels c0..c1-1: their chunks' partial sums added in
+    chunk order; one chunk's sums are taken as they are (adding them to 0.0 would turn a
+    -0.0 dbeta into +0.0).  Read chunk by chunk, across the channels: a channel's partials
+    lie a stride apart, and read down that stride they share one cache set when it is a
+    power of two."""
+    cdef const double *part = v.part + (c0 - v.base)   # channel c0's first partial
+    cdef Py_ssize_t k, ci, n = c1 - c0, stride = v.stride
     if n_chunks == 1:
-        for c in range(c0, c1):
-            s1[c] = part[c]
-            s2[c] = part[C + c]
+        for k in range(n):
+            s1[k] = part[k]
+            s2[k] = part[stride + k]
         return
-    for c in range(c0, c1):
-        s1[c] = 0.0
-        s2[c] = 0.0
+    for k in range(n):
+        s1[k] = 0.0
+        s2[k] = 0.0
     for ci in range(n_chunks):
-        for c in range(c0, c1):
-            s1[c] = s1[c] + part[ci * C + c]
-            s2[c] = s2[c] + part[(n_chunks + ci) * C + c]
+        for k in range(n):
+            s1[k] = s1[k] + part[ci * stride + k]
+            s2[k] = s2[k] + part[(n_chunks + ci) * stride + k]
 
 
-cdef void _bwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _bwd_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                       Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Backward: _bwd_coefs of channels c0..c1-1 from their merged sums (held in A and S
     until _bwd_coefs overwrites them)."""
-    cdef Py_ssize_t c
-    _merge_sums(j, part, n_chunks, c0, c1, j.A, j.S)
+    cdef Py_ssize_t c, k0 = c0 - v.base
+    _merge_sums(v, n_chunks, c0, c1, v.A + k0, v.S + k0)
     for c in range(c0, c1):
-        _bwd_coefs(j, c, j.A[c], j.S[c])
+        _bwd_coefs(j, v, c, v.A[c - v.base], v.S[c - v.base])
 
 
-cdef void _sums_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _sums_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Sums only: the merged (sum_dy, sum_dy_zm) are the output."""
-    _merge_sums(j, part, n_chunks, c0, c1, j.sum_dy, j.sum_dy_zm)
+    _merge_sums(v, n_chunks, c0, c1, j.sum_dy + c0, j.sum_dy_zm + c0)
 
 
-cdef void _bwd_given(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _bwd_given(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Write only: _bwd_coefs from given sums (of a batch of j.count elements per channel)."""
     cdef Py_ssize_t c
     for c in range(c0, c1):
-        _bwd_coefs(j, c, j.sum_dy[c], j.sum_dy_zm[c])
+        _bwd_coefs(j, v, c, j.sum_dy[c], j.sum_dy_zm[c])
 
 
 cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
@@ -596,35 +634,36 @@ cdef inline void _chan_merge(double *n_a, double *mean_a, double *m2_a,
     n_a[0] = n
 
 
-cdef void _merge_moments(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _merge_moments(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                          Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Channels c0..c1-1's mean and M2 (in st.mean, st.var) from their chunks' (mean, M2),
     merged in chunk order, chunk by chunk across the channels (as _merge_sums)."""
     cdef const Stats *st = &j.st
-    cdef Py_ssize_t C = j.C, M = j.extent * j.step
+    cdef const double *part = v.part + (c0 - v.base)   # channel c0's first partial
+    cdef Py_ssize_t stride = v.stride, M = j.extent * j.step
     cdef Py_ssize_t chunk = j.plan.chunk * j.step   # elements of a channel per chunk
     cdef double n_a = min(chunk, M)
     cdef double n_b, n_c
-    cdef Py_ssize_t c, ci
-    for c in range(c0, c1):
-        st.mean[c] = part[c]
-        st.var[c] = part[n_chunks * C + c]
+    cdef Py_ssize_t k, ci
+    for k in range(c1 - c0):
+        st.mean[c0 + k] = part[k]
+        st.var[c0 + k] = part[n_chunks * stride + k]
     for ci in range(1, n_chunks):
         n_b = min(chunk, M - ci * chunk)
-        for c in range(c0, c1):
+        for k in range(c1 - c0):
             n_c = n_a
-            _chan_merge(&n_c, &st.mean[c], &st.var[c], n_b, part[ci * C + c],
-                        part[(n_chunks + ci) * C + c])
+            _chan_merge(&n_c, &st.mean[c0 + k], &st.var[c0 + k], n_b, part[ci * stride + k],
+                        part[(n_chunks + ci) * stride + k])
         n_a = n_a + n_b
 
 
-cdef void _stats_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _stats_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                         Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Statistics only: the merged mean and M2 are the output."""
-    _merge_moments(j, part, n_chunks, c0, c1)
+    _merge_moments(j, v, n_chunks, c0, c1)
 
 
-cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _fwd_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                       Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Forward: channels c0..c1-1's mean, var and invstd from their merged moments, and the
     output's S = gamma*invstd, Cc = beta."""
@@ -632,7 +671,7 @@ cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
     cdef Py_ssize_t M = j.extent * j.step
     cdef Py_ssize_t c
     cdef double var
-    _merge_moments(j, part, n_chunks, c0, c1)
+    _merge_moments(j, v, n_chunks, c0, c1)
     for c in range(c0, c1):
         var = st.var[c] / M
         if var < 0.0:
@@ -642,18 +681,18 @@ cdef void _fwd_finish(const Job *j, const double *part, Py_ssize_t n_chunks,
             st.invstd[c] = 1.0 / (sqrt(var) + st.eps)
         else:
             st.invstd[c] = 1.0 / sqrt(var + st.eps)
-        j.S[c] = st.gamma[c] * st.invstd[c]
-        j.Cc[c] = st.beta[c]
+        v.S[c - v.base] = st.gamma[c] * st.invstd[c]
+        v.Cc[c - v.base] = st.beta[c]
 
 
-cdef void _fwd_scale(const Job *j, const double *part, Py_ssize_t n_chunks,
+cdef void _fwd_scale(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Write only: S = gamma*invstd, Cc = beta from given statistics (test mode, or the
     statistics of a batch split across processes)."""
     cdef Py_ssize_t c
     for c in range(c0, c1):
-        j.S[c] = j.st.gamma[c] * j.st.invstd[c]
-        j.Cc[c] = j.st.beta[c]
+        v.S[c - v.base] = j.st.gamma[c] * j.st.invstd[c]
+        v.Cc[c - v.base] = j.st.beta[c]
 
 
 # ---------------------------------------------------------------------------
@@ -729,10 +768,10 @@ cdef void _rows_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
             m2[c] = 0.0
 
 
-cdef void _rows_write(const Job *j, Span sp, double *scratch) noexcept nogil:
+cdef void _rows_write(const Job *j, const Vecs *v, Span sp, double *scratch) noexcept nogil:
     """out := A*(dy + Cc) + S*(z - m) per channel over the task; S*(z - m) + Cc without dy
     (then A is not read)"""
-    cdef Py_ssize_t L = j.L, cols = sp.cw * j.L, c0 = sp.c0
+    cdef Py_ssize_t L = j.L, cols = sp.cw * j.L, c0 = sp.c0, k0 = sp.c0 - v.base
     cdef const char *z = _rows_at(j.x, j.x_n, j, sp)
     cdef const char *dy = NULL
     cdef char *out = <char *>_rows_at(j.out, j.out_n, j, sp)
@@ -740,13 +779,13 @@ cdef void _rows_write(const Job *j, Span sp, double *scratch) noexcept nogil:
         dy = _rows_at(j.dy, j.dy_n, j, sp)
     if L == 1:
         j.loops.rows_affine(z, dy, out, j.x_n, j.dy_n, j.out_n, sp.i1 - sp.i0, sp.cw,
-                            j.shift + c0, j.S + c0, j.A + c0, j.Cc + c0, j.stream)
+                            j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream)
         return
     _spread(j.shift + c0, sp.cw, L, scratch)
-    _spread(j.S + c0, sp.cw, L, scratch + cols)
-    _spread(j.Cc + c0, sp.cw, L, scratch + 2 * cols)
+    _spread(v.S + k0, sp.cw, L, scratch + cols)
+    _spread(v.Cc + k0, sp.cw, L, scratch + 2 * cols)
     if dy != NULL:
-        _spread(j.A + c0, sp.cw, L, scratch + 3 * cols)
+        _spread(v.A + k0, sp.cw, L, scratch + 3 * cols)
     j.loops.rows_affine(z, dy, out, j.x_n, j.dy_n, j.out_n, sp.i1 - sp.i0, cols, scratch,
                         scratch + cols, scratch + 3 * cols, scratch + 2 * cols, j.stream)
 
@@ -771,14 +810,14 @@ cdef void _plane_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
                           mean, m2, scratch)
 
 
-cdef void _plane_write(const Job *j, Span sp, double *scratch) noexcept nogil:
-    cdef Py_ssize_t c0 = sp.c0
+cdef void _plane_write(const Job *j, const Vecs *v, Span sp, double *scratch) noexcept nogil:
+    cdef Py_ssize_t c0 = sp.c0, k0 = sp.c0 - v.base
     cdef const char *dy = NULL
     if j.dy != NULL:
         dy = j.dy + c0 * j.dy_c * j.isz
     j.loops.plane_affine(j.x + c0 * j.x_c * j.isz, dy, j.out + c0 * j.out_c * j.isz,
                          j.x_n, j.x_c, j.dy_n, j.dy_c, j.out_n, j.out_c, j.L, sp.i0, sp.i1,
-                         sp.cw, j.shift + c0, j.S + c0, j.A + c0, j.Cc + c0, j.stream)
+                         sp.cw, j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream)
 
 
 # ---------------------------------------------------------------------------
@@ -801,11 +840,11 @@ cdef void _reduce_moments(const Job *j, Span sp, double *s1, double *s2,
         _rows_reduce_moments(j, sp, s1, s2, scratch)
 
 
-cdef void _write(const Job *j, Span sp, double *scratch) noexcept nogil:
+cdef void _write(const Job *j, const Vecs *v, Span sp, double *scratch) noexcept nogil:
     if j.planar:
-        _plane_write(j, sp, scratch)
+        _plane_write(j, v, sp, scratch)
     else:
-        _rows_write(j, sp, scratch)
+        _rows_write(j, v, sp, scratch)
 
 
 cdef Work _work(reduce_fn reduce, finish_fn finish, write_fn write):
@@ -943,10 +982,10 @@ cdef int _run_or_raise(Job *j, const Work *w, int n_threads) except -1:
         raise MemoryError(
             "bnkernels: could not allocate %d bytes for the per-channel coefficients and "
             "partial sums of %d channels in %d chunks"
-            % (_buf_doubles(j) * sizeof(double), j.C, j.plan.n_chunks))
+            % (_vecs_doubles(j.plan.n_chunks, j.C) * sizeof(double), j.C, j.plan.n_chunks))
     if rc == SCRATCH_FAILED:
         raise MemoryError("bnkernels: could not allocate %d bytes of scratch for a thread"
-                          % (j.scratch_doubles * sizeof(double)))
+                          % ((j.scratch_doubles + j.local_doubles) * sizeof(double)))
     return 0
 
 

@@ -104,3 +104,68 @@ def test_seed_style_backward_allocates_dx_and_no_more(dtype):
     dy = rng.standard_normal((N, D)).astype(dtype)
     (dx, _, _), peak = peak_during(lambda: bnkernels.backward(dy, cache))
     assert dx.nbytes <= peak <= dx.nbytes + slack(D)
+
+
+WIDE = """
+import json, os, sys
+import numpy as np
+import bnkernels
+
+def rss():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+C = int(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((2, C)).astype(np.float32)
+dy = np.ones_like(x)
+g, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+bnkernels.backward(dy, bnkernels.forward(x, g, b, {"mode": "train"})[1])  # warm
+param = {"mode": "train"}
+reset_peak()
+before = rss()[0]
+out, cache = bnkernels.forward(x, g, b, param)
+fwd = rss()[1] - before
+reset_peak()
+before = rss()[0]
+grads = bnkernels.backward(dy, cache)
+bwd = rss()[1] - before
+print(json.dumps([fwd, bwd]))
+"""
+
+
+def _can_reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs")
+def test_wide_input_scratch_is_bounded_by_the_work_in_flight():
+    # 2 rows of 4 million channels: a task holds a block of channels, so the kernels' own
+    # scratch is per task and per thread; what a call allocates is its outputs (and the
+    # forward's per-channel vectors), not ~40 more bytes per channel
+    import json
+    import subprocess
+    import sys
+
+    C = 4_000_000
+    proc = subprocess.run(
+        [sys.executable, "-c", WIDE, str(C)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    fwd, bwd = json.loads(proc.stdout)
+    f32, f64 = 4 * C, 8 * C
+    slack = 8 << 20
+    # backward: dx (2 rows) and dgamma, dbeta
+    assert bwd <= 2 * f32 + 2 * f32 + slack, bwd / C
+    # forward: out, the cache's mean, var, invstd, the new running statistics, and gamma
+    # and beta as float64
+    assert fwd <= 2 * f32 + 3 * f64 + 2 * f32 + 2 * f64 + slack, fwd / C
