@@ -573,9 +573,80 @@ def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
         lay = choose([xk, outk], 1)
     nt = _n_threads(None)
     _kernels.forward(lay, xk, outk, train, eps, std_mode, gamma, beta, mean, var, invstd, nt)
+    if train and x.dtype == np.float64 and not np.isfinite(var).all():
+        if _rescaled_stats(x, ax, eps, std_mode, mean, var, invstd):
+            _kernels.forward(
+                lay, xk, outk, False, eps, std_mode, gamma, beta, mean, var, invstd, nt
+            )
     if outk is not out:
         np.moveaxis(out, ax, 1)[...] = outk
     return out
+
+
+def _rescaled_stats(x, ax, eps, std_mode, mean, var, invstd):
+    """The statistics of the channels whose variance overflowed, computed again from their
+    data scaled by a power of two (exact); whether there were any.
+
+    float64 data beyond about 1e154 makes the squares of the one-pass moments overflow
+    although x - mean and xhat are representable.  Channels with data that is not finite
+    keep their NaN.  The variance itself may not be representable (inf); invstd is."""
+    bad = np.flatnonzero(~np.isfinite(var))
+    xc = np.moveaxis(x, ax, 0)[bad].reshape(len(bad), -1)
+    finite = np.isfinite(xc).all(axis=1)
+    bad, xc = bad[finite], xc[finite]
+    if not len(bad):
+        return False
+    scale = np.ldexp(1.0, np.frexp(np.max(np.abs(xc), axis=1))[1])  # powers of two >= max|x|
+    xs = xc / scale[:, None]
+    mean_s = xs.mean(axis=1)
+    var_s = ((xs - mean_s[:, None]) ** 2).sum(axis=1) / xs.shape[1]
+    with np.errstate(over="ignore"):
+        mean[bad] = mean_s * scale
+        var[bad] = var_s * scale * scale  # inf where the variance is beyond float64
+        if std_mode:
+            invstd[bad] = 1.0 / (np.sqrt(var_s) * scale + eps)
+        else:
+            invstd[bad] = 1.0 / (np.sqrt(var_s + eps / (scale * scale)) * scale)
+    return True
+
+
+# Below this invstd (data spread beyond ~1e77), the backward's coefficient of z - mean,
+# of the order of invstd**2, would underflow: the call runs on data scaled by a power of
+# two per channel instead, exactly.
+_TINY_INVSTD = 2.0**-256
+
+
+class _Rescaled(NamedTuple):
+    dout: np.ndarray
+    cache: dict[str, Any]
+    scale: np.ndarray  # dx of the original data is that of the scaled data times this
+
+
+def _rescaled(b):
+    """A forward cache of z / p per channel, p a power of two near 1/invstd (so that the
+    scaled invstd is about 1), for backward inputs b whose invstd is tiny: dgamma and dbeta
+    are the same, dx is the scaled one divided by p."""
+    mean, invstd, gamma, var = b.vecs
+    # in (1/(2*invstd), 1/invstd]; 1 where invstd is 0 (nothing to scale)
+    p = np.ldexp(1.0, -np.frexp(invstd)[1])
+    shape = [1] * b.z.ndim
+    shape[b.axis] = b.C
+    invstd_s = invstd * p
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        var_s = var / (p * p)
+        var_s = np.where(np.isfinite(var_s) | (invstd_s == 0.0), var_s, 1.0 / invstd_s**2)
+    cache = _forward_cache_dict(
+        b.z / p.reshape(shape),
+        mean / p,
+        var_s,
+        invstd_s,
+        gamma,
+        1e-300,
+        "std" if b.std_mode else "var",
+        "train" if b.train else "test",
+        b.axis,
+    )
+    return _Rescaled(b.dout, cache, (1.0 / p).reshape(shape))
 
 
 def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax):
@@ -830,6 +901,18 @@ def backward(
             cache = {key: cache[key] for key in _SEED_KEYS}
             cache["axis"] = b.axis
         return reference.backward_alt(b.dout, cache)
+    if not b.xhat_form and b.z.dtype == np.float64:
+        invstd = b.vecs[1]
+        if ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
+            r = _rescaled(b)
+            dx, dgamma, dbeta = _backward(_backward_inputs(r.dout, r.cache, num_threads))
+            dx *= r.scale
+            return dx, dgamma, dbeta
+    return _backward(b)
+
+
+def _backward(b):
+    """backward of checked inputs b (float32 or float64)."""
     if b.grad_dtype != b.dout.dtype:
         # dgamma and dbeta in the parameters' dtype, rounded once from the float64 sums:
         # the sums, then the write (the same dx as one fused pass)

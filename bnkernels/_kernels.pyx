@@ -43,7 +43,7 @@ out = S*(x - mean) + Cc with S = gamma*invstd and Cc = beta.
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport isfinite, sqrt
+from libc.math cimport isfinite, isinf, sqrt
 from libc.stdlib cimport free, malloc
 
 from . import _machine
@@ -556,6 +556,10 @@ cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double su
         if cf.std_mode:
             s = sqrt(cf.var[c])
             s = 1.0 / s if s > 0.0 else 0.0
+            if isinf(cf.var[c]) and cf.var[c] > 0.0:
+                # a variance beyond float64 (data beyond ~1e154): 1/sqrt(var) is invstd,
+                # eps being far below an ulp of sqrt(var)
+                s = r
         else:
             s = r
     if j.isz == 4:

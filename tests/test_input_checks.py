@@ -165,3 +165,40 @@ def test_bench_refuses_unwritable_output_paths_before_running(
         _bench.main(["--quick", option, path])
     assert exit_info.value.code == 2
     assert "%s %s cannot be written" % (option, path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("shape", [(64, 5), (8, 5, 3, 3), (6, 3, 40, 40)])
+def test_float64_beyond_1e154_is_normalized_not_nan(eps_mode, shape):
+    # the squares of the one-pass moments overflow beyond ~1e154, though x - mean and xhat
+    # are representable: out, dx, dgamma, dbeta must be those of the same data scaled down
+    # (eps far below the variance either way)
+    rng = np.random.default_rng(sum(shape))
+    base = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    C = shape[1]
+    g, b = rng.uniform(0.5, 1.5, C), rng.uniform(-0.5, 0.5, C)
+    for scale in (1e200, -1e300):
+        x = base * scale
+        param = {"mode": "train", "eps_mode": eps_mode}
+        out, cache = bnkernels.forward(x, g, b, param)
+        ref_out, ref_cache = bnkernels.forward(
+            base * np.sign(scale), g, b, {"mode": "train", "eps": 1e-300, "eps_mode": eps_mode}
+        )
+        dx, dgamma, dbeta = bnkernels.backward(dy, cache)
+        ref_dx, ref_dgamma, ref_dbeta = bnkernels.backward(dy, ref_cache)
+        assert np.isfinite(out).all() and np.isfinite(dx).all()
+        np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx * abs(scale), ref_dx, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dgamma, ref_dgamma, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dbeta, ref_dbeta, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cache["invstd"] * abs(scale), ref_cache["invstd"], rtol=1e-12)
+
+
+def test_float64_beyond_1e154_with_a_non_finite_value_stays_nan():
+    x = np.full((4, 2), 1e200)
+    x[::2] *= -1
+    x[0, 1] = np.inf
+    out, _ = bnkernels.forward(x, np.ones(2), np.zeros(2), {"mode": "train"})
+    np.testing.assert_allclose(out[:, 0], [-1, 1, -1, 1], rtol=1e-12)
+    assert np.isnan(out[:, 1]).all()
