@@ -255,3 +255,35 @@ def test_under_load_the_default_runs_on_fewer_threads():
     under_load, most = map(int, proc.stdout.split())
     assert under_load == 1
     assert most == len(os.sched_getaffinity(0))  # max_threads reports the most, not the load
+
+
+def test_a_failed_scratch_allocation_says_what_and_how_much():
+    # tall rows: the chunked schedule's per-channel partials (~20 MB here) are allocated in
+    # the call, after dx; an address-space limit just above dx makes that allocation fail
+    code = (
+        "import os, resource, numpy as np, bnkernels\n"
+        "x = np.ones((40000, 1024), np.float32); x[::2] = 2\n"
+        "out, cache = bnkernels.forward(x, np.ones(1024, np.float32), np.zeros(1024, np.float32),"
+        " {'mode': 'train'})\n"
+        "with open('/proc/self/status') as f:\n"
+        "    vm = [int(l.split()[1]) * 1024 for l in f if l.startswith('VmSize')][0]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + x.nbytes + (4 << 20),) * 2)\n"
+        "try:\n"
+        "    bnkernels.backward(x, cache, num_threads=1)\n"
+        "    print('no error')\n"
+        "except MemoryError as exc:\n"
+        "    print('MemoryError:', exc)\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("MemoryError: bnkernels: could not allocate"), proc.stdout
+    assert "bytes" in proc.stdout and "channels" in proc.stdout, proc.stdout
