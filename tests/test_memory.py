@@ -7,6 +7,7 @@ test_leaks.py checks it is freed.)
 """
 
 import gc
+import os
 import tracemalloc
 
 import numpy as np
@@ -148,6 +149,10 @@ def _can_reset_peak_rss():
 
 
 @pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="RSS means nothing under AddressSanitizer (quarantine, shadow memory)",
+)
 def test_wide_input_scratch_is_bounded_by_the_work_in_flight():
     # 2 rows of 4 million channels: a task holds a block of channels, so the kernels' own
     # scratch is per task and per thread; what a call allocates is its outputs (and the
