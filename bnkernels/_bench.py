@@ -116,10 +116,12 @@ _2D = [
     ("large", (8192, 2048)),
     ("tall", (262144, 32)),
     ("wide", (64, 65536)),
+    ("50x100", (50, 100)),  # a CS231n assignment's layer: the cost of a call
+    ("16384x512", (16384, 512)),  # power-of-two channel counts, as networks have them
 ]
 _NCHW = [(32, 64, 56, 56), (64, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
-# channels-last versions of the first two NCHW shapes
-_NHWC = [(32, 56, 56, 64), (64, 14, 14, 256)]
+# channels-last versions of the first two NCHW shapes, and wide channel counts of deep layers
+_NHWC = [(32, 56, 56, 64), (64, 14, 14, 256), (32, 28, 28, 512), (64, 7, 7, 2048)]
 _SUFFIX = {"float32": "f32", "float64": "f64"}
 
 
