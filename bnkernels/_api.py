@@ -903,7 +903,7 @@ def backward(
         return reference.backward_alt(b.dout, cache)
     if not b.xhat_form and b.z.dtype == np.float64:
         invstd = b.vecs[1]
-        if ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
+        if invstd.min() < _TINY_INVSTD and ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
             r = _rescaled(b)
             dx, dgamma, dbeta = _backward(_backward_inputs(r.dout, r.cache, num_threads))
             dx *= r.scale

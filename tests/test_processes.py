@@ -74,6 +74,23 @@ def child(body):
 """
 
 
+def _python(code, **env):
+    """Run code in a fresh interpreter with this tree's bnkernels and env added; the
+    finished process (its exit status checked)."""
+    full = dict(os.environ, **env)
+    full["PYTHONPATH"] = _REPO + os.pathsep + full.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=full,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def _run(body, env=None, setup="", timeout=TIMEOUT):
     """Run setup + PRELUDE + body in a fresh interpreter, in its own process group, which is
     killed (forked children too) if it is not done within timeout seconds; returns its
@@ -185,17 +202,7 @@ def test_ranks_of_an_mpi_job_share_the_cpus(var):
         "import json, os, bnkernels; "
         "print(json.dumps([len(os.sched_getaffinity(0)), bnkernels.max_threads()]))"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="64", **{var: "2"})
-    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _python(code, OMP_NUM_THREADS="64", **{var: "2"})
     cpus, default = json.loads(proc.stdout)
     assert default == max(1, cpus // 2)
 
@@ -241,17 +248,7 @@ def test_under_load_the_default_runs_on_fewer_threads():
         "finally:\n"
         "    [p.kill() for p in busy]\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="8")
-    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _python(code, OMP_NUM_THREADS="8")
     under_load, most = map(int, proc.stdout.split())
     assert under_load == 1
     assert most == len(os.sched_getaffinity(0))  # max_threads reports the most, not the load
@@ -274,16 +271,6 @@ def test_a_failed_scratch_allocation_says_what_and_how_much():
         "except MemoryError as exc:\n"
         "    print('MemoryError:', exc)\n"
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _python(code)
     assert proc.stdout.startswith("MemoryError: bnkernels: could not allocate"), proc.stdout
     assert "bytes" in proc.stdout and "channels" in proc.stdout, proc.stdout
