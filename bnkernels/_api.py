@@ -158,7 +158,8 @@ def _n_threads(num_threads, load=True):
     if n > _cpus:
         _cpus = _usable_cpus()
         n = min(n, _cpus)
-    if num_threads is None and load and n > 1:
+    # (ranks of an MPI job already share the CPUs, and the others' busy-polling is load)
+    if num_threads is None and load and n > 1 and _local_ranks() == 1:
         n = max(1, min(n, _cpus - _busy_cpus()))
     return n
 
@@ -432,9 +433,10 @@ def forward(
         ``gamma * xhat + beta``.
     cache : dict
         What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
-        per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (float64, shape
-        (C,)), ``'gamma'`` (in the parameters' dtype; ones for None), ``'eps'``,
-        ``'eps_mode'``, ``'mode'`` and ``'axis'`` (normalized to a non-negative int).
+        per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (shape (C,), float64;
+        float32 for float16 x, longdouble for longdouble), ``'gamma'`` (in the
+        parameters' dtype; ones for None), ``'eps'``, ``'eps_mode'``, ``'mode'`` and
+        ``'axis'`` (normalized to a non-negative int).
 
     Raises
     ------
@@ -460,6 +462,17 @@ def forward(
     >>> out.shape, out.dtype
     ((4, 3), dtype('float32'))
     """
+    if comm is not None:
+        from . import _distributed
+
+        # whatever fails on this rank, every rank of comm stops with an error, none waits
+        return _distributed.collectively(
+            comm, "forward", _forward, x, gamma, beta, bn_param, axis, comm, stats
+        )
+    return _forward(x, gamma, beta, bn_param, axis, comm, stats)
+
+
+def _forward(x, gamma, beta, bn_param, axis, comm, stats):
     x = _array("x", x)
     ax = _channel_axis(axis, x.ndim)
     C = x.shape[ax]
@@ -616,37 +629,21 @@ def _rescaled_stats(x, ax, eps, std_mode, mean, var, invstd):
 _TINY_INVSTD = 2.0**-256
 
 
-class _Rescaled(NamedTuple):
-    dout: np.ndarray
-    cache: dict[str, Any]
-    scale: np.ndarray  # dx of the original data is that of the scaled data times this
-
-
 def _rescaled(b):
-    """A forward cache of z / p per channel, p a power of two near 1/invstd (so that the
-    scaled invstd is about 1), for backward inputs b whose invstd is tiny: dgamma and dbeta
-    are the same, dx is the scaled one divided by p."""
+    """(backward inputs b with z / p and its statistics, 1/p), p per channel a power of two
+    near 1/invstd where invstd is tiny (1 elsewhere), so that the scaled invstd is about
+    1: dgamma and dbeta are the same, dx is the scaled one times 1/p."""
     mean, invstd, gamma, var = b.vecs
-    # in (1/(2*invstd), 1/invstd]; 1 where invstd is 0 (nothing to scale)
-    p = np.ldexp(1.0, -np.frexp(invstd)[1])
+    tiny = (invstd > 0.0) & (invstd < _TINY_INVSTD)
+    p = np.where(tiny, np.ldexp(1.0, -np.frexp(invstd)[1]), 1.0)  # in (1/(2*invstd), 1/invstd]
     shape = [1] * b.z.ndim
     shape[b.axis] = b.C
     invstd_s = invstd * p
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         var_s = var / (p * p)
         var_s = np.where(np.isfinite(var_s) | (invstd_s == 0.0), var_s, 1.0 / invstd_s**2)
-    cache = _forward_cache_dict(
-        b.z / p.reshape(shape),
-        mean / p,
-        var_s,
-        invstd_s,
-        gamma,
-        1e-300,
-        "std" if b.std_mode else "var",
-        "train" if b.train else "test",
-        b.axis,
-    )
-    return _Rescaled(b.dout, cache, (1.0 / p).reshape(shape))
+    vecs = (mean / p, invstd_s, gamma, var_s)
+    return b._replace(z=b.z / p.reshape(shape), vecs=vecs), (1.0 / p).reshape(shape)
 
 
 def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax):
@@ -888,7 +885,10 @@ def backward(
     if isinstance(cache, dict) and cache.get("comm") is not None:
         from . import _distributed
 
-        return _distributed.sync_backward(cache["comm"], dout, cache, num_threads)
+        comm = cache["comm"]
+        return _distributed.collectively(
+            comm, "backward", _distributed.sync_backward, comm, dout, cache, num_threads
+        )
     b = _backward_inputs(dout, cache, num_threads)
     if b.batch_count is not None and b.batch_count != b.dout.size // b.C:
         raise ValueError(
@@ -904,9 +904,9 @@ def backward(
     if not b.xhat_form and b.z.dtype == np.float64:
         invstd = b.vecs[1]
         if invstd.min() < _TINY_INVSTD and ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
-            r = _rescaled(b)
-            dx, dgamma, dbeta = _backward(_backward_inputs(r.dout, r.cache, num_threads))
-            dx *= r.scale
+            scaled, factor = _rescaled(b)
+            dx, dgamma, dbeta = _backward(scaled)
+            dx *= factor
             return dx, dgamma, dbeta
     return _backward(b)
 

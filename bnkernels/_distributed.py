@@ -20,6 +20,7 @@ every rank gets bitwise the same statistics and gradients.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ def batch_stats(
         The per-channel sum of squared deviations from the mean; the biased variance is
         ``m2 / count``.
     """
-    x = np.asarray(x)
+    x = _api._array("x", x)
     _api._float_dtype("x", x)
     ax = _api._channel_axis(axis, x.ndim)
     nt = _api._n_threads(num_threads)
@@ -307,11 +308,37 @@ def _check_comm(comm):
         )
 
 
+# whether this thread's current synchronized call has joined its collective (ranks that
+# are threads of one process, in the tests, each have their own)
+_joined = threading.local()
+
+
+def collectively(comm, pass_, fn, *args):
+    """fn(*args), a synchronized pass that joins one allgather of comm.  If it fails on this
+    rank before joining, this rank joins with its error, so that every rank raises (the
+    others "failed on rank r") instead of waiting forever for it."""
+    _check_comm(comm)
+    _joined.done = False
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if not _joined.done:
+            _joined.done = True
+            comm.allgather(({"pass": pass_, "error": "%s: %s" % (type(exc).__name__, exc)}, None))
+        raise
+
+
 def _allgather(comm, meta, payload):
     """Every rank's payload, in rank order, after checking that every rank's meta (a dict
     of the _AGREE fields) is the same: a mismatch raises the same ValueError on every rank
-    rather than a hang or a wrong answer."""
+    rather than a hang or a wrong answer, and so does an error on any rank."""
+    _joined.done = True
     parts = comm.allgather((meta, payload))
+    for rank, (m, _) in enumerate(parts):
+        if "error" in m and "error" not in meta:
+            raise ValueError(
+                "batch norm failed on rank %d of comm (%s), so on every rank" % (rank, m["error"])
+            )
     for key in _AGREE:
         seen = [m.get(key) for m, _ in parts]
         if any(v != seen[0] for v in seen):
@@ -323,21 +350,30 @@ def _allgather(comm, meta, payload):
     return [p for _, p in parts]
 
 
-def _check_stats(stats, C):
-    """(count, mean, m2) of forward's stats argument, checked."""
-    if not isinstance(stats, (tuple, list)) or len(stats) != 3:
-        raise ValueError(
-            "stats must be (count, mean, m2) as batch_stats and merge_stats give them, got %r"
-            % (type(stats).__name__,)
+def _check_stats(stats, x, C):
+    """(count, mean, m2) of forward's stats argument for x, checked."""
+    if not isinstance(stats, (tuple, list)):
+        raise TypeError(
+            "stats must be a tuple (count, mean, m2) as batch_stats and merge_stats give "
+            "it, got %s" % type(stats).__name__
         )
+    if len(stats) != 3:
+        raise ValueError("stats must be (count, mean, m2), got %d items" % len(stats))
     count, mean, m2 = stats
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
         raise TypeError("stats' count must be an int, got %r" % (count,))
-    if count < 1:
-        raise ValueError("stats' count must be >= 1 (the whole batch), got %d" % count)
-    mean = _api._f64(_api._per_channel("stats' mean", mean, C, (C,)))
-    m2 = _api._f64(_api._per_channel("stats' m2", m2, C, (C,)))
-    return int(count), mean, m2
+    local = x.size // C
+    if count < max(local, 1):
+        raise ValueError(
+            "stats' count (%d) must be the elements per channel of the whole batch: at least "
+            "this slice's %d and at least 1" % (count, local)
+        )
+    vecs = []
+    for name, v in (("stats' mean", mean), ("stats' m2", m2)):
+        v = _api._per_channel(name, _api._array(name, v), C, x.shape)
+        _api._float_dtype(name, v)
+        vecs.append(_api._f64(v))
+    return int(count), vecs[0], vecs[1]
 
 
 def whole_batch_stats(x, axis, comm, stats, meta):
@@ -349,7 +385,12 @@ def whole_batch_stats(x, axis, comm, stats, meta):
     if comm is not None and stats is not None:
         raise ValueError("give forward comm or stats, not both")
     if stats is not None:
-        count, mean, m2 = _check_stats(stats, C)
+        if not train:
+            raise ValueError(
+                "stats are the batch's statistics, for train mode; in test mode the running "
+                "statistics serve (bn_param['mode'] is 'test')"
+            )
+        count, mean, m2 = _check_stats(stats, x, C)
     else:
         _check_comm(comm)
         local = batch_stats(x, axis=axis) if train else (x.size // C, None, None)
@@ -360,8 +401,6 @@ def whole_batch_stats(x, axis, comm, stats, meta):
         if not train:
             return int(counts.sum()), None, None
         count, mean, m2 = merge_stats(counts, [p[1] for p in parts], [p[2] for p in parts])
-    if not train:
-        return count, None, None
     var = m2 / count
     var[var < 0.0] = 0.0  # as the kernels clamp it
     return count, mean, var
@@ -381,7 +420,7 @@ def sync_backward(comm, dout, cache, num_threads):
         "eps_mode": cache.get("eps_mode"),
         "mode": cache.get("mode"),
     }
-    local = backward_reduce(b.dout, cache, num_threads=num_threads)
+    local = _reduce(b)
     count = b.dout.size // b.C
     parts = _allgather(comm, meta, (count, local[0], local[1]))
     total = sum(p[0] for p in parts)

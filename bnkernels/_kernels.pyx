@@ -509,8 +509,9 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
         rc = _parallel(j, w, WRITE, nt, NULL)
     elif p.n_chunks == 1:
         rc = _parallel(j, w, FUSED, nt, NULL)
-    elif (j.share_bytes >= 0 and p.n_blocks >= 4 * nt
+    elif (w.write != NULL and j.share_bytes >= 0 and p.n_blocks >= 4 * nt
           and j.share_bytes <= _sizes.l3_share_bytes):
+        # both sweeps of a block back to back: for passes that write
         j.local_doubles = _vecs_doubles(p.n_chunks, p.cb)
         rc = _parallel(j, w, SHARE, nt, NULL)
     else:

@@ -169,12 +169,17 @@ def test_backward_of_a_cache_with_a_larger_batch_needs_the_split_phase():
         ({"stats": (0, np.zeros(7), np.zeros(7))}, ValueError, "count"),
         ({"stats": (5, np.zeros(6), np.zeros(7))}, ValueError, "stats"),
         ({"comm": object()}, TypeError, "comm must be an MPI communicator"),
+        ({"stats": {"count": 5}}, TypeError, "stats must be a tuple"),
+        ({"stats": (4, np.zeros(7), np.zeros(7))}, ValueError, "at least this slice's 5"),
+        ({"stats": (5, np.zeros(7, bool), np.zeros(7))}, TypeError, "stats' mean must be"),
+        ({"stats": (5, np.zeros(7), np.zeros(7)), "mode": "test"}, ValueError, "train mode"),
     ],
 )
 def test_forward_split_phase_errors(kwargs, exc, match):
     x, _, gamma, beta, axis, _ = make_batch("2d", [5], np.float64)
+    param = {"mode": kwargs.pop("mode", "train")}
     with pytest.raises(exc, match=match):
-        bnkernels.forward(x, gamma, beta, {"mode": "train"}, **kwargs)
+        bnkernels.forward(x, gamma, beta, param, **kwargs)
 
 
 def test_backward_apply_errors():
@@ -262,3 +267,49 @@ def test_an_empty_batch_on_every_rank_is_an_error():
     with pytest.raises(RankErrors) as info:
         run_threads(2, fn)
     assert all("empty on every rank" in str(e) for e in info.value.errors)
+
+
+def test_sums_and_statistics_only_on_the_l3_share_plan():
+    # planar channels of 2 MiB each, 8 of them: with a 64 MiB L3 and one thread the plan
+    # runs both sweeps of a block back to back, which passes without a write must not use
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, bnkernels as bk\n"
+        "x = np.random.default_rng(0).standard_normal((2, 8, 1 << 17))\n"
+        "dy = np.random.default_rng(1).standard_normal(x.shape)\n"
+        "count, mean, m2 = bk.batch_stats(x, num_threads=1)\n"
+        "xc = np.moveaxis(x, 1, 0).reshape(8, -1)\n"
+        "assert count == xc.shape[1]\n"
+        "assert np.allclose(mean, xc.mean(1), rtol=1e-12, atol=1e-15)\n"
+        "assert np.allclose(m2, ((xc - xc.mean(1)[:, None]) ** 2).sum(1), rtol=1e-12)\n"
+        "_, cache = bk.forward(x, np.ones(8), np.zeros(8), {'mode': 'train'})\n"
+        "s1, s2 = bk.backward_reduce(dy, cache, num_threads=1)\n"
+        "assert np.allclose(s1, np.moveaxis(dy, 1, 0).reshape(8, -1).sum(1), rtol=1e-12)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, BNKERNELS_L3_BYTES=str(64 << 20))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_an_error_on_one_rank_stops_every_rank(where):
+    # a check that fails on rank 1 before the collective: rank 0 must not wait for it
+    def fn(comm, rank):
+        x = np.random.default_rng(rank).standard_normal((4, 3))
+        param = {"mode": "train", "eps": -1.0 if (rank == 1 and where == "forward") else 1e-5}
+        out, cache = bnkernels.forward(x, np.ones(3), np.zeros(3), param, comm=comm)
+        dout = np.ones((5, 3) if rank == 1 else (4, 3))
+        return bnkernels.backward(dout, cache)
+
+    with pytest.raises(RankErrors) as info:
+        run_threads(2, fn)
+    errors = info.value.errors
+    assert all(isinstance(e, ValueError) for e in errors), errors
+    assert "bn_param['eps']" in str(errors[1]) or "dout has shape" in str(errors[1])
+    assert "failed on rank 1" in str(errors[0]), errors[0]

@@ -202,3 +202,19 @@ def test_float64_beyond_1e154_with_a_non_finite_value_stays_nan():
     out, _ = bnkernels.forward(x, np.ones(2), np.zeros(2), {"mode": "train"})
     np.testing.assert_allclose(out[:, 0], [-1, 1, -1, 1], rtol=1e-12)
     assert np.isnan(out[:, 1]).all()
+
+
+def test_the_reference_does_not_truncate_integer_running_statistics_either():
+    from bnkernels import reference
+
+    x = np.array([[0.0, 1.0], [1.2, 3.6]])
+    got, want = {}, {}
+    for fn, param in ((bnkernels.forward, got), (reference.forward, want)):
+        param.update(
+            mode="train", momentum=0.0, running_mean=np.array([0, 0]), running_var=np.array([0, 0])
+        )
+        fn(x, np.ones(2), np.zeros(2), param)
+    for key in ("running_mean", "running_var"):
+        assert want[key].dtype.kind == "f"
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-15)
+        np.testing.assert_allclose(want[key], [0.6, 2.3] if key == "running_mean" else [0.36, 1.69])
