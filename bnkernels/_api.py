@@ -146,7 +146,7 @@ def _n_threads(num_threads, load=True):
     runnable tasks hold now (load; see _busy_cpus)."""
     global _cpus
     if num_threads is None:
-        n = 1 if _forked else _kernels.max_threads()
+        n = _kernels.max_threads()
     else:
         if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
             raise TypeError("num_threads must be None or a positive int, got %r" % (num_threads,))
@@ -351,6 +351,26 @@ def _to_layout(arrays, axis):
         fixed.append(a)
     fixed.append(out)
     return choose(fixed, axis), fixed
+
+
+def _views(arrays, axis, out=None):
+    """(layout, views) the kernels run on: the inputs `arrays` and `out` as they are where
+    they share a layout (inputs that do not fit copied into out's), else C-contiguous copies
+    of the inputs with the channel axis at 1 and, for out, a fresh array of that layout,
+    which _copy_back returns to out."""
+    lay, views = _to_layout(list(arrays) + ([] if out is None else [out]), axis)
+    if lay is None:
+        views = [_standard(a, axis) for a in arrays]
+        if out is not None:
+            views.append(np.empty(views[0].shape, out.dtype))
+        lay = choose(views, 1)
+    return lay, views
+
+
+def _copy_back(out, view, axis):
+    """out := the kernels' output view, where _views gave out a stand-in."""
+    if view is not out:
+        np.moveaxis(out, axis, 1)[...] = view
 
 
 def _standard(a, axis):
@@ -580,10 +600,7 @@ def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
         scale = (gamma * invstd).reshape(shape)
         out[...] = scale * (x.astype(np.float64) - mean.reshape(shape)) + beta.reshape(shape)
         return out
-    lay, (xk, outk) = _to_layout([x, out], ax)
-    if lay is None:
-        xk, outk = _standard(x, ax), np.empty(np.moveaxis(x, ax, 1).shape, x.dtype)
-        lay = choose([xk, outk], 1)
+    lay, (xk, outk) = _views([x], ax, out)
     nt = _n_threads(None)
     _kernels.forward(lay, xk, outk, train, eps, std_mode, gamma, beta, mean, var, invstd, nt)
     if train and x.dtype == np.float64 and not np.isfinite(var).all():
@@ -591,8 +608,7 @@ def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
             _kernels.forward(
                 lay, xk, outk, False, eps, std_mode, gamma, beta, mean, var, invstd, nt
             )
-    if outk is not out:
-        np.moveaxis(out, ax, 1)[...] = outk
+    _copy_back(out, outk, ax)
     return out
 
 
@@ -925,14 +941,9 @@ def _backward(b):
     dx = np.empty_like(dy)
     dgamma = np.empty(b.C, dtype=dy.dtype)
     dbeta = np.empty(b.C, dtype=dy.dtype)
-    lay, (zk, dyk, dxk) = _to_layout([z, dy, dx], ax)
-    if lay is None:
-        zk, dyk = _standard(z, ax), _standard(dy, ax)
-        dxk = np.empty_like(dyk)
-        lay = choose([zk, dyk, dxk], 1)
+    lay, (zk, dyk, dxk) = _views([z, dy], ax, dx)
     _kernels.backward(
         lay, zk, dyk, dxk, *b.vecs, b.xhat_form, b.std_mode, b.train, dgamma, dbeta, b.n_threads
     )
-    if dxk is not dx:
-        np.moveaxis(dx, ax, 1)[...] = dxk
+    _copy_back(dx, dxk, ax)
     return dx, dgamma, dbeta

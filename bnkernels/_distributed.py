@@ -27,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _api, _kernels
-from ._layout import choose
 
 __all__ = ["batch_stats", "merge_stats", "backward_reduce", "backward_apply"]
 
@@ -35,15 +34,6 @@ __all__ = ["batch_stats", "merge_stats", "backward_reduce", "backward_apply"]
 # ---------------------------------------------------------------------------
 # the split-phase functions
 # ---------------------------------------------------------------------------
-
-
-def _view(a, axis):
-    """(layout, a or a copy in a layout the kernels take) for one array."""
-    lay = choose([a], axis)
-    if lay is None:
-        a = _api._standard(a, axis)
-        lay = choose([a], 1)
-    return lay, a
 
 
 def batch_stats(
@@ -83,7 +73,7 @@ def batch_stats(
     if count == 0:
         return 0, mean, m2
     if x.dtype in _api._KERNEL_DTYPES:
-        lay, xk = _view(x, ax)
+        lay, (xk,) = _api._views([x], ax)
         _kernels.batch_stats(lay, xk, mean, m2, nt)
     else:
         xc = np.moveaxis(x, ax, 0).reshape(C, -1).astype(np.float64)
@@ -171,10 +161,7 @@ def _reduce(b):
     if b.dout.size == 0:
         return sum_dy, sum_dy_zm
     if b.dout.dtype in _api._KERNEL_DTYPES:
-        lay, (zk, dyk) = _api._to_layout([b.z, b.dout], b.axis)
-        if lay is None:
-            zk, dyk = _api._standard(b.z, b.axis), _api._standard(b.dout, b.axis)
-            lay = choose([zk, dyk], 1)
+        lay, (zk, dyk) = _api._views([b.z, b.dout], b.axis)
         _kernels.backward_reduce(lay, zk, dyk, b.vecs[0], sum_dy, sum_dy_zm, b.n_threads)
     else:
         z = np.moveaxis(b.z, b.axis, 0).reshape(b.C, -1).astype(np.float64)
@@ -233,11 +220,7 @@ def _apply(b, s1, s2, count):
     dgamma = (q * s2).astype(b.grad_dtype)
     dbeta = s1.astype(b.grad_dtype)
     if b.dout.size and b.dout.dtype in _api._KERNEL_DTYPES:
-        lay, (zk, dyk, dxk) = _api._to_layout([b.z, b.dout, dx], b.axis)
-        if lay is None:
-            zk, dyk = _api._standard(b.z, b.axis), _api._standard(b.dout, b.axis)
-            dxk = np.empty_like(dyk)
-            lay = choose([zk, dyk, dxk], 1)
+        lay, (zk, dyk, dxk) = _api._views([b.z, b.dout], b.axis, dx)
         # the kernel writes dgamma and dbeta in the data's dtype: the same bits as above
         # when that is the parameters' dtype
         kgamma = np.empty(b.C, dtype=b.dout.dtype)
@@ -258,8 +241,7 @@ def _apply(b, s1, s2, count):
             kbeta,
             b.n_threads,
         )
-        if dxk is not dx:
-            np.moveaxis(dx, b.axis, 1)[...] = dxk
+        _api._copy_back(dx, dxk, b.axis)
         return dx, dgamma, dbeta
     # no kernel: an empty slice, or a dtype the kernels do not take (float16, longdouble)
     if b.dout.size:
