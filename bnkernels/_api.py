@@ -1,7 +1,7 @@
 """The public face: validate cheaply, find the layout, dispatch to the kernels.
 
-float32 and float64 run the compiled kernels; other float dtypes (float16,
-longdouble) run :mod:`bnkernels.reference`.
+float16, float32 and float64 run the compiled kernels; longdouble runs
+:mod:`bnkernels.reference`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ._layout import choose
 
 __all__ = ["forward", "backward"]
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# the dtypes the kernels read per-channel vectors (gamma) and running statistics in
+_VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SEED_KEYS = ("x_hat", "gamma", "denom")
 _CACHE_KEYS = ("x", "mean", "var", "invstd", "gamma", "eps", "eps_mode", "mode", "axis")
 _CACHE_KEY_SET = frozenset(_CACHE_KEYS)
@@ -36,7 +38,7 @@ _F64 = np.dtype(np.float64)
 def _float_dtype(name, a):
     if a.dtype.kind != "f":
         raise TypeError(
-            "%s must be a floating-point array (float32 or float64 for the compiled "
+            "%s must be a floating-point array (float16, float32 or float64 for the compiled "
             "kernels), got dtype %s" % (name, a.dtype)
         )
 
@@ -240,8 +242,9 @@ _TINY64 = float(np.finfo(np.float64).tiny)
 
 
 def _eps(name, v, dtype):
-    """eps as a float > 0 whose reciprocal is finite where it is used: float64 (the kernels,
-    longdouble), or float32 for float16 data (the reference computes it in float32)."""
+    """eps as a float > 0 whose reciprocal is finite in float64, and in float32 for float16
+    data (the precision of float16 needs none smaller, and the reference computes float16 in
+    float32)."""
     eps = _real(name, v)
     least = _TINY32 if dtype == _F16 else _TINY64
     if not least <= eps < math.inf:
@@ -307,7 +310,7 @@ def _running(running, stat, momentum):
     leaves results that are not finite to NumPy (its overflow warnings, its errstate)."""
     if (
         type(running) is np.ndarray
-        and running.dtype in _KERNEL_DTYPES
+        and running.dtype in _VECTOR_DTYPES
         and running.flags.c_contiguous
     ):
         new = _kernels.running_update(running, stat, momentum)
@@ -401,8 +404,8 @@ def forward(
     Parameters
     ----------
     x : ndarray, shape (N, C, ...), or channels-last (N, ..., C) with ``axis=-1``
-        The batch.  float32 and float64 run the compiled kernels; float16 and
-        longdouble run :mod:`bnkernels.reference` and keep their dtype.  Any
+        The batch.  float16, float32 and float64 run the compiled kernels;
+        longdouble runs :mod:`bnkernels.reference` and keeps its dtype.  Any
         strides (channels-last, transposed, sliced); not modified, may be read-only.
     gamma, beta : ndarray, shape (C,), any real dtype, or None
         Scale and shift per channel; None stands for 1 (gamma) and 0 (beta), no
@@ -454,7 +457,7 @@ def forward(
     cache : dict
         What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
         per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (shape (C,), float64;
-        float32 for float16 x, longdouble for longdouble), ``'gamma'`` (in the
+        longdouble for longdouble x), ``'gamma'`` (in the
         parameters' dtype; ones for None), ``'eps'``, ``'eps_mode'``, ``'mode'`` and
         ``'axis'`` (normalized to a non-negative int).
 
@@ -725,7 +728,7 @@ def _forward_cache(cache):
     vecs = (
         _vec64(vs[0], C, z.shape, _VEC_NAMES[0]),
         _vec64(vs[1], C, z.shape, _VEC_NAMES[1]),
-        _vec64(vs[2], C, z.shape, _VEC_NAMES[2], _KERNEL_DTYPES),
+        _vec64(vs[2], C, z.shape, _VEC_NAMES[2], _VECTOR_DTYPES),
         _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
     )
     grads = _grad_dtype(vs[2], z)
@@ -757,7 +760,7 @@ def _unpack(cache):
         g = (
             np.ones(C)
             if gamma is None
-            else _vec64(gamma, C, z.shape, "cache['gamma']", _KERNEL_DTYPES)
+            else _vec64(gamma, C, z.shape, "cache['gamma']", _VECTOR_DTYPES)
         )
         zeros = np.zeros(C)
         return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, _grad_dtype(gamma, z)
@@ -829,7 +832,7 @@ def backward(
     ----------
     dout : ndarray, the shape and dtype of the forward input x
         Upstream gradient dL/dout.  Any strides; not modified, may be read-only.
-        float32 and float64 run the compiled kernels; float16 and longdouble run
+        float16, float32 and float64 run the compiled kernels; longdouble runs
         :func:`bnkernels.reference.backward_alt`.
     cache : dict
         The cache :func:`forward` (or :func:`bnkernels.reference.forward`) returned.
@@ -928,7 +931,7 @@ def backward(
 
 
 def _backward(b):
-    """backward of checked inputs b (float32 or float64)."""
+    """backward of checked inputs b (a dtype of the kernels)."""
     if b.grad_dtype != b.dout.dtype:
         # dgamma and dbeta in the parameters' dtype, rounded once from the float64 sums:
         # the sums, then the write (the same dx as one fused pass)

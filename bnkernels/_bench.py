@@ -122,7 +122,9 @@ _2D = [
 _NCHW = [(32, 64, 56, 56), (64, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
 # channels-last versions of the first two NCHW shapes, and wide channel counts of deep layers
 _NHWC = [(32, 56, 56, 64), (64, 14, 14, 256), (32, 28, 28, 512), (64, 7, 7, 2048)]
-_SUFFIX = {"float32": "f32", "float64": "f64"}
+_SUFFIX = {"float16": "f16", "float32": "f32", "float64": "f64"}
+# float16 (half the traffic of float32) on the shapes of conv layers and a large 2D one
+_F16_STEMS = ("2d-large", "nchw-32x64x56x56", "nchw-64x256x14x14", "nhwc-32x56x56x64")
 
 
 def _build_cases():
@@ -133,7 +135,7 @@ def _build_cases():
         + [("nhwc", "nhwc-" + "x".join(map(str, s)), s) for s in _NHWC]
     )
     for layout, stem, shape in shapes:
-        for dtype in ("float32", "float64"):
+        for dtype in ("float32", "float64") + (("float16",) if stem in _F16_STEMS else ()):
             cases.append(Case("%s-%s" % (stem, _SUFFIX[dtype]), layout, shape, dtype))
     return tuple(cases)
 
@@ -202,6 +204,13 @@ def import_torch():
 # ---------------------------------------------------------------------------
 
 
+def _normal(rng, shape, dt):
+    """Standard normal samples of dtype dt (float16: drawn in float32 and rounded)."""
+    if dt == np.float16:
+        return rng.standard_normal(shape, dtype=np.float32).astype(dt)
+    return rng.standard_normal(shape, dtype=dt)
+
+
 class CaseData:
     """Seeded arrays of one case, and per implementation a callable that runs it once.
 
@@ -214,12 +223,12 @@ class CaseData:
         dt = np.dtype(case.dtype)
         rng = np.random.default_rng(zlib.crc32(case.name.encode()))
         # an offset and a scale, as activations have: x - mean is not x
-        self.x = rng.standard_normal(case.shape, dtype=dt)
+        self.x = _normal(rng, case.shape, dt)
         self.x *= 3
         self.x += 2
-        self.dy = rng.standard_normal(case.shape, dtype=dt)
-        self.gamma = rng.standard_normal(case.channels, dtype=dt)
-        self.beta = rng.standard_normal(case.channels, dtype=dt)
+        self.dy = _normal(rng, case.shape, dt)
+        self.gamma = _normal(rng, case.channels, dt)
+        self.beta = _normal(rng, case.channels, dt)
         self._bk_cache = self._ref_cache = self._torch = None
 
     def _param(self):

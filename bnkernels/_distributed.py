@@ -243,7 +243,7 @@ def _apply(b, s1, s2, count):
         )
         _api._copy_back(dx, dxk, b.axis)
         return dx, dgamma, dbeta
-    # no kernel: an empty slice, or a dtype the kernels do not take (float16, longdouble)
+    # no kernel: an empty slice, or a dtype the kernels do not take (longdouble)
     if b.dout.size:
         r = 1.0 / scale if b.xhat_form else scale
         if b.xhat_form:

@@ -1,7 +1,7 @@
 /* The C side of the batch-norm kernels, included by _kernels.pyx.
  *
- * It instantiates the inner loops of _loops.h for float and double and gathers each
- * dtype's loops in one table (bn_loops_f, bn_loops_d), so that the schedule and its task
+ * It instantiates the inner loops of _loops.h for float, double and float16 and gathers each
+ * dtype's loops in one table (bn_loops_f, bn_loops_d, bn_loops_h), so that the schedule and its task
  * functions in _kernels.pyx are written once for both dtypes.  A C program (a test or a
  * timing harness) can include it alone: without Python.h, Py_ssize_t is ptrdiff_t.
  */
@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #ifndef Py_PYTHON_H
 typedef ptrdiff_t Py_ssize_t;
 #endif
@@ -94,18 +95,118 @@ typedef struct {
         const double *Cc, int stream);
 } bn_loops;
 
+/* ---- float16 (IEEE binary16), stored as its bits ----
+ * Conversions in 32-bit integer and float operations, branch-free (each case computed,
+ * the right one selected), so that they vectorize on every x86-64: GCC 12 turns _Float16
+ * conversions into a library call per element. */
+static inline float bn_bits_f(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t bn_f_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* a float16 as a double (exact, through float) */
+static inline double bn_h2d(uint16_t h)
+{
+    const uint32_t em = (uint32_t)(h & 0x7fffu) << 13; /* exponent and significand */
+    const uint32_t e = em & 0x0f800000u;
+    /* normal: rebias the exponent (15 -> 127) */
+    const uint32_t normal = em + (112u << 23);
+    /* inf and NaN: all exponent bits (payload and quiet bit kept) */
+    const uint32_t special = em + (224u << 23);
+    /* zero and subnormal, m * 2^-24: as 2^-14 * (1 + m/1024) less 2^-14, exact */
+    const uint32_t sub = bn_f_bits(bn_bits_f(normal + (1u << 23)) - 0x1p-14f);
+    const uint32_t f = e == 0 ? sub : (e == 0x0f800000u ? special : normal);
+    return (double)bn_bits_f(f | (uint32_t)(h & 0x8000u) << 16);
+}
+
+/* a float rounded to the nearest float16, ties to even (overflow to inf, NaN kept quiet) */
+static inline uint16_t bn_f2h(float x)
+{
+    const uint32_t u = bn_f_bits(x), a = u & 0x7fffffffu;
+    /* normal results (|x| >= 2^-14): rebias, then round off 13 bits to nearest even; a
+     * carry into the exponent is the right result (up to inf, 0x7c00, from 65520 on) */
+    const uint32_t r = a - (112u << 23);
+    const uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
+    /* subnormal results (|x| < 2^-14): adding 0.5 rounds |x| to a multiple of 2^-24, the
+     * float16 subnormal step, ties to even; the low bits are then the count of steps */
+    const uint32_t sub = bn_f_bits(bn_bits_f(a) + 0.5f) - bn_f_bits(0.5f);
+    const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+    uint32_t h = a < (113u << 23) ? sub : normal;
+    h = a >= (143u << 23) ? 0x7c00u : h; /* 65536 and beyond: inf */
+    h = a > 0x7f800000u ? nan : h;
+    return (uint16_t)((u >> 16 & 0x8000u) | h);
+}
+
+/* a double rounded to the nearest float16, once: first to float rounding to odd (toward
+ * zero, the last bit set when inexact), which keeps what the second rounding needs to
+ * know, so float16's ties to even come out as if rounded from the double directly (float
+ * has more than two bits beyond float16's 11) */
+static inline uint16_t bn_d2h(double d)
+{
+    const float f = (float)d;
+    const double back = (double)f;
+    const uint32_t inexact = back != d;
+    const uint32_t away = (back < 0.0 ? -back : back) > (d < 0.0 ? -d : d);
+    return bn_f2h(bn_bits_f((bn_f_bits(f) - away) | inexact));
+}
+
+/* element i of an array of itemsize isz (2, 4 or 8) as a double; and a double rounded into
+ * one: for the per-channel scalars the schedule reads and writes */
+static inline double bn_load(const void *p, Py_ssize_t i, Py_ssize_t isz)
+{
+    return isz == 2 ? bn_h2d(((const uint16_t *)p)[i])
+                    : (isz == 4 ? (double)((const float *)p)[i] : ((const double *)p)[i]);
+}
+
+static inline void bn_store(void *p, Py_ssize_t i, Py_ssize_t isz, double v)
+{
+    if (isz == 2)
+        ((uint16_t *)p)[i] = bn_d2h(v);
+    else if (isz == 4)
+        ((float *)p)[i] = (float)v;
+    else
+        ((double *)p)[i] = v;
+}
+
 #define BN_T float
 #define BN_FN(name) name##_f
+#define BN_LD(v) ((double)(v))
+#define BN_ST(d) ((float)(d))
 #include "_loops.h"
 #undef BN_T
 #undef BN_FN
 
 #define BN_T double
 #define BN_FN(name) name##_d
+#undef BN_ST
+#define BN_ST(d) (d)
 #define BN_F64
 #include "_loops.h"
 #undef BN_F64
 #undef BN_T
 #undef BN_FN
+#undef BN_LD
+#undef BN_ST
+
+#define BN_T uint16_t
+#define BN_FN(name) name##_h
+#define BN_LD(v) bn_h2d(v)
+#define BN_ST(d) bn_d2h(d)
+#define BN_F16
+#include "_loops.h"
+#undef BN_F16
+#undef BN_T
+#undef BN_FN
+#undef BN_LD
+#undef BN_ST
 
 #endif /* BN_KERNELS_H */

@@ -1,4 +1,4 @@
-"""Compiled batch-norm kernels (float32 and float64, OpenMP across channels).
+"""Compiled batch-norm kernels (float16, float32 and float64, OpenMP across channels).
 
 Design (docs/design.md has the whole of it)
 ------
@@ -27,7 +27,7 @@ schedule:
 * write only (no reduce): coefficients first, then the tasks in any order.
 
 Every sum runs in an order fixed by the plan: results are bitwise identical for any
-``n_threads``.  Sums are float64 for both dtypes, and ``x - mean`` is formed in float64.
+``n_threads``.  Sums are float64 for every dtype, and ``x - mean`` is formed in float64.
 The innermost loops are C (``_loops.h``, instantiated per dtype by ``_kernels.h``).
 
 Backward, per channel (``z`` is x, or xhat for a seed-style cache)::
@@ -44,6 +44,7 @@ out = S*(x - mean) + Cc with S = gamma*invstd and Cc = beta.
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport isfinite, isinf, sqrt
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport free, malloc
 
 from . import _machine
@@ -79,8 +80,12 @@ cdef extern from "_kernels.h" nogil:
                              const double *A, const double *Cc, int stream) noexcept nogil
     const bn_loops bn_loops_f
     const bn_loops bn_loops_d
+    const bn_loops bn_loops_h
+    double bn_load(const void *p, Py_ssize_t i, Py_ssize_t isz)
+    void bn_store(void *p, Py_ssize_t i, Py_ssize_t isz, double v)
     void bn_stream_add_f(const float *a, const float *b, float *out, Py_ssize_t n)
     void bn_stream_add_d(const double *a, const double *b, double *out, Py_ssize_t n)
+    void bn_stream_add_h(const uint16_t *a, const uint16_t *b, uint16_t *out, Py_ssize_t n)
 
 # sizes the plans are made of (read by the tests and `python -m bnkernels`)
 cpdef enum:
@@ -563,12 +568,8 @@ cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double su
                 s = r
         else:
             s = r
-    if j.isz == 4:
-        (<float *>j.dbeta)[c] = <float>sum_dy
-        (<float *>j.dgamma)[c] = <float>(q * sum_dy_zm)
-    else:
-        (<double *>j.dbeta)[c] = sum_dy
-        (<double *>j.dgamma)[c] = q * sum_dy_zm
+    bn_store(j.dbeta, c, j.isz, sum_dy)
+    bn_store(j.dgamma, c, j.isz, q * sum_dy_zm)
     if cf.gamma_single:
         v.A[k] = (<const float *>cf.gamma)[c] * r
     else:
@@ -759,7 +760,7 @@ cdef void _rows_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
     cdef double n = (sp.i1 - sp.i0) * L
     cdef double d1
     for c in range(cw):
-        mean[c] = (<const float *>x)[c * L] if j.isz == 4 else (<const double *>x)[c * L]
+        mean[c] = bn_load(x, c * L, j.isz)
     _spread(mean, cw, L, scratch)
     j.loops.rows_centered(x, j.x_n, sp.i1 - sp.i0, cols, scratch, scratch + cols,
                           scratch + 2 * cols)
@@ -878,6 +879,12 @@ cdef inline bint _streams(Py_ssize_t n_elems, Py_ssize_t isz) noexcept nogil:
     return isz == 8 and n_elems * isz >= _sizes.stream_output_bytes
 
 
+cdef const bn_loops *_loops(int typ):
+    if typ == cnp.NPY_FLOAT16:
+        return &bn_loops_h
+    return &bn_loops_f if typ == cnp.NPY_FLOAT32 else &bn_loops_d
+
+
 cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t n_arrays):
     """A call's Job from its layout (bnkernels._layout.choose over [x, dy, out], the absent
     ones left out) and its arrays; n_arrays: the inputs a task streams, for the plan."""
@@ -888,7 +895,7 @@ cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssiz
     if n * L <= 0 or C <= 0:
         raise ValueError("empty input: every channel needs at least one element")
     j.isz = cnp.PyArray_ITEMSIZE(x)
-    j.loops = &bn_loops_f if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 else &bn_loops_d
+    j.loops = _loops(cnp.PyArray_TYPE(x))
     j.x = <const char *>cnp.PyArray_DATA(x)
     j.dy = <const char *>cnp.PyArray_DATA(dy) if dy is not None else NULL
     j.out = <char *>cnp.PyArray_DATA(out) if out is not None else NULL
@@ -1064,7 +1071,8 @@ def batch_stats(tuple lay, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2,  # I
 
 def stream_add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads=0):
     """out := a + b over contiguous arrays of one dtype: the benchmark's roofline pass (the
-    memory traffic of an ideal fused backward: read two arrays, write one)."""
+    memory traffic of an ideal fused backward: read two arrays, write one).  float16 adds
+    the bit patterns as integers: the same traffic, no conversions."""
     cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
     cdef int nt = bn_max_threads() if n_threads <= 0 else n_threads
     cdef int tid
@@ -1080,14 +1088,16 @@ def stream_add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads=0):
     cdef char *bp = <char *>cnp.PyArray_DATA(b)
     cdef char *op = <char *>cnp.PyArray_DATA(out)
     cdef int typ = cnp.PyArray_TYPE(a)
-    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
-        raise TypeError("stream_add supports float32 and float64")
+    if typ != cnp.NPY_FLOAT16 and typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
+        raise TypeError("stream_add supports float16, float32 and float64")
     with nogil:
         for tid in prange(nt, schedule='static', num_threads=nt):
             lo = _share(n, tid, nt)
             hi = _share(n, tid + 1, nt)
             if typ == cnp.NPY_FLOAT32:
                 bn_stream_add_f(<float *>ap + lo, <float *>bp + lo, <float *>op + lo, hi - lo)
+            elif typ == cnp.NPY_FLOAT16:
+                bn_stream_add_h(<uint16_t *>ap + lo, <uint16_t *>bp + lo, <uint16_t *>op + lo, hi - lo)
             else:
                 bn_stream_add_d(<double *>ap + lo, <double *>bp + lo, <double *>op + lo, hi - lo)
 

@@ -1,7 +1,9 @@
 /* Innermost loops of the batch-norm kernels, included by _kernels.h once per dtype.
  *
- * Before including, define BN_T (float or double) and BN_FN(name) (a suffix per dtype),
- * and BN_F64 for double (its output sweeps can use streaming stores).
+ * Before including, define BN_T (the element's storage type), BN_FN(name) (a suffix per
+ * dtype), BN_LD(v) (an element as a double, exactly) and BN_ST(d) (a double rounded to an
+ * element, once, to nearest even); BN_F64 for double (its output sweeps can use streaming
+ * stores), BN_F16 for float16 (stored as its bits in a uint16_t).
  * The loops are C so they can say what Cython cannot: `restrict` (inputs, outputs and
  * accumulators never alias) and `omp simd` (vectorize this loop).  Reductions over a
  * contiguous run keep BN_LANES independent float64 accumulators, one per vector lane,
@@ -72,9 +74,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
         }
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double v = dyr[j];
+            const double v = BN_LD(dyr[j]);
             a[j] += v;
-            c[j] += v * ((double)zr[j] - mb[j]);
+            c[j] += v * (BN_LD(zr[j]) - mb[j]);
         }
     }
 }
@@ -238,13 +240,13 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
         if (dy == NULL) {
             BN_SIMD
             for (j = 0; j < cw; j++)
-                outr[j] = (BN_T)BN_AFFINE_OUT(S[j], (double)zr[j], m[j], Cc[j]);
+                outr[j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(zr[j]), m[j], Cc[j]));
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
             BN_SIMD
             for (j = 0; j < cw; j++)
                 outr[j] =
-                    (BN_T)BN_AFFINE_DX(A[j], (double)dyr[j], Cc[j], S[j], (double)zr[j], m[j]);
+                    BN_ST(BN_AFFINE_DX(A[j], BN_LD(dyr[j]), Cc[j], S[j], BN_LD(zr[j]), m[j]));
         }
     }
 }
@@ -262,7 +264,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
             BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double e = (double)xr[j] - mb[j];
+            const double e = BN_LD(xr[j]) - mb[j];
             a[j] += e;
             b[j] += e * e;
         }
@@ -292,15 +294,15 @@ static inline void BN_FN(bn_run_sums)(
     for (; i + BN_LANES <= n; i += BN_LANES) {
         BN_SIMD
         for (j = 0; j < BN_LANES; j++) {
-            double v = dy[i + j];
+            double v = BN_LD(dy[i + j]);
             a[j] += v;
-            b[j] += v * ((double)z[i + j] - m);
+            b[j] += v * (BN_LD(z[i + j]) - m);
         }
     }
     for (j = 0; i < n; i++, j++) {
-        double v = dy[i];
+        double v = BN_LD(dy[i]);
         a[j] += v;
-        b[j] += v * ((double)z[i] - m);
+        b[j] += v * (BN_LD(z[i]) - m);
     }
     *s_dy += bn_tree(a);
     *s_zm += bn_tree(b);
@@ -315,13 +317,13 @@ static inline void BN_FN(bn_run_moments)(
     for (; i + BN_LANES <= n; i += BN_LANES) {
         BN_SIMD
         for (j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m0;
+            double d = BN_LD(x[i + j]) - m0;
             a[j] += d;
             b[j] += d * d;
         }
     }
     for (j = 0; i < n; i++, j++) {
-        double d = (double)x[i] - m0;
+        double d = BN_LD(x[i]) - m0;
         a[j] += d;
         b[j] += d * d;
     }
@@ -382,13 +384,13 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
             if (dy == NULL) {
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)BN_AFFINE_OUT(sc, (double)zp[i], mc, cc);
+                    op[i] = BN_ST(BN_AFFINE_OUT(sc, BN_LD(zp[i]), mc, cc));
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 const double a = A[c];
                 BN_SIMD
                 for (i = l0; i < l1; i++)
-                    op[i] = (BN_T)BN_AFFINE_DX(a, (double)dyp[i], cc, sc, (double)zp[i], mc);
+                    op[i] = BN_ST(BN_AFFINE_DX(a, BN_LD(dyp[i]), cc, sc, BN_LD(zp[i]), mc));
             }
         }
     }
@@ -403,7 +405,7 @@ static BN_CLONES void BN_FN(bn_plane_moments)(
     const double cnt = (double)(e1 - e0);
     Py_ssize_t n, c, l0, l1;
     for (c = 0; c < cw; c++) {
-        mean[c] = (double)x[(e0 / L) * sxn + c * sxc + e0 % L];
+        mean[c] = BN_LD(x[(e0 / L) * sxn + c * sxc + e0 % L]);
         m2[c] = 0.0;
         d1[c] = 0.0;
     }
@@ -427,7 +429,13 @@ static BN_CLONES void BN_FN(bn_stream_add)(
     Py_ssize_t i;
     BN_SIMD
     for (i = 0; i < n; i++)
+#ifdef BN_F16
+        /* the bits added as integers: the traffic of the pass without the conversions a
+         * float16 sum would need on CPUs without float16 arithmetic */
+        out[i] = (uint16_t)(a[i] + b[i]);
+#else
         out[i] = a[i] + b[i];
+#endif
 }
 
 /* ---- the dtype's table (bn_loops): entry points that take untyped data pointers ---- */

@@ -445,7 +445,7 @@ def test_dx_follows_dout_layout(x_layout, dout_layout):
 
 
 # ---------------------------------------------------------------------------
-# float16 and longdouble go through the reference
+# float16 runs the kernels and longdouble the reference; both keep their dtype
 # ---------------------------------------------------------------------------
 
 
@@ -482,6 +482,8 @@ def test_reference_dtypes_keep_their_dtype(shape, axis, dtype, rtol, eps_mode, m
     assert_close(p["running_mean"], p_ref["running_mean"], rtol=rtol, what="running_mean")
     assert_close(p["running_var"], p_ref["running_var"], rtol=rtol, what="running_var")
 
+    if dtype == np.float16:  # the kernels ran: tests/test_float16.py checks their bound
+        return
     # it is the reference that ran
     p2 = dict(bn_param)
     ref_out, ref_cache = reference.forward(x, gamma, beta, p2, axis=axis)

@@ -1,0 +1,176 @@
+"""float16 in the kernels: conversions, the accuracy bound, dtypes and thread invariance.
+
+float16 data is widened exactly to float64, computed as float32 and float64 data are
+(float64 sums, coefficients and element-wise arithmetic), and every output element is
+rounded to float16 once.  So each output is within half a float16 ulp of the float64
+result, up to the float64 computation's own error, far below a float16 ulp.
+"""
+
+import numpy as np
+import pytest
+
+import bnkernels
+from bnhelpers import make_inputs, openmp_threads, reference64
+
+F16 = np.float16
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint16)
+
+
+def _same_halves(got, want):
+    """Bitwise equal float16 arrays, NaNs compared as NaNs."""
+    return (_bits(got) == _bits(want)) | (np.isnan(got) & np.isnan(want))
+
+
+# test mode with gamma 1, beta 0 and 1/sqrt(var + eps) exactly 1 (var = 1 - eps, both
+# powers of two apart): out = (x - mean) + 0, float64 arithmetic, rounded to float16
+_EPS = 2.0**-20
+_UNIT = {"mode": "test", "eps": _EPS}
+
+
+def _shifted(x, mean):
+    C = x.shape[1]
+    p = dict(_UNIT, running_mean=np.asarray(mean, np.float64), running_var=np.full(C, 1 - _EPS))
+    return bnkernels.forward(x, np.ones(C), np.zeros(C), p)[0]
+
+
+def test_every_float16_converts_exactly_both_ways():
+    # x - 0 over all 65536 bit patterns: widening and rounding back give x itself (NaNs
+    # stay NaN; -0.0 becomes +0.0 by the added beta, as in float64)
+    h = np.arange(1 << 16, dtype=np.uint16).view(F16).reshape(-1, 1)
+    with np.errstate(invalid="ignore"):
+        want = (h.astype(np.float64) - 0.0 + 0.0).astype(F16)
+    assert _same_halves(_shifted(h, [0.0]), want).all()
+
+
+def test_rounding_matches_numpy_on_sums_of_halves():
+    # x - mean with x and -mean float16 values is exact in float64; rounding it to float16
+    # exercises ties to even, subnormal results, overflow to inf and NaN.  NumPy's float64
+    # -> float16 cast rounds correctly, once.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1 << 16, size=(1 << 15, 64), dtype=np.uint16).view(F16)
+    mean = -rng.integers(0, 0x7c00, size=64, dtype=np.uint16).view(F16).astype(np.float64)
+    mean[:8] = -np.array([2.0**-24, 2.0**-15, 0.5, 1.0, 1024.0, 2048.0, 32768.0, 65504.0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = (x.astype(np.float64) - mean + 0.0).astype(F16)
+    assert _same_halves(_shifted(x, mean), want).all()
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_forward_with_given_statistics_rounds_the_float64_expression_once(axis):
+    # test mode: out = (gamma*invstd)*(x - mean) + beta in float64, then one rounding, the
+    # same bits as NumPy's cast of that expression (float64 parameters keep it exact)
+    rng = np.random.default_rng(1)
+    shape = (64, 7, 9, 33) if axis == 1 else (64, 9, 33, 7)
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 50).astype(F16)
+    gamma, beta = rng.standard_normal(C) * 3, rng.standard_normal(C)
+    mean, var = rng.standard_normal(C), rng.uniform(0.01, 2, C)
+    p = {"mode": "test", "running_mean": mean, "running_var": var}
+    out, _ = bnkernels.forward(x, gamma, beta, p, axis=axis)
+    bs = [1] * 4
+    bs[axis] = C
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    s, m, c = (gamma * invstd).reshape(bs), mean.reshape(bs), beta.reshape(bs)
+    want = (s * (x.astype(np.float64) - m) + c).astype(F16)
+    assert out.dtype == F16
+    assert _same_halves(out, want).all()
+
+
+def _within_half_ulp(got, want, what):
+    """|got - want| <= half a float16 ulp of want, plus the float64 reference's own error."""
+    got = got.astype(np.float64)
+    half_ulp = 0.5 * np.spacing(np.abs(want).astype(F16)).astype(np.float64)
+    slack = 1e-12 * np.abs(want).max()
+    err = np.abs(got - want)
+    worst = np.argmax(err - half_ulp)
+    assert (err <= half_ulp + slack).all(), "%s: error %g > half ulp %g at %d" % (
+        what,
+        err.flat[worst],
+        half_ulp.flat[worst],
+        worst,
+    )
+
+
+# shapes reaching every plan kind: small rows, NCHW planes as rows, channels-last, planar
+# chunks (planes of 64 KiB and more), tall chunked rows, a strided view
+CASES = [
+    ((64, 32), 1),
+    ((8, 16, 10, 10), 1),
+    ((8, 10, 10, 16), -1),
+    ((3, 5, 200, 200), 1),
+    ((40000, 64), 1),
+    ((6, 4, 384, 384), 1),
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("shape,axis", CASES, ids=[str(c[0]) for c in CASES])
+def test_outputs_within_half_an_ulp_of_float64(shape, axis, eps_mode, mode):
+    x, gamma, beta, dout = make_inputs(shape, axis, F16, seed=3, offset=4.0)
+    C = shape[axis]
+    p = {"mode": mode, "eps_mode": eps_mode}
+    if mode == "test":
+        p["running_mean"] = np.linspace(-0.5, 0.5, C).astype(F16)
+        p["running_var"] = np.linspace(1.0, 3.0, C).astype(F16)
+    out, cache = bnkernels.forward(x, gamma, beta, dict(p), axis=axis)
+    dx, dgamma, dbeta = bnkernels.backward(dout, cache)
+    assert all(a.dtype == F16 for a in (out, dx, dgamma, dbeta))
+    r_out, _, _, (r_dx, r_dgamma, r_dbeta), _ = reference64(x, gamma, beta, p, dout, axis)
+    _within_half_ulp(out, r_out, "out")
+    _within_half_ulp(dx, r_dx, "dx")
+    _within_half_ulp(dgamma, r_dgamma, "dgamma")
+    _within_half_ulp(dbeta, r_dbeta, "dbeta")
+
+
+def test_strided_and_channels_last_inputs():
+    x, gamma, beta, dout = make_inputs((16, 12, 9, 9), 1, F16, seed=4)
+    xs, ds = x[::2, :, ::2], dout[::2, :, ::2]  # sliced: neither layout fits, copies run
+    out, cache = bnkernels.forward(xs, gamma, beta, {"mode": "train"})
+    dx, dgamma, dbeta = bnkernels.backward(ds, cache)
+    r_out, _, _, (r_dx, _, _), _ = reference64(xs, gamma, beta, {"mode": "train"}, ds)
+    _within_half_ulp(out, r_out, "out")
+    _within_half_ulp(dx, r_dx, "dx")
+
+
+def test_float32_parameters_give_float32_gradients():
+    # PyTorch's mixed precision: float16 activations, float32 parameters
+    x, gamma, beta, dout = make_inputs((32, 8, 5, 5), 1, F16, seed=5)
+    g32, b32 = gamma.astype(np.float32), beta.astype(np.float32)
+    out, cache = bnkernels.forward(x, g32, b32, {"mode": "train"})
+    dx, dgamma, dbeta = bnkernels.backward(dout, cache)
+    assert (out.dtype, dx.dtype, dgamma.dtype, dbeta.dtype) == (F16, F16, np.float32, np.float32)
+    _, _, _, (r_dx, r_dgamma, r_dbeta), _ = reference64(x, g32, b32, {"mode": "train"}, dout)
+    _within_half_ulp(dx, r_dx, "dx")
+    np.testing.assert_allclose(dgamma, r_dgamma, rtol=1e-6, atol=1e-6 * np.abs(r_dgamma).max())
+    np.testing.assert_allclose(dbeta, r_dbeta, rtol=1e-6, atol=1e-6 * np.abs(r_dbeta).max())
+
+
+@pytest.mark.parametrize("shape,axis", CASES[2:], ids=[str(c[0]) for c in CASES[2:]])
+def test_bitwise_the_same_for_any_thread_count(shape, axis):
+    x, gamma, beta, dout = make_inputs(shape, axis, F16, seed=6)
+    results = []
+    for nt in (1, 2, 3):
+        with openmp_threads(nt):
+            out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"}, axis=axis)
+        grads = bnkernels.backward(dout, cache, num_threads=nt)
+        results.append([_bits(a) for a in (out, *grads)])
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_split_batch_passes_take_float16():
+    # batch_stats, backward_reduce and backward_apply run the float16 kernels too
+    x, gamma, beta, dout = make_inputs((40, 6, 4, 4), 1, F16, seed=7)
+    count, mean, m2 = bnkernels.batch_stats(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(m2 / count, x64.var(axis=(0, 2, 3)), rtol=1e-12)
+    out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"})
+    s1, s2 = bnkernels.backward_reduce(dout, cache)
+    got = bnkernels.backward_apply(dout, cache, s1, s2, count)
+    for a, b in zip(got, bnkernels.backward(dout, cache)):
+        assert np.array_equal(_bits(a), _bits(b))
