@@ -336,36 +336,39 @@ def _update_running(bn_param, running_mean, running_var, mean, var, momentum, tr
     bn_param["num_batches_tracked"] = n
 
 
-def _to_layout(arrays, axis):
-    """Layout shared by arrays[-1] (the output, compact) and the inputs, copying inputs that
-    do not fit.  Returns (layout, arrays) or (None, arrays) if even the output does not fit."""
+def _to_layout(arrays, n_out, axis):
+    """Layout shared by the last n_out arrays (outputs of one layout, compact; or, without
+    outputs, the last input) and the others, copying inputs that do not fit.  Returns
+    (layout, arrays) or (None, arrays) if even the outputs do not fit."""
     lay = choose(arrays, axis)
     if lay is not None:
         return lay, arrays
-    out = arrays[-1]
-    if choose([out], axis) is None:
+    k = len(arrays) - max(n_out, 1)
+    ref = arrays[k:]
+    if choose(ref, axis) is None:
         return None, arrays
     fixed = []
-    for a in arrays[:-1]:
-        if choose([a, out], axis) is None:
-            b = np.empty_like(out)
+    for a in arrays[:k]:
+        if choose([a] + ref, axis) is None:
+            b = np.empty_like(ref[0])
             b[...] = a
             a = b
         fixed.append(a)
-    fixed.append(out)
+    fixed += ref
     return choose(fixed, axis), fixed
 
 
 def _views(arrays, axis, out=None):
-    """(layout, views) the kernels run on: the inputs `arrays` and `out` as they are where
-    they share a layout (inputs that do not fit copied into out's), else C-contiguous copies
-    of the inputs with the channel axis at 1 and, for out, a fresh array of that layout,
-    which _copy_back returns to out."""
-    lay, views = _to_layout(list(arrays) + ([] if out is None else [out]), axis)
+    """(layout, views) the kernels run on: the inputs `arrays` and the output `out` (an
+    array, or a list of arrays of one shape and layout) as they are where they share a
+    layout (inputs that do not fit copied into the outputs'), else C-contiguous copies of
+    the inputs with the channel axis at 1 and, for the outputs, fresh arrays of that
+    layout, which _copy_back returns to them."""
+    outs = [] if out is None else (list(out) if isinstance(out, list) else [out])
+    lay, views = _to_layout(list(arrays) + outs, len(outs), axis)
     if lay is None:
         views = [_standard(a, axis) for a in arrays]
-        if out is not None:
-            views.append(np.empty(views[0].shape, out.dtype))
+        views += [np.empty(views[0].shape, o.dtype) for o in outs]
         lay = choose(views, 1)
     return lay, views
 
@@ -393,6 +396,8 @@ def forward(
     bn_param: dict[str, Any],
     *,
     axis: int = 1,
+    activation: str | None = None,
+    residual: npt.ArrayLike | None = None,
     comm: Any = None,
     stats: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -490,13 +495,42 @@ def forward(
 
         # whatever fails on this rank, every rank of comm stops with an error, none waits
         return _distributed.collectively(
-            comm, "forward", _forward, x, gamma, beta, bn_param, axis, comm, stats
+            comm,
+            "forward",
+            _forward,
+            x,
+            gamma,
+            beta,
+            bn_param,
+            axis,
+            comm,
+            stats,
+            activation,
+            residual,
         )
-    return _forward(x, gamma, beta, bn_param, axis, comm, stats)
+    return _forward(x, gamma, beta, bn_param, axis, comm, stats, activation, residual)
 
 
-def _forward(x, gamma, beta, bn_param, axis, comm, stats):
+def _activation(v):
+    """Whether activation asks for a fused ReLU (None or 'relu')."""
+    if v is None or (isinstance(v, str) and v == "relu"):
+        return v is not None
+    raise ValueError("activation must be None or 'relu', got %r" % (v,))
+
+
+def _like_x(name, a, x):
+    """An array of x's shape and dtype (a residual, a saved output), any strides."""
+    a = _array(name, a)
+    if a.shape != x.shape:
+        raise ValueError("%s must have the shape of x, %s, got %s" % (name, x.shape, a.shape))
+    if a.dtype != x.dtype:
+        raise TypeError("%s must have the dtype of x, %s, got %s" % (name, x.dtype, a.dtype))
+    return a
+
+
+def _forward(x, gamma, beta, bn_param, axis, comm, stats, activation=None, residual=None):
     x = _array("x", x)
+    relu = _activation(activation)
     ax = _channel_axis(axis, x.ndim)
     C = x.shape[ax]
     split = comm is not None or stats is not None  # x is a part of the batch
@@ -505,6 +539,8 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats):
             "x is empty (shape %s): batch norm needs at least one element per channel" % (x.shape,)
         )
     _float_dtype("x", x)
+    if residual is not None:
+        residual = _like_x("residual", residual, x)
     g_in = _param("gamma", gamma, C, x.shape)
     b_in = _param("beta", beta, C, x.shape)
     if not isinstance(bn_param, dict):
@@ -536,7 +572,9 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats):
         # the reference gets the checked values; bn_param is updated as in the kernels' path
         param = dict(bn_param, eps=eps, momentum=momentum, num_batches_tracked=tracked)
         param.update(running_mean=running_mean, running_var=running_var)
-        result = reference.forward(x, scale, shift, param, axis=ax)
+        result = reference.forward(
+            x, scale, shift, param, axis=ax, activation=activation, residual=residual
+        )
         if train:
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 bn_param[key] = param[key]
@@ -565,7 +603,7 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats):
         if not train:  # the running statistics; comm only checked that the ranks agree
             mean, var = _f64(running_mean), _f64(running_var)
         invstd = _invstd(var, eps, std_mode)
-        out = _normalize(x, ax, g64, b64, False, eps, std_mode, mean, var, invstd)
+        out = _normalize(x, ax, g64, b64, False, eps, std_mode, mean, var, invstd, residual, relu)
     else:
         if train:
             mean = np.empty(C)
@@ -575,10 +613,11 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats):
             mean = _f64(running_mean)
             var = _f64(running_var)
             invstd = _invstd(var, eps, std_mode)
-        out = _normalize(x, ax, g64, b64, train, eps, std_mode, mean, var, invstd)
+        out = _normalize(x, ax, g64, b64, train, eps, std_mode, mean, var, invstd, residual, relu)
     if train:
         _update_running(bn_param, running_mean, running_var, mean, var, momentum, tracked)
     cache = _forward_cache_dict(x, mean, var, invstd, scale, eps, eps_mode, mode, ax)
+    cache.update(activation=activation, residual=residual is not None, out=out if relu else None)
     if split:
         cache["count"] = count
         if comm is not None:
@@ -590,10 +629,12 @@ def _invstd(var, eps, std_mode):
     return 1.0 / (np.sqrt(var) + eps if std_mode else np.sqrt(var + eps))
 
 
-def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
-    """out = gamma*invstd*(x - mean) + beta, gamma and beta float64 (C,); train: mean, var,
-    invstd are first filled with the batch statistics.  Without train, x may be empty and
-    of any floating dtype."""
+def _normalize(
+    x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd, residual=None, relu=False
+):
+    """out = gamma*invstd*(x - mean) + beta, gamma and beta float64 (C,), plus residual, then
+    max(out, 0) with relu (the fused epilogue); train: mean, var, invstd are first filled
+    with the batch statistics.  Without train, x may be empty and of any floating dtype."""
     out = np.empty_like(x)
     if x.size == 0:
         return out
@@ -601,16 +642,19 @@ def _normalize(x, ax, gamma, beta, train, eps, std_mode, mean, var, invstd):
         shape = [1] * x.ndim
         shape[ax] = x.shape[ax]
         scale = (gamma * invstd).reshape(shape)
-        out[...] = scale * (x.astype(np.float64) - mean.reshape(shape)) + beta.reshape(shape)
+        v = scale * (x.astype(np.float64) - mean.reshape(shape)) + beta.reshape(shape)
+        if residual is not None:
+            v = v + residual
+        out[...] = np.where(v <= 0, 0, v) if relu else v
         return out
-    lay, (xk, outk) = _views([x], ax, out)
+    lay, views = _views([x] if residual is None else [x, residual], ax, out)
+    xk, rk, outk = views[0], (views[1] if residual is not None else None), views[-1]
     nt = _n_threads(None)
-    _kernels.forward(lay, xk, outk, train, eps, std_mode, gamma, beta, mean, var, invstd, nt)
+    args = (gamma, beta, mean, var, invstd, nt, rk, relu)
+    _kernels.forward(lay, xk, outk, train, eps, std_mode, *args)
     if train and x.dtype == np.float64 and not np.isfinite(var).all():
         if _rescaled_stats(x, ax, eps, std_mode, mean, var, invstd):
-            _kernels.forward(
-                lay, xk, outk, False, eps, std_mode, gamma, beta, mean, var, invstd, nt
-            )
+            _kernels.forward(lay, xk, outk, False, eps, std_mode, *args)
     _copy_back(out, outk, ax)
     return out
 
@@ -732,12 +776,18 @@ def _forward_cache(cache):
         _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
     )
     grads = _grad_dtype(vs[2], z)
-    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads
+    # a fused epilogue: the ReLU's saved output, and whether a residual was added
+    y = None
+    if _activation(cache.get("activation")):
+        y = _like_x("cache['out']", cache.get("out"), z)
+    residual = bool(cache.get("residual", False))
+    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads, y, residual
 
 
 def _unpack(cache):
     """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train,
-    the dtype of dgamma and dbeta).
+    the dtype of dgamma and dbeta, the saved output of a fused ReLU or None, whether forward
+    added a residual).
 
     z is the cached x, with mean and scale = invstd; or, for a seed-style cache, x_hat
     with mean 0 and scale = denom.  The kernels derive the coefficients from these.
@@ -763,7 +813,8 @@ def _unpack(cache):
             else _vec64(gamma, C, z.shape, "cache['gamma']", _VECTOR_DTYPES)
         )
         zeros = np.zeros(C)
-        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, _grad_dtype(gamma, z)
+        grads = _grad_dtype(gamma, z)
+        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, grads, None, False
     if "x" in cache and "invstd" in cache:
         if not complete:
             missing = [key for key in _CACHE_KEYS if key not in cache]
@@ -791,12 +842,14 @@ class _BackwardInputs(NamedTuple):
     n_threads: int
     batch_count: int | None  # elements per channel of the batch of the statistics, if given
     grad_dtype: np.dtype  # of dgamma and dbeta: the parameters' dtype
+    y: np.ndarray | None  # the saved output of a fused ReLU: dy is masked where y <= 0
+    residual: bool  # forward added a residual: its gradient (the masked dy) is returned too
 
 
 def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardInputs:
     """backward's arguments, checked; allow_empty for a part of a batch split across
     processes (an empty part still joins in)."""
-    z, ax, vecs, xhat_form, std_mode, train, grad_dtype = _unpack(cache)
+    z, ax, vecs, xhat_form, std_mode, train, grad_dtype, y, residual = _unpack(cache)
     dout = _array("dout", dout)
     _float_dtype("dout", dout)
     if dout.shape != z.shape:
@@ -817,7 +870,9 @@ def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardIn
     count = cache.get("count") if not xhat_form else None
     nt = _n_threads(num_threads)
     vecs = tuple(vecs)
-    return _BackwardInputs(z, ax, C, vecs, xhat_form, std_mode, train, dout, nt, count, grad_dtype)
+    return _BackwardInputs(
+        z, ax, C, vecs, xhat_form, std_mode, train, dout, nt, count, grad_dtype, y, residual
+    )
 
 
 def backward(
@@ -924,9 +979,9 @@ def backward(
         invstd = b.vecs[1]
         if invstd.min() < _TINY_INVSTD and ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
             scaled, factor = _rescaled(b)
-            dx, dgamma, dbeta = _backward(scaled)
-            dx *= factor
-            return dx, dgamma, dbeta
+            grads = _backward(scaled)
+            grads[0][...] *= factor
+            return grads
     return _backward(b)
 
 
@@ -940,13 +995,45 @@ def _backward(b):
         s1, s2 = _distributed._reduce(b)
         return _distributed._apply(b, s1, s2, b.dout.size // b.C)
 
-    z, dy, ax = b.z, b.dout, b.axis
-    dx = np.empty_like(dy)
+    dy = b.dout
+    dx, dres, lay, (zk, dyk, yk, dxk, dresk) = _backward_views(b)
     dgamma = np.empty(b.C, dtype=dy.dtype)
     dbeta = np.empty(b.C, dtype=dy.dtype)
-    lay, (zk, dyk, dxk) = _views([z, dy], ax, dx)
     _kernels.backward(
-        lay, zk, dyk, dxk, *b.vecs, b.xhat_form, b.std_mode, b.train, dgamma, dbeta, b.n_threads
+        lay,
+        zk,
+        dyk,
+        dxk,
+        *b.vecs,
+        b.xhat_form,
+        b.std_mode,
+        b.train,
+        dgamma,
+        dbeta,
+        b.n_threads,
+        yk,
+        dresk,
     )
-    _copy_back(dx, dxk, ax)
-    return dx, dgamma, dbeta
+    return _backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta)
+
+
+def _backward_views(b):
+    """(dx, dresidual or None, layout, views (z, dy, y or None, dx, dresidual or None)) of
+    checked backward inputs b: the arrays the kernels run on."""
+    dx = np.empty_like(b.dout)
+    dres = np.empty_like(b.dout) if b.residual else None
+    inputs = [b.z, b.dout] + ([b.y] if b.y is not None else [])
+    lay, views = _views(inputs, b.axis, [dx] if dres is None else [dx, dres])
+    yk = views[2] if b.y is not None else None
+    dresk = views[-1] if dres is not None else None
+    return dx, dres, lay, (views[0], views[1], yk, views[len(inputs)], dresk)
+
+
+def _backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta):
+    """backward's result from the kernels' output views: (dx, dgamma, dbeta), and dresidual
+    when forward added a residual."""
+    _copy_back(dx, dxk, b.axis)
+    if dres is None:
+        return dx, dgamma, dbeta
+    _copy_back(dres, dresk, b.axis)
+    return dx, dgamma, dbeta, dres

@@ -161,11 +161,15 @@ def _reduce(b):
     if b.dout.size == 0:
         return sum_dy, sum_dy_zm
     if b.dout.dtype in _api._KERNEL_DTYPES:
-        lay, (zk, dyk) = _api._views([b.z, b.dout], b.axis)
-        _kernels.backward_reduce(lay, zk, dyk, b.vecs[0], sum_dy, sum_dy_zm, b.n_threads)
+        inputs = [b.z, b.dout] + ([b.y] if b.y is not None else [])
+        lay, views = _api._views(inputs, b.axis)
+        yk = views[2] if b.y is not None else None
+        _kernels.backward_reduce(
+            lay, views[0], views[1], b.vecs[0], sum_dy, sum_dy_zm, b.n_threads, yk
+        )
     else:
         z = np.moveaxis(b.z, b.axis, 0).reshape(b.C, -1).astype(np.float64)
-        dy = np.moveaxis(b.dout, b.axis, 0).reshape(b.C, -1).astype(np.float64)
+        dy = np.moveaxis(_masked(b), b.axis, 0).reshape(b.C, -1).astype(np.float64)
         sum_dy = dy.sum(axis=1)
         sum_dy_zm = (dy * (z - b.vecs[0][:, None])).sum(axis=1)
     return sum_dy, sum_dy_zm
@@ -211,16 +215,23 @@ def backward_apply(
     return _apply(b, s1, s2, int(count))
 
 
+def _masked(b):
+    """dout masked by a fused ReLU's saved output (where it is <= 0), as the kernels do."""
+    if b.y is None:
+        return b.dout
+    return np.where(b.y <= 0, np.zeros((), b.dout.dtype), b.dout)
+
+
 def _apply(b, s1, s2, count):
-    """dx, dgamma, dbeta of prepared backward inputs b from the whole batch's sums."""
+    """dx, dgamma, dbeta (and dresidual after a fused residual) of prepared backward inputs
+    b from the whole batch's sums."""
     mean, scale, gamma, var = b.vecs
     q = 1.0 if b.xhat_form else scale  # xhat = (z - mean) * q
-    dx = np.empty_like(b.dout)
     # in the parameters' dtype, rounded once from float64, as the kernels round them
     dgamma = (q * s2).astype(b.grad_dtype)
     dbeta = s1.astype(b.grad_dtype)
     if b.dout.size and b.dout.dtype in _api._KERNEL_DTYPES:
-        lay, (zk, dyk, dxk) = _api._views([b.z, b.dout], b.axis, dx)
+        dx, dres, lay, (zk, dyk, yk, dxk, dresk) = _api._backward_views(b)
         # the kernel writes dgamma and dbeta in the data's dtype: the same bits as above
         # when that is the parameters' dtype
         kgamma = np.empty(b.C, dtype=b.dout.dtype)
@@ -240,10 +251,13 @@ def _apply(b, s1, s2, count):
             kgamma,
             kbeta,
             b.n_threads,
+            yk,
+            dresk,
         )
-        _api._copy_back(dx, dxk, b.axis)
-        return dx, dgamma, dbeta
+        return _api._backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta)
     # no kernel: an empty slice, or a dtype the kernels do not take (longdouble)
+    dx = np.empty_like(b.dout)
+    dy = _masked(b)
     if b.dout.size:
         r = 1.0 / scale if b.xhat_form else scale
         if b.xhat_form:
@@ -267,9 +281,10 @@ def _apply(b, s1, s2, count):
         def per_channel(v):
             return np.reshape(v, shape)
 
-        dy = b.dout.astype(np.float64)
         zm = b.z.astype(np.float64) - per_channel(mean)
-        dx[...] = per_channel(A) * (dy + per_channel(Cc)) + per_channel(S) * zm
+        dx[...] = per_channel(A) * (dy.astype(np.float64) + per_channel(Cc)) + per_channel(S) * zm
+    if b.residual:
+        return dx, dgamma, dbeta, np.array(dy, copy=True)
     return dx, dgamma, dbeta
 
 

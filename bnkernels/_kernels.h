@@ -1,9 +1,9 @@
 /* The C side of the batch-norm kernels, included by _kernels.pyx.
  *
  * It instantiates the inner loops of _loops.h for float, double and float16 and gathers each
- * dtype's loops in one table (bn_loops_f, bn_loops_d, bn_loops_h), so that the schedule and its task
- * functions in _kernels.pyx are written once for both dtypes.  A C program (a test or a
- * timing harness) can include it alone: without Python.h, Py_ssize_t is ptrdiff_t.
+ * dtype's loops in one table (bn_loops_f, bn_loops_d, bn_loops_h), so that the schedule and its
+ * task functions in _kernels.pyx are written once for both dtypes.  A C program (a test or a timing
+ * harness) can include it alone: without Python.h, Py_ssize_t is ptrdiff_t.
  */
 #ifndef BN_KERNELS_H
 #define BN_KERNELS_H
@@ -69,22 +69,36 @@ static inline void bn_span(
     *l1 = e1 - n * L < L ? e1 - n * L : L;
 }
 
-/* One dtype's task-level loops (see _loops.h); data pointers are of that dtype. */
+/* A fused epilogue of the output sweep, its pointers at the task's first element and its
+ * strides in elements (*_n between rows or samples, *_c between planar channels).
+ * Forward: out = max(gamma*xhat + beta + aux, 0), aux (the residual) NULL for none, the
+ * max only with relu.  Backward: dy is first masked by the saved output aux (a fused
+ * ReLU's, NULL for none), and the masked dy is written to out2 (the residual's gradient,
+ * NULL for none). */
+typedef struct {
+    const void *aux;
+    void *out2;
+    Py_ssize_t aux_n, aux_c, out2_n, out2_c;
+    int relu;
+} bn_epi;
+
+/* One dtype's task-level loops (see _loops.h); data pointers are of that dtype.  y: the
+ * saved output that masks dy (NULL: none); e: the output's epilogue (NULL: none). */
 typedef struct {
     void (*rows_sums)(
-        const void *z, const void *dy, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t nrows,
-        Py_ssize_t cw, const double *m, double *s_dy, double *s_zm);
+        const void *z, const void *dy, const void *y, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sy,
+        Py_ssize_t nrows, Py_ssize_t cw, const double *m, double *s_dy, double *s_zm);
     void (*rows_centered)(
         const void *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw, const double *m0, double *d1,
         double *d2);
     void (*rows_affine)(
         const void *z, const void *dy, void *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
         Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
-        const double *Cc, int stream);
+        const double *Cc, int stream, const bn_epi *e);
     void (*plane_sums)(
-        const void *z, const void *dy, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn,
-        Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *m,
-        double *s_dy, double *s_zm);
+        const void *z, const void *dy, const void *y, Py_ssize_t szn, Py_ssize_t szc,
+        Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t syn, Py_ssize_t syc, Py_ssize_t L,
+        Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *m, double *s_dy, double *s_zm);
     void (*plane_moments)(
         const void *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
         Py_ssize_t cw, double *mean, double *m2, double *d1);
@@ -92,7 +106,7 @@ typedef struct {
         const void *z, const void *dy, void *out, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn,
         Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
         Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S, const double *A,
-        const double *Cc, int stream);
+        const double *Cc, int stream, const bn_epi *e);
 } bn_loops;
 
 /* ---- float16 (IEEE binary16), stored as its bits ----

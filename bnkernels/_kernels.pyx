@@ -56,19 +56,25 @@ cdef extern from "_kernels.h" nogil:
     int bn_has_openmp()
     const char *bn_build_flags
     const char *bn_simd_targets
+    ctypedef struct bn_epi:
+        const void *aux
+        void *out2
+        Py_ssize_t aux_n, aux_c, out2_n, out2_c
+        int relu
     ctypedef struct bn_loops:
-        void (*rows_sums)(const void *z, const void *dy, Py_ssize_t sz, Py_ssize_t sdy,
-                          Py_ssize_t nrows, Py_ssize_t cw, const double *m, double *s_dy,
-                          double *s_zm) noexcept nogil
+        void (*rows_sums)(const void *z, const void *dy, const void *y, Py_ssize_t sz,
+                          Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw,
+                          const double *m, double *s_dy, double *s_zm) noexcept nogil
         void (*rows_centered)(const void *x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
                               const double *m0, double *d1, double *d2) noexcept nogil
         void (*rows_affine)(const void *z, const void *dy, void *out, Py_ssize_t sz,
                             Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw,
                             const double *m, const double *S, const double *A,
-                            const double *Cc, int stream) noexcept nogil
-        void (*plane_sums)(const void *z, const void *dy, Py_ssize_t szn, Py_ssize_t szc,
-                           Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0,
-                           Py_ssize_t e1, Py_ssize_t cw, const double *m, double *s_dy,
+                            const double *Cc, int stream, const bn_epi *e) noexcept nogil
+        void (*plane_sums)(const void *z, const void *dy, const void *y, Py_ssize_t szn,
+                           Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t syn,
+                           Py_ssize_t syc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+                           Py_ssize_t cw, const double *m, double *s_dy,
                            double *s_zm) noexcept nogil
         void (*plane_moments)(const void *x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L,
                               Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, double *mean,
@@ -77,7 +83,8 @@ cdef extern from "_kernels.h" nogil:
                              Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
                              Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0,
                              Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S,
-                             const double *A, const double *Cc, int stream) noexcept nogil
+                             const double *A, const double *Cc, int stream,
+                             const bn_epi *e) noexcept nogil
     const bn_loops bn_loops_f
     const bn_loops bn_loops_d
     const bn_loops bn_loops_h
@@ -274,6 +281,14 @@ cdef struct Job:
     const char *dy
     char *out
     Py_ssize_t x_n, x_c, dy_n, dy_c, out_n, out_c
+    # a fused epilogue (bn_epi): aux, the residual (forward) or the saved output whose
+    # ReLU mask applies to dy (backward); out2, the masked dy (backward); relu (forward).
+    # NULL / 0: none; epilogue: any of them
+    const char *aux
+    char *out2
+    Py_ssize_t aux_n, aux_c, out2_n, out2_c
+    bint relu
+    bint epilogue
     const bn_loops *loops   # the inner loops of the data's dtype
     Py_ssize_t isz          # bytes per element
     Py_ssize_t C            # channels
@@ -725,6 +740,19 @@ cdef inline void _fold(const double *v, Py_ssize_t cw, Py_ssize_t L, double *out
         out[c] = s
 
 
+cdef inline bn_epi _epilogue(const Job *j) noexcept nogil:
+    """The call's epilogue, its pointers still to be set for a task."""
+    cdef bn_epi e
+    e.aux = NULL
+    e.out2 = NULL
+    e.aux_n = j.aux_n
+    e.aux_c = j.aux_c
+    e.out2_n = j.out2_n
+    e.out2_c = j.out2_c
+    e.relu = j.relu
+    return e
+
+
 cdef inline const char *_rows_at(const char *base, Py_ssize_t s_n, const Job *j,
                                  Span sp) noexcept nogil:
     """The task's first element of an array of row stride s_n."""
@@ -737,11 +765,13 @@ cdef void _rows_reduce_dy(const Job *j, Span sp, double *sum_dy, double *sum_dy_
     cdef Py_ssize_t L = j.L, cols = sp.cw * j.L, nrows = sp.i1 - sp.i0
     cdef const char *z = _rows_at(j.x, j.x_n, j, sp)
     cdef const char *dy = _rows_at(j.dy, j.dy_n, j, sp)
+    cdef const char *y = _rows_at(j.aux, j.aux_n, j, sp) if j.aux != NULL else NULL
     if L == 1:
-        j.loops.rows_sums(z, dy, j.x_n, j.dy_n, nrows, sp.cw, j.shift + sp.c0, sum_dy, sum_dy_zm)
+        j.loops.rows_sums(z, dy, y, j.x_n, j.dy_n, j.aux_n, nrows, sp.cw, j.shift + sp.c0,
+                          sum_dy, sum_dy_zm)
         return
     _spread(j.shift + sp.c0, sp.cw, L, scratch)
-    j.loops.rows_sums(z, dy, j.x_n, j.dy_n, nrows, cols, scratch, scratch + cols,
+    j.loops.rows_sums(z, dy, y, j.x_n, j.dy_n, j.aux_n, nrows, cols, scratch, scratch + cols,
                       scratch + 2 * cols)
     _fold(scratch + cols, sp.cw, L, sum_dy)
     _fold(scratch + 2 * cols, sp.cw, L, sum_dy_zm)
@@ -781,11 +811,18 @@ cdef void _rows_write(const Job *j, const Vecs *v, Span sp, double *scratch) noe
     cdef const char *z = _rows_at(j.x, j.x_n, j, sp)
     cdef const char *dy = NULL
     cdef char *out = <char *>_rows_at(j.out, j.out_n, j, sp)
+    cdef bn_epi e
+    cdef const bn_epi *ep = NULL
     if j.dy != NULL:
         dy = _rows_at(j.dy, j.dy_n, j, sp)
+    if j.epilogue:
+        e = _epilogue(j)
+        e.aux = _rows_at(j.aux, j.aux_n, j, sp) if j.aux != NULL else NULL
+        e.out2 = <char *>_rows_at(j.out2, j.out2_n, j, sp) if j.out2 != NULL else NULL
+        ep = &e
     if L == 1:
         j.loops.rows_affine(z, dy, out, j.x_n, j.dy_n, j.out_n, sp.i1 - sp.i0, sp.cw,
-                            j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream)
+                            j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream, ep)
         return
     _spread(j.shift + c0, sp.cw, L, scratch)
     _spread(v.S + k0, sp.cw, L, scratch + cols)
@@ -793,7 +830,7 @@ cdef void _rows_write(const Job *j, const Vecs *v, Span sp, double *scratch) noe
     if dy != NULL:
         _spread(v.A + k0, sp.cw, L, scratch + 3 * cols)
     j.loops.rows_affine(z, dy, out, j.x_n, j.dy_n, j.out_n, sp.i1 - sp.i0, cols, scratch,
-                        scratch + cols, scratch + 3 * cols, scratch + 2 * cols, j.stream)
+                        scratch + cols, scratch + 3 * cols, scratch + 2 * cols, j.stream, ep)
 
 
 # ---------------------------------------------------------------------------
@@ -805,9 +842,10 @@ cdef void _rows_write(const Job *j, const Vecs *v, Span sp, double *scratch) noe
 
 cdef void _plane_reduce_dy(const Job *j, Span sp, double *sum_dy, double *sum_dy_zm,
                            double *scratch) noexcept nogil:
-    j.loops.plane_sums(j.x + sp.c0 * j.x_c * j.isz, j.dy + sp.c0 * j.dy_c * j.isz,
-                       j.x_n, j.x_c, j.dy_n, j.dy_c, j.L, sp.i0, sp.i1, sp.cw,
-                       j.shift + sp.c0, sum_dy, sum_dy_zm)
+    cdef const char *y = j.aux + sp.c0 * j.aux_c * j.isz if j.aux != NULL else NULL
+    j.loops.plane_sums(j.x + sp.c0 * j.x_c * j.isz, j.dy + sp.c0 * j.dy_c * j.isz, y,
+                       j.x_n, j.x_c, j.dy_n, j.dy_c, j.aux_n, j.aux_c, j.L, sp.i0, sp.i1,
+                       sp.cw, j.shift + sp.c0, sum_dy, sum_dy_zm)
 
 
 cdef void _plane_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
@@ -819,11 +857,18 @@ cdef void _plane_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
 cdef void _plane_write(const Job *j, const Vecs *v, Span sp, double *scratch) noexcept nogil:
     cdef Py_ssize_t c0 = sp.c0, k0 = sp.c0 - v.base
     cdef const char *dy = NULL
+    cdef bn_epi e
+    cdef const bn_epi *ep = NULL
     if j.dy != NULL:
         dy = j.dy + c0 * j.dy_c * j.isz
+    if j.epilogue:
+        e = _epilogue(j)
+        e.aux = j.aux + c0 * j.aux_c * j.isz if j.aux != NULL else NULL
+        e.out2 = j.out2 + c0 * j.out2_c * j.isz if j.out2 != NULL else NULL
+        ep = &e
     j.loops.plane_affine(j.x + c0 * j.x_c * j.isz, dy, j.out + c0 * j.out_c * j.isz,
                          j.x_n, j.x_c, j.dy_n, j.dy_c, j.out_n, j.out_c, j.L, sp.i0, sp.i1,
-                         sp.cw, j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream)
+                         sp.cw, j.shift + c0, v.S + k0, v.A + k0, v.Cc + k0, j.stream, ep)
 
 
 # ---------------------------------------------------------------------------
@@ -885,9 +930,11 @@ cdef const bn_loops *_loops(int typ):
     return &bn_loops_f if typ == cnp.NPY_FLOAT32 else &bn_loops_d
 
 
-cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t n_arrays):
-    """A call's Job from its layout (bnkernels._layout.choose over [x, dy, out], the absent
-    ones left out) and its arrays; n_arrays: the inputs a task streams, for the plan."""
+cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t n_arrays,
+              cnp.ndarray aux=None, cnp.ndarray out2=None, bint relu=False):
+    """A call's Job from its layout (bnkernels._layout.choose over [x, dy, aux, out, out2]:
+    inputs, then outputs, the absent ones left out) and its arrays; n_arrays: the inputs a task streams besides
+    aux, for the plan.  aux, out2, relu: the fused epilogue (see Job)."""
     cdef Job j
     cdef str kind = lay[0]
     cdef Py_ssize_t n = lay[1], C = lay[2], L = lay[3]
@@ -899,21 +946,35 @@ cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssiz
     j.x = <const char *>cnp.PyArray_DATA(x)
     j.dy = <const char *>cnp.PyArray_DATA(dy) if dy is not None else NULL
     j.out = <char *>cnp.PyArray_DATA(out) if out is not None else NULL
+    j.aux = <const char *>cnp.PyArray_DATA(aux) if aux is not None else NULL
+    j.out2 = <char *>cnp.PyArray_DATA(out2) if out2 is not None else NULL
+    j.relu = relu
+    j.epilogue = aux is not None or out2 is not None or relu
+    if aux is not None:
+        n_arrays += 1
     j.C = C
     j.L = L
     j.planar = kind == "planar"
     x_s = strides.pop(0)
     dy_s = strides.pop(0) if dy is not None else (0, 0)
+    aux_s = strides.pop(0) if aux is not None else (0, 0)
     out_s = strides.pop(0) if out is not None else (0, 0)
+    out2_s = strides.pop(0) if out2 is not None else (0, 0)
     if j.planar:
         j.x_n, j.x_c = x_s
         j.dy_n, j.dy_c = dy_s
         j.out_n, j.out_c = out_s
+        j.aux_n, j.aux_c = aux_s
+        j.out2_n, j.out2_c = out2_s
         _planar_layout(&j, n, n_arrays)
     else:
         j.x_n = x_s
         j.dy_n = dy_s if dy is not None else 0
         j.out_n = out_s if out is not None else 0
+        j.aux_n = aux_s if aux is not None else 0
+        j.aux_c = 0
+        j.out2_n = out2_s if out2 is not None else 0
+        j.out2_c = 0
         _rows_layout(&j, n, n_arrays)
     j.count = j.extent * j.step
     return j
@@ -1008,19 +1069,23 @@ cdef double *_f64(cnp.ndarray v):
 def backward(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,    # IN, IN, OUT
              cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
              bint xhat_form, bint std_mode, bint train,                   # IN (C,) float64*
-             cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):       # OUT (C,)
+             cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads,        # OUT (C,)
+             cnp.ndarray y=None, cnp.ndarray dres=None):                  # IN, OUT
     """dx, dgamma, dbeta; see _bwd_coefs for the per-channel inputs (*gamma may also be
-    float32).  lay: bnkernels._layout.choose([z, dy, dx], axis)."""
-    cdef Job j = _job(lay, z, dy, dx, 2)
+    float32).  y: the saved output of a fused ReLU, whose mask applies to dy first; dres:
+    written with the masked dy (a residual's gradient).  lay: bnkernels._layout.choose([z,
+    dy, y, dx, dres], axis), the absent ones left out."""
+    cdef Job j = _job(lay, z, dy, dx, 2, y, dres)
     _backward_inputs(&j, mean, scale, gamma, var, xhat_form, std_mode, train, dgamma, dbeta)
     _run_or_raise(&j, &BACKWARD, n_threads)
 
 
 def backward_reduce(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray mean,  # IN
-                    cnp.ndarray sum_dy, cnp.ndarray sum_dy_zm, int n_threads):  # OUT (C,) float64
+                    cnp.ndarray sum_dy, cnp.ndarray sum_dy_zm, int n_threads,   # OUT (C,) float64
+                    cnp.ndarray y=None):                                       # IN
     """sum_dy := sum(dy), sum_dy_zm := sum(dy*(z - mean)) per channel, in the order backward
-    adds them.  lay: choose([z, dy], axis)."""
-    cdef Job j = _job(lay, z, dy, None, 2)
+    adds them (dy masked by y, as backward does).  lay: choose([z, dy, y], axis)."""
+    cdef Job j = _job(lay, z, dy, None, 2, y)
     j.shift = _f64(mean)
     j.sum_dy = _f64(sum_dy)
     j.sum_dy_zm = _f64(sum_dy_zm)
@@ -1031,12 +1096,14 @@ def backward_apply(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,  # 
                    cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma, cnp.ndarray var,
                    bint xhat_form, bint std_mode, bint train,
                    cnp.ndarray sum_dy, cnp.ndarray sum_dy_zm, Py_ssize_t count,  # IN
-                   cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads):       # OUT (C,)
+                   cnp.ndarray dgamma, cnp.ndarray dbeta, int n_threads,        # OUT (C,)
+                   cnp.ndarray y=None, cnp.ndarray dres=None):                  # IN, OUT
     """backward's output from given sums over a batch of count elements per channel (this
-    call's data being part of it).  lay: choose([z, dy, dx], axis)."""
+    call's data being part of it); y, dres as for backward.  lay: choose([z, dy, y, dx,
+    dres], axis)."""
     if count <= 0:
         raise ValueError("count must be positive")
-    cdef Job j = _job(lay, z, dy, dx, 2)
+    cdef Job j = _job(lay, z, dy, dx, 2, y, dres)
     _backward_inputs(&j, mean, scale, gamma, var, xhat_form, std_mode, train, dgamma, dbeta)
     j.sum_dy = _f64(sum_dy)
     j.sum_dy_zm = _f64(sum_dy_zm)
@@ -1047,10 +1114,11 @@ def backward_apply(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,  # 
 def forward(tuple lay, cnp.ndarray x, cnp.ndarray out, bint train, double eps, bint std_mode,
             cnp.ndarray gamma, cnp.ndarray beta,                    # IN (C,) float64
             cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,  # OUT (train) / IN (else)
-            int n_threads):
+            int n_threads, cnp.ndarray residual=None, bint relu=False):
     """train: mean, var, invstd := the batch statistics; then out := gamma*invstd*(x - mean)
-    + beta (not train: with the given statistics).  lay: choose([x, out], axis)."""
-    cdef Job j = _job(lay, x, None, out, 1)
+    + beta (not train: with the given statistics), plus residual, then max(out, 0) with
+    relu: one rounding.  lay: choose([x, residual, out], axis)."""
+    cdef Job j = _job(lay, x, None, out, 1, residual, None, relu)
     _forward_inputs(&j, eps, std_mode, gamma, beta, mean, var, invstd)
     _run_or_raise(&j, &FORWARD if train else &FORWARD_GIVEN, n_threads)
 

@@ -55,26 +55,35 @@ static inline void BN_FN(bn_prefetch_ahead)(
         bn_prefetch(base + rr * s + jj + b);
 }
 
-/* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows.
- * Always inlined, so that a block of constant width keeps its accumulators in vector
- * registers.  A wide block (prefetch 0) leaves its sequential runs to the hardware
- * prefetcher. */
+/* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy) */
+#ifndef BN_MASKED
+#define BN_MASKED(y, dy) ((y) <= 0.0 ? 0.0 : (dy))
+#endif
+
+/* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
+ * mask: dy masked by the saved output y).  Always inlined, so that a block of constant
+ * width keeps its accumulators in vector registers.  A wide block (prefetch 0) leaves its
+ * sequential runs to the hardware prefetcher. */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
-    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
-    Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, const Py_ssize_t jw, const int prefetch,
-    const double *restrict mb, double *restrict a, double *restrict c)
+    const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0,
+    const Py_ssize_t jw, const int prefetch, const int mask, const double *restrict mb,
+    double *restrict a, double *restrict c)
 {
     Py_ssize_t j, r;
     for (r = 0; r < nrows; r++) {
         const BN_T *restrict zr = z + r * sz + j0;
         const BN_T *restrict dyr = dy + r * sdy + j0;
+        const BN_T *restrict yr = mask ? y + r * sy + j0 : NULL;
         if (prefetch) {
             BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
             BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
+            if (mask)
+                BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r);
         }
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double v = BN_LD(dyr[j]);
+            const double v = mask ? BN_MASKED(BN_LD(yr[j]), BN_LD(dyr[j])) : BN_LD(dyr[j]);
             a[j] += v;
             c[j] += v * (BN_LD(zr[j]) - mb[j]);
         }
@@ -121,16 +130,23 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     } while (0)
 #endif
 
-/* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order */
+/* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order;
+ * y (row stride sy) not NULL: dy masked by it first (BN_MASKED) */
 static BN_CLONES void BN_FN(bn_rows_sums)(
-    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
-    Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m, double *restrict s_dy,
-    double *restrict s_zm)
+    const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
+    double *restrict s_dy, double *restrict s_zm)
 {
 #define BN_SUMS_BLOCK(j0, jw, pf, mb, p, q) \
-    BN_FN(bn_rows_sums_block)(z, dy, sz, sdy, nrows, cw, j0, jw, pf, mb, p, q)
-    BN_ROWS_SWEEP(BN_SUMS_BLOCK, m, s_dy, s_zm);
+    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, pf, 0, mb, p, q)
+#define BN_SUMS_BLOCK_MASKED(j0, jw, pf, mb, p, q) \
+    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, pf, 1, mb, p, q)
+    if (y == NULL)
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK, m, s_dy, s_zm);
+    else
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK_MASKED, m, s_dy, s_zm);
 #undef BN_SUMS_BLOCK
+#undef BN_SUMS_BLOCK_MASKED
 }
 
 /* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
@@ -213,6 +229,76 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 }
 #endif
 
+/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, S, A, Cc at [k*cs]
+ * (cs 1: per column, rows layout; cs 0: one channel's, planar).  Forward (fwd): out =
+ * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
+ * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (BN_MASKED), the
+ * masked dy stored in out2 with has_out2 (the residual's gradient), then out = dx.  Always
+ * inlined with constant flags: each combination is its own vectorized loop. */
+static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
+    const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
+    BN_T *restrict out2, Py_ssize_t n, const double *restrict m, const double *restrict S,
+    const double *restrict A, const double *restrict Cc, const Py_ssize_t cs, const int fwd,
+    const int has_aux, const int relu, const int has_out2)
+{
+    Py_ssize_t k;
+    BN_SIMD
+    for (k = 0; k < n; k++) {
+        const Py_ssize_t j = k * cs;
+        double v;
+        if (fwd) {
+            v = BN_AFFINE_OUT(S[j], BN_LD(z[k]), m[j], Cc[j]);
+            if (has_aux)
+                v = v + BN_LD(aux[k]);
+            if (relu)
+                v = v <= 0.0 ? 0.0 : v;
+        } else {
+            const double d = has_aux ? BN_MASKED(BN_LD(aux[k]), BN_LD(dy[k])) : BN_LD(dy[k]);
+            if (has_out2)
+                out2[k] = BN_ST(d);
+            v = BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LD(z[k]), m[j]);
+        }
+        out[k] = BN_ST(v);
+    }
+}
+
+/* bn_epi_run with the flags of e, each combination a constant */
+static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
+    const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
+    const double *m, const double *S, const double *A, const double *Cc, const Py_ssize_t cs,
+    const bn_epi *e)
+{
+#define BN_EPI(fwd, has_aux, relu, has_out2) \
+    BN_FN(bn_epi_run)(z, dy, aux, out, out2, n, m, S, A, Cc, cs, fwd, has_aux, relu, has_out2)
+    if (dy == NULL) {
+        if (aux == NULL)
+            e->relu ? BN_EPI(1, 0, 1, 0) : BN_EPI(1, 0, 0, 0);
+        else
+            e->relu ? BN_EPI(1, 1, 1, 0) : BN_EPI(1, 1, 0, 0);
+    } else {
+        if (aux == NULL)
+            out2 != NULL ? BN_EPI(0, 0, 0, 1) : BN_EPI(0, 0, 0, 0);
+        else
+            out2 != NULL ? BN_EPI(0, 1, 0, 1) : BN_EPI(0, 1, 0, 0);
+    }
+#undef BN_EPI
+}
+
+/* bn_rows_affine with a fused epilogue: row by row, as it */
+static void BN_FN(bn_rows_epilogue)(
+    const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
+    Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
+    const double *Cc, const bn_epi *e)
+{
+    const BN_T *aux = e->aux;
+    BN_T *out2 = e->out2;
+    Py_ssize_t r;
+    for (r = 0; r < nrows; r++)
+        BN_FN(bn_epi_any)(
+            z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * e->aux_n,
+            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, S, A, Cc, 1, e);
+}
+
 /* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j]);  without dy:
  * BN_AFFINE_OUT(S[j], z[r, j], m[j], Cc[j]).  In float64, rounded once at the end: the
  * terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by row
@@ -221,9 +307,14 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 static BN_CLONES void BN_FN(bn_rows_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
-    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream)
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
+    const bn_epi *e)
 {
     Py_ssize_t j, r;
+    if (e != NULL) {
+        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, e);
+        return;
+    }
 #if defined(BN_F64) && defined(__SSE2__)
     if (stream) {
         for (r = 0; r < nrows; r++)
@@ -245,8 +336,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
             const BN_T *restrict dyr = dy + r * sdy;
             BN_SIMD
             for (j = 0; j < cw; j++)
-                outr[j] =
-                    BN_ST(BN_AFFINE_DX(A[j], BN_LD(dyr[j]), Cc[j], S[j], BN_LD(zr[j]), m[j]));
+                outr[j] = BN_ST(BN_AFFINE_DX(A[j], BN_LD(dyr[j]), Cc[j], S[j], BN_LD(zr[j]), m[j]));
         }
     }
 }
@@ -284,23 +374,23 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
 
 /* ---- planar layout: runs of contiguous elements ---- */
 
-/* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n */
-static inline void BN_FN(bn_run_sums)(
-    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t n, double m, double *restrict s_dy,
-    double *restrict s_zm)
+/* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n (mask: dy masked by y) */
+static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
+    const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, const int mask,
+    Py_ssize_t n, double m, double *restrict s_dy, double *restrict s_zm)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i = 0, j;
     for (; i + BN_LANES <= n; i += BN_LANES) {
         BN_SIMD
         for (j = 0; j < BN_LANES; j++) {
-            double v = BN_LD(dy[i + j]);
+            double v = mask ? BN_MASKED(BN_LD(y[i + j]), BN_LD(dy[i + j])) : BN_LD(dy[i + j]);
             a[j] += v;
             b[j] += v * (BN_LD(z[i + j]) - m);
         }
     }
     for (j = 0; i < n; i++, j++) {
-        double v = BN_LD(dy[i]);
+        double v = mask ? BN_MASKED(BN_LD(y[i]), BN_LD(dy[i])) : BN_LD(dy[i]);
         a[j] += v;
         b[j] += v * (BN_LD(z[i]) - m);
     }
@@ -331,11 +421,13 @@ static inline void BN_FN(bn_run_moments)(
     *s2 += bn_tree(b);
 }
 
-/* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c */
+/* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c;
+ * y (strides syn, syc) not NULL: dy masked by it first (BN_MASKED) */
 static BN_CLONES void BN_FN(bn_plane_sums)(
-    const BN_T *restrict z, const BN_T *restrict dy, Py_ssize_t szn, Py_ssize_t szc,
-    Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw,
-    const double *restrict m, double *restrict s_dy, double *restrict s_zm)
+    const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t szn,
+    Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t syn, Py_ssize_t syc, Py_ssize_t L,
+    Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *restrict m, double *restrict s_dy,
+    double *restrict s_zm)
 {
     Py_ssize_t n, c, l0, l1;
     for (c = 0; c < cw; c++) {
@@ -344,10 +436,14 @@ static BN_CLONES void BN_FN(bn_plane_sums)(
     }
     for (n = e0 / L; n * L < e1; n++) {
         bn_span(n, L, e0, e1, &l0, &l1);
-        for (c = 0; c < cw; c++)
-            BN_FN(bn_run_sums)(
-                z + n * szn + c * szc + l0, dy + n * sdyn + c * sdyc + l0, l1 - l0, m[c], s_dy + c,
-                s_zm + c);
+        for (c = 0; c < cw; c++) {
+            const BN_T *zp = z + n * szn + c * szc + l0, *dyp = dy + n * sdyn + c * sdyc + l0;
+            if (y == NULL)
+                BN_FN(bn_run_sums)(zp, dyp, NULL, 0, l1 - l0, m[c], s_dy + c, s_zm + c);
+            else
+                BN_FN(bn_run_sums)(
+                    zp, dyp, y + n * syn + c * syc + l0, 1, l1 - l0, m[c], s_dy + c, s_zm + c);
+        }
     }
 }
 
@@ -357,9 +453,25 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t szn,
     Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc,
     Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *restrict m,
-    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream)
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
+    const bn_epi *e)
 {
     Py_ssize_t n, c, l0, l1, i;
+    if (e != NULL) { /* a fused epilogue: run by run, as below */
+        const BN_T *aux = e->aux;
+        BN_T *out2 = e->out2;
+        for (n = e0 / L; n * L < e1; n++) {
+            bn_span(n, L, e0, e1, &l0, &l1);
+            for (c = 0; c < cw; c++)
+                BN_FN(bn_epi_any)(
+                    z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
+                    aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
+                    out + n * soutn + c * soutc + l0,
+                    out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, m + c,
+                    S + c, A + c, Cc + c, 0, e);
+        }
+        return;
+    }
 #if defined(BN_F64) && defined(__SSE2__)
     if (stream) {
         for (n = e0 / L; n * L < e1; n++) {
@@ -441,10 +553,10 @@ static BN_CLONES void BN_FN(bn_stream_add)(
 /* ---- the dtype's table (bn_loops): entry points that take untyped data pointers ---- */
 
 static void BN_FN(bn_rows_sums_v)(
-    const void *z, const void *dy, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t nrows, Py_ssize_t cw,
-    const double *m, double *s_dy, double *s_zm)
+    const void *z, const void *dy, const void *y, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sy,
+    Py_ssize_t nrows, Py_ssize_t cw, const double *m, double *s_dy, double *s_zm)
 {
-    BN_FN(bn_rows_sums)(z, dy, sz, sdy, nrows, cw, m, s_dy, s_zm);
+    BN_FN(bn_rows_sums)(z, dy, y, sz, sdy, sy, nrows, cw, m, s_dy, s_zm);
 }
 
 static void BN_FN(bn_rows_centered_v)(
@@ -457,17 +569,17 @@ static void BN_FN(bn_rows_centered_v)(
 static void BN_FN(bn_rows_affine_v)(
     const void *z, const void *dy, void *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
     Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
-    const double *Cc, int stream)
+    const double *Cc, int stream, const bn_epi *e)
 {
-    BN_FN(bn_rows_affine)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, stream);
+    BN_FN(bn_rows_affine)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, stream, e);
 }
 
 static void BN_FN(bn_plane_sums_v)(
-    const void *z, const void *dy, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc,
-    Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *m, double *s_dy,
-    double *s_zm)
+    const void *z, const void *dy, const void *y, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn,
+    Py_ssize_t sdyc, Py_ssize_t syn, Py_ssize_t syc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
+    Py_ssize_t cw, const double *m, double *s_dy, double *s_zm)
 {
-    BN_FN(bn_plane_sums)(z, dy, szn, szc, sdyn, sdyc, L, e0, e1, cw, m, s_dy, s_zm);
+    BN_FN(bn_plane_sums)(z, dy, y, szn, szc, sdyn, sdyc, syn, syc, L, e0, e1, cw, m, s_dy, s_zm);
 }
 
 static void BN_FN(bn_plane_moments_v)(
@@ -480,10 +592,11 @@ static void BN_FN(bn_plane_moments_v)(
 static void BN_FN(bn_plane_affine_v)(
     const void *z, const void *dy, void *out, Py_ssize_t szn, Py_ssize_t szc, Py_ssize_t sdyn,
     Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc, Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1,
-    Py_ssize_t cw, const double *m, const double *S, const double *A, const double *Cc, int stream)
+    Py_ssize_t cw, const double *m, const double *S, const double *A, const double *Cc, int stream,
+    const bn_epi *e)
 {
     BN_FN(bn_plane_affine)(
-        z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw, m, S, A, Cc, stream);
+        z, dy, out, szn, szc, sdyn, sdyc, soutn, soutc, L, e0, e1, cw, m, S, A, Cc, stream, e);
 }
 
 static const bn_loops BN_FN(bn_loops) = {

@@ -8,19 +8,25 @@ in the cached gamma's dtype where that is wider, and gives dgamma and dbeta in i
 (the parameters' dtype: float32 parameters of float16 data get float32 gradients).
 gamma=None and beta=None stand for 1 and 0.
 
+A fused epilogue may follow the normalization, as in a conv-bn-relu block or a residual
+block's bn-add-relu: an optional residual of x's shape is added and an optional ReLU
+applied, both in the work dtype before the final rounding.
+
 Functions
 ---------
-forward(x, gamma, beta, bn_param, *, axis=1) -> (out, cache)
-backward_graph(dout, cache) -> (dx, dgamma, dbeta)
+forward(x, gamma, beta, bn_param, *, axis=1, activation=None, residual=None) -> (out, cache)
+backward_graph(dout, cache) -> (dx, dgamma, dbeta) or (dx, dgamma, dbeta, dresidual)
     the staged computational-graph backward, gate by gate
-backward_alt(dout, cache) -> (dx, dgamma, dbeta)
+backward_alt(dout, cache) -> (dx, dgamma, dbeta) or (dx, dgamma, dbeta, dresidual)
     the simplified closed form
 
 Math, per channel with M reduced elements, mean mu and biased variance var:
 
     eps_mode 'var':  xhat = (x - mu) / sqrt(var + eps)
     eps_mode 'std':  xhat = (x - mu) / (sqrt(var) + eps)
-    out    = gamma * xhat + beta
+    out    = act(gamma * xhat + beta + residual)
+    dy     = 0 where out <= 0 else dout    (activation 'relu'; dy = dout without it)
+    dresidual = dy
     dbeta  = sum(dy)
     dgamma = sum(dy * xhat)
     dx     = gamma / d * (dy - dbeta/M - xhat * dgamma * k / M)
@@ -28,6 +34,12 @@ Math, per channel with M reduced elements, mean mu and biased variance var:
 with d the denominator of xhat and k = 1 ('var') or k = d / sqrt(var) ('std';
 k = 0 where var = 0, the subgradient of sqrt at 0).  In 'test' mode mu and var
 are the running statistics, constants of the graph, and dx = gamma / d * dy.
+
+The residual term is absent without a residual, act the identity without an activation.
+ReLU is ``0 where v <= 0 else v``: NaN propagates (NaN <= 0 is false) and -0.0 becomes
++0.0.  Its gradient is masked by the saved output, as PyTorch's threshold_backward: 0
+where out <= 0 (the kink, where the output is exactly 0, and below), dout where out > 0
+or out is NaN.
 """
 
 import numpy as np
@@ -35,6 +47,7 @@ import numpy as np
 __all__ = ["forward", "backward_graph", "backward_alt"]
 
 EPS_MODES = ("var", "std")
+ACTIVATIONS = (None, "relu")
 
 
 def _work_dtype(dtype):
@@ -60,18 +73,49 @@ def _grad_dtype(gamma, dout):
     return gamma.dtype if gamma is not None and gamma.dtype.kind == "f" else dout.dtype
 
 
+def _check_activation(activation, name="activation"):
+    # None or one of the names; only strings are compared, so an array is refused, not broadcast
+    if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
+        raise ValueError("%s must be None or 'relu', got %r" % (name, activation))
+    return activation
+
+
+def _relu(v):
+    # 0 where v <= 0: NaN stays NaN (the comparison is false), -0.0 becomes +0.0
+    return np.where(v <= 0, v.dtype.type(0), v)
+
+
+def _relu_gate(dout, out):
+    # the gradient through the ReLU, masked by its saved output: 0 at and below the
+    # kink, dout where out > 0 or out is NaN (PyTorch's threshold_backward)
+    return np.where(np.asarray(out) <= 0, dout.dtype.type(0), dout)
+
+
+def _epilogue(cache):
+    """The fused epilogue a cache records: (activation, residual, out).
+
+    Caches without the keys (hand-built ones, seed-style ones) have none: None, False, None.
+    """
+    activation = _check_activation(cache.get("activation"), "cache['activation']")
+    out = cache.get("out")
+    if activation == "relu" and out is None:
+        raise ValueError("cache['activation'] is 'relu' but cache['out'] is None")
+    return activation, bool(cache.get("residual", False)), out
+
+
 def _denominator(var, eps, eps_mode):
     if eps_mode == "var":
         return np.sqrt(var + eps)
     return np.sqrt(var) + eps
 
 
-def forward(x, gamma, beta, bn_param, *, axis=1):
+def forward(x, gamma, beta, bn_param, *, axis=1, activation=None, residual=None):
     """Batch normalization forward pass in NumPy; the contract of :func:`bnkernels.forward`.
 
-    Arithmetic runs in the dtype of ``x`` (float16 in float32, rounded back), and
-    nothing is validated beyond ``'mode'`` and ``'eps_mode'``: this is the oracle,
-    kept as plain as hand-written NumPy code.
+    Arithmetic runs in the dtype of ``x`` (float16 in float32, rounded back), the
+    residual add and the ReLU included, and nothing is validated beyond ``'mode'``,
+    ``'eps_mode'`` and ``activation``: this is the oracle, kept as plain as
+    hand-written NumPy code.
 
     Parameters
     ----------
@@ -91,23 +135,33 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         batches seen; ``'num_batches_tracked'`` counts the batch either way.
     axis : int, default 1
         The channel axis; every other axis is reduced.
+    activation : None or 'relu', default None
+        Applied last: ``relu(v) = 0 where v <= 0 else v`` (NaN propagates, -0.0
+        becomes +0.0); None is the identity.
+    residual : ndarray of x's shape and dtype, or None
+        Added to ``gamma * xhat + beta`` before the activation, in the work dtype; any
+        strides.  Not validated here (a broadcastable shape would broadcast).
 
     Returns
     -------
     out : ndarray, the shape and dtype of x
-        ``gamma * xhat + beta``.
+        ``act(gamma * xhat + beta + residual)``, the residual term absent when None.
     cache : dict
         ``'x'`` (the input, not a copy), ``'mean'``, ``'var'``, ``'invstd'`` (shape
         (C,), the work dtype), ``'gamma'`` (in the parameters' dtype; ones for None),
         ``'eps'``, ``'eps_mode'``, ``'mode'``,
-        ``'axis'`` (non-negative).  Accepted by :func:`bnkernels.backward` too.
+        ``'axis'`` (non-negative), ``'activation'`` (None or ``'relu'``),
+        ``'residual'`` (bool: whether a residual was added) and ``'out'`` (the
+        returned ``out`` itself, not a copy, with ``activation='relu'``, whose mask
+        the backward needs; None otherwise).  Accepted by :func:`bnkernels.backward`
+        too.
 
     Raises
     ------
     KeyError
         ``bn_param`` has no ``'mode'``.
     ValueError
-        ``'mode'`` or ``'eps_mode'`` has an unknown value.
+        ``'mode'``, ``'eps_mode'`` or ``activation`` has an unknown value.
     """
     x = np.asarray(x)
     axis = axis % x.ndim
@@ -119,6 +173,7 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         raise ValueError("bn_param['mode'] must be 'train' or 'test', got %r" % (mode,))
     if eps_mode not in EPS_MODES:
         raise ValueError("bn_param['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
+    _check_activation(activation)
     c = x.shape[axis]
     wt = _work_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i != axis)
@@ -157,6 +212,11 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
     invstd = 1 / _denominator(var, wt.type(eps), eps_mode)
     xhat = (xw - mean.reshape(bs)) * invstd.reshape(bs)
     out = np.asarray(gamma, dtype=wt).reshape(bs) * xhat + np.asarray(beta, dtype=wt).reshape(bs)
+    if residual is not None:
+        out = out + np.asarray(residual).astype(wt, copy=False)
+    if activation == "relu":
+        out = _relu(out)
+    out = out.astype(x.dtype, copy=False)
     cache = {
         "x": x,
         "mean": mean,
@@ -167,8 +227,12 @@ def forward(x, gamma, beta, bn_param, *, axis=1):
         "eps_mode": eps_mode,
         "mode": mode,
         "axis": axis,
+        "activation": activation,
+        "residual": residual is not None,
+        # backward masks with the output itself: held by reference, never copied
+        "out": out if activation == "relu" else None,
     }
-    return out.astype(x.dtype, copy=False), cache
+    return out, cache
 
 
 def _unpack(dout, cache):
@@ -217,18 +281,25 @@ def backward_graph(dout, cache):
     broadcast over the reduced axes) gets its upstream gradient in turn::
 
         xmu = x - mu;  var = mean(xmu**2);  denom = sqrt(var + eps) or sqrt(var) + eps;
-        invd = 1/denom;  xhat = xmu * invd;  out = gamma * xhat + beta
+        invd = 1/denom;  xhat = xmu * invd;  y = gamma * xhat + beta;
+        s = y + residual;  out = relu(s)
+
+    The fused epilogue's gates come first: the ReLU passes dout where it fired (out > 0,
+    or NaN) and 0 elsewhere; the add hands the same gradient to both its inputs, y and
+    the residual.
 
     Parameters
     ----------
     dout : ndarray, the shape of the cached input
-        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype,
-        or the cached gamma's if wider (float16 in float32).
+        Upstream gradient dL/dout of the activation's output, any floating dtype;
+        arithmetic runs in its dtype, or the cached gamma's if wider (float16 in float32).
     cache : dict
         The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
         seed-style dict: ``'x_hat'`` (the shape of dout), ``'gamma'`` (or None) and
         ``'denom'`` (= ``sqrt(var + eps)``), both shape (C,), and optionally
-        ``'axis'``, the channel axis of x_hat (default 1).
+        ``'axis'``, the channel axis of x_hat (default 1).  ``'activation'``,
+        ``'residual'`` and ``'out'`` describe the fused epilogue; missing, they mean
+        None, False and None (none).
 
     Returns
     -------
@@ -237,16 +308,24 @@ def backward_graph(dout, cache):
     dgamma, dbeta : ndarray, shape (C,)
         The gradients dL/dgamma and dL/dbeta, in the dtype of the cached gamma when
         it is floating, else in that of dout.
+    dresidual : ndarray, the shape and dtype of dout; only when ``cache['residual']``
+        The gradient dL/dresidual: dout after the ReLU's mask, a new array (never
+        dout itself).
 
     See Also
     --------
     backward_alt : The same gradients from the simplified closed form.
     """
     dtype = np.asarray(dout).dtype
+    activation, residual, out = _epilogue(cache)
     wt, grads, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(
         dout, cache
     )
-    dy = np.asarray(dout, dtype=wt)
+    ds = np.asarray(dout, dtype=wt)
+    if activation == "relu":
+        ds = _relu_gate(ds, out)  # out = relu(s)
+    dy = ds  # s = y + residual: the add gate copies the gradient to y ...
+    dresidual = ds  # ... and to the residual
 
     dbeta = dy.sum(axis=red)
     dgamma = (dy * xhat).sum(axis=red)
@@ -268,7 +347,10 @@ def backward_graph(dout, cache):
         dx = dxmu + dmu / m  # mu = mean(x), branches add
     else:
         dx = dxmu
-    return (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
+    grad = (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
+    if residual:
+        grad += (dresidual.astype(dtype),)  # astype copies: never dout itself
+    return grad
 
 
 def backward_alt(dout, cache):
@@ -279,18 +361,22 @@ def backward_alt(dout, cache):
         dx = gamma/d * (dy - sum(dy)/M - xhat * sum(dy*xhat) * k/M)
 
     with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'`` (0 where
-    var = 0); test mode: ``dx = gamma/d * dy``.
+    var = 0); test mode: ``dx = gamma/d * dy``.  After a fused epilogue dy is dout
+    masked by the ReLU's saved output, ``dy = 0 where out <= 0 else dout`` (dout
+    without an activation), and ``dresidual = dy``.
 
     Parameters
     ----------
     dout : ndarray, the shape of the cached input
-        Upstream gradient dL/dout, any floating dtype; arithmetic runs in its dtype,
-        or the cached gamma's if wider (float16 in float32).
+        Upstream gradient dL/dout of the activation's output, any floating dtype;
+        arithmetic runs in its dtype, or the cached gamma's if wider (float16 in float32).
     cache : dict
         The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
         seed-style dict: ``'x_hat'`` (the shape of dout), ``'gamma'`` (or None) and
         ``'denom'`` (= ``sqrt(var + eps)``), both shape (C,), and optionally
-        ``'axis'``, the channel axis of x_hat (default 1).
+        ``'axis'``, the channel axis of x_hat (default 1).  ``'activation'``,
+        ``'residual'`` and ``'out'`` describe the fused epilogue; missing, they mean
+        None, False and None (none).
 
     Returns
     -------
@@ -299,6 +385,9 @@ def backward_alt(dout, cache):
     dgamma, dbeta : ndarray, shape (C,)
         The gradients dL/dgamma and dL/dbeta, in the dtype of the cached gamma when
         it is floating, else in that of dout.
+    dresidual : ndarray, the shape and dtype of dout; only when ``cache['residual']``
+        The gradient dL/dresidual: dout after the ReLU's mask, a new array (never
+        dout itself).
 
     See Also
     --------
@@ -306,10 +395,13 @@ def backward_alt(dout, cache):
     bnkernels.backward : The compiled version.
     """
     dtype = np.asarray(dout).dtype
+    activation, residual, out = _epilogue(cache)
     wt, grads, axis, red, bs, m, train, eps_mode, gamma, xmu, xhat, denom, var = _unpack(
         dout, cache
     )
     dy = np.asarray(dout, dtype=wt)
+    if activation == "relu":
+        dy = _relu_gate(dy, out)
 
     dbeta = dy.sum(axis=red)
     dgamma = (dy * xhat).sum(axis=red)
@@ -323,4 +415,7 @@ def backward_alt(dout, cache):
             with np.errstate(divide="ignore", invalid="ignore"):
                 k = np.where(std > 0, denom / std, 0)
         dx = gamma / (m * denom) * (m * dy - dbeta.reshape(bs) - xhat * (dgamma.reshape(bs) * k))
-    return (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
+    grad = (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
+    if residual:
+        grad += (dy.astype(dtype),)  # dresidual = dy; astype copies: never dout itself
+    return grad

@@ -375,6 +375,25 @@ ERROR_CASES = [
         ValueError,
         r"running_var'\] must have shape \(4,\).*got \(5,\)",
     ),
+    # --- forward: the fused epilogue
+    ErrorCase(
+        "activation is not None or 'relu'",
+        _fwd(activation="sigmoid"),
+        ValueError,
+        r"activation must be None or 'relu'",
+    ),
+    ErrorCase(
+        "residual shape differs from x",
+        _fwd(residual=np.ones((2, 3))),
+        ValueError,
+        r"residual",
+    ),
+    ErrorCase(
+        "residual dtype differs from x",
+        _fwd(residual=np.ones((2, 4), f32)),
+        TypeError,
+        r"residual.*float32",
+    ),
     # --- backward: dout
     ErrorCase(
         "dout shape differs from x",

@@ -51,7 +51,7 @@ def test_rounding_matches_numpy_on_sums_of_halves():
     # -> float16 cast rounds correctly, once.
     rng = np.random.default_rng(0)
     x = rng.integers(0, 1 << 16, size=(1 << 15, 64), dtype=np.uint16).view(F16)
-    mean = -rng.integers(0, 0x7c00, size=64, dtype=np.uint16).view(F16).astype(np.float64)
+    mean = -rng.integers(0, 0x7C00, size=64, dtype=np.uint16).view(F16).astype(np.float64)
     mean[:8] = -np.array([2.0**-24, 2.0**-15, 0.5, 1.0, 1024.0, 2048.0, 32768.0, 65504.0])
     with np.errstate(invalid="ignore", over="ignore"):
         want = (x.astype(np.float64) - mean + 0.0).astype(F16)
