@@ -892,6 +892,94 @@ def format_load(records):
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------
+# --fused: the fused epilogue against the unfused sequence
+# ---------------------------------------------------------------------------
+
+FUSED_CASES = (
+    "2d-large-f32",
+    "nchw-32x64x56x56-f32",
+    "nhwc-32x56x56x64-f32",
+    "nchw-64x256x14x14-f64",
+    "nchw-32x64x56x56-f16",
+)
+
+
+def fused_fns(data, threads):
+    """{(pass, impl): callable}: a residual block's batch norm, add and ReLU, fused in one
+    bnkernels call or as bnkernels then NumPy (in place: the least traffic NumPy allows).
+    Ideal traffic in arrays of the input's size: forward fused 3 (x, residual in; out),
+    unfused 5 (x in, out; out and residual in, out); backward fused 5 (dout, out, x in;
+    dx, dresidual), unfused 6 (dout, out in, masked dout; it and x in, dx)."""
+    x, g, b, ax = data.x, data.gamma, data.beta, data.case.axis
+    dout = data.dy
+    rng = np.random.default_rng(zlib.crc32(b"residual" + data.case.name.encode()))
+    residual = _normal(rng, data.case.shape, x.dtype)
+    param = data._param
+
+    def fwd_fused():
+        return bnkernels.forward(x, g, b, param(), axis=ax, activation="relu", residual=residual)
+
+    def fwd_unfused():
+        out, cache = bnkernels.forward(x, g, b, param(), axis=ax)
+        out += residual
+        np.maximum(out, 0, out=out)
+        return out, cache
+
+    out_f, cache_f = fwd_fused()
+    out_u, cache_u = fwd_unfused()
+
+    def bwd_unfused():
+        dy = np.multiply(dout, out_u > 0)  # the ReLU's gradient, which is the residual's
+        dx, dgamma, dbeta = bnkernels.backward(dy, cache_u, num_threads=threads)
+        return dx, dgamma, dbeta, dy
+
+    return {
+        ("forward", "unfused"): fwd_unfused,
+        ("forward", "fused"): fwd_fused,
+        ("backward", "unfused"): bwd_unfused,
+        ("backward", "fused"): lambda: bnkernels.backward(dout, cache_f, num_threads=threads),
+    }
+
+
+def run_fused(cases, threads, budget):
+    """Records of the fused and unfused sequences per case and pass, taking turns."""
+    records = []
+    for case in cases:
+        _progress("fused %s ..." % case.name)
+        fns = fused_fns(CaseData(case), threads)
+        with openmp_limit(threads):
+            for pass_ in ("forward", "backward"):
+                timings = measure_turns(
+                    {impl: fn for (p, impl), fn in fns.items() if p == pass_}, budget
+                )
+                for impl, t in timings.items():
+                    records.append(
+                        {
+                            "case": case.name,
+                            "pass": pass_,
+                            "impl": impl,
+                            "median_s": t.median,
+                            "iqr_s": t.iqr,
+                            "repeats": t.repeats,
+                        }
+                    )
+    return records
+
+
+def format_fused(records):
+    rows = [
+        "fused epilogue (batch norm + residual add + ReLU): median ms, unfused/fused > 1: "
+        "fusing is faster"
+    ]
+    rows.append("%-24s %-8s %9s %9s %14s" % ("case", "pass", "unfused", "fused", "unfused/fused"))
+    by = {(r["case"], r["pass"], r["impl"]): r["median_s"] for r in records}
+    for case, pass_ in dict.fromkeys((r["case"], r["pass"]) for r in records):
+        u, f = by[(case, pass_, "unfused")], by[(case, pass_, "fused")]
+        rows.append("%-24s %-8s %9.3g %9.3g %14.2f" % (case, pass_, u * 1e3, f * 1e3, u / f))
+    return "\n".join(rows) + "\n"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bnkernels bench",
@@ -926,6 +1014,12 @@ def build_parser():
         help="start N busy processes for the run (stopped after it) and report p50 and p99 "
         "call times per case and thread setting (cases: %s)"
         % ", ".join(c.name for c in LOAD_CASES),
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="time the fused epilogue (activation='relu', residual=...) against bnkernels "
+        "followed by NumPy's add and ReLU, both passes (cases: %s)" % ", ".join(FUSED_CASES),
     )
     p.add_argument("--json", metavar="PATH", help="write every measurement and the machine as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedups and roofline distances")
@@ -966,6 +1060,26 @@ def main(argv=None):
             _progress("wrote %s" % args.json)
         return 0
     threads = args.threads or omp_default
+    if args.fused:
+        names = [c.name for c in select_cases(args.cases)] if args.cases else FUSED_CASES
+        cases = [c for c in CASES if c.name in names]
+        if not cases:
+            parser.error("no case matches %r" % (args.cases,))
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        records = run_fused(cases, threads, QUICK if args.quick else FULL)
+        print(format_fused(records), end="")
+        if args.json:
+            doc = {
+                "date": date,
+                "machine": machine_info(None, omp_default),
+                "threads": threads,
+                "fused": records,
+            }
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+            _progress("wrote %s" % args.json)
+        return 0
     if args.cases:
         cases = select_cases(args.cases)
         if not cases:

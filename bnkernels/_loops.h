@@ -55,9 +55,25 @@ static inline void BN_FN(bn_prefetch_ahead)(
         bn_prefetch(base + rr * s + jj + b);
 }
 
+#ifndef BN_MASKED_DEFINED
+#define BN_MASKED_DEFINED
+/* v if keep, else +0.0, by masking its bits: GCC 12 does not vectorize a floating-point
+ * choice (c ? 0.0 : v) unless told that comparisons cannot trap, which would apply to
+ * every loop; an integer mask is a select it does vectorize */
+static inline double bn_keep(double v, int keep)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    u &= (uint64_t)0 - (uint64_t)keep;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 /* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy) */
-#ifndef BN_MASKED
-#define BN_MASKED(y, dy) ((y) <= 0.0 ? 0.0 : (dy))
+static inline double bn_masked(double y, double dy) { return bn_keep(dy, !(y <= 0.0)); }
+
+/* max(v, 0) with NaN kept and -0.0 made +0.0 */
+static inline double bn_relu(double v) { return bn_keep(v, !(v <= 0.0)); }
 #endif
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
@@ -83,7 +99,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
         }
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double v = mask ? BN_MASKED(BN_LD(yr[j]), BN_LD(dyr[j])) : BN_LD(dyr[j]);
+            const double v = mask ? bn_masked(BN_LD(yr[j]), BN_LD(dyr[j])) : BN_LD(dyr[j]);
             a[j] += v;
             c[j] += v * (BN_LD(zr[j]) - mb[j]);
         }
@@ -131,7 +147,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 #endif
 
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order;
- * y (row stride sy) not NULL: dy masked by it first (BN_MASKED) */
+ * y (row stride sy) not NULL: dy masked by it first (bn_masked) */
 static BN_CLONES void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
@@ -232,7 +248,7 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 /* A run of n outputs with a fused epilogue (bn_epi), coefficients m, S, A, Cc at [k*cs]
  * (cs 1: per column, rows layout; cs 0: one channel's, planar).  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
- * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (BN_MASKED), the
+ * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (bn_masked), the
  * masked dy stored in out2 with has_out2 (the residual's gradient), then out = dx.  Always
  * inlined with constant flags: each combination is its own vectorized loop. */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
@@ -251,9 +267,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
             if (has_aux)
                 v = v + BN_LD(aux[k]);
             if (relu)
-                v = v <= 0.0 ? 0.0 : v;
+                v = bn_relu(v);
         } else {
-            const double d = has_aux ? BN_MASKED(BN_LD(aux[k]), BN_LD(dy[k])) : BN_LD(dy[k]);
+            const double d = has_aux ? bn_masked(BN_LD(aux[k]), BN_LD(dy[k])) : BN_LD(dy[k]);
             if (has_out2)
                 out2[k] = BN_ST(d);
             v = BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LD(z[k]), m[j]);
@@ -384,13 +400,13 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
     for (; i + BN_LANES <= n; i += BN_LANES) {
         BN_SIMD
         for (j = 0; j < BN_LANES; j++) {
-            double v = mask ? BN_MASKED(BN_LD(y[i + j]), BN_LD(dy[i + j])) : BN_LD(dy[i + j]);
+            double v = mask ? bn_masked(BN_LD(y[i + j]), BN_LD(dy[i + j])) : BN_LD(dy[i + j]);
             a[j] += v;
             b[j] += v * (BN_LD(z[i + j]) - m);
         }
     }
     for (j = 0; i < n; i++, j++) {
-        double v = mask ? BN_MASKED(BN_LD(y[i]), BN_LD(dy[i])) : BN_LD(dy[i]);
+        double v = mask ? bn_masked(BN_LD(y[i]), BN_LD(dy[i])) : BN_LD(dy[i]);
         a[j] += v;
         b[j] += v * (BN_LD(z[i]) - m);
     }
@@ -422,7 +438,7 @@ static inline void BN_FN(bn_run_moments)(
 }
 
 /* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c;
- * y (strides syn, syc) not NULL: dy masked by it first (BN_MASKED) */
+ * y (strides syn, syc) not NULL: dy masked by it first (bn_masked) */
 static BN_CLONES void BN_FN(bn_plane_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t szn,
     Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t syn, Py_ssize_t syc, Py_ssize_t L,
