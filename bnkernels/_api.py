@@ -442,6 +442,12 @@ def forward(
     axis : int, default 1
         The channel axis (any axis but 0, the batch axis); every other axis is
         reduced.  1 for (N, C, ...), -1 for channels-last arrays.
+    activation : None or 'relu', default None
+        A fused ReLU after the normalization (and the residual):
+        ``out = max(v, 0)``, 0 where v <= 0 (-0.0 becomes +0.0), NaN kept.
+    residual : ndarray of x's shape and dtype, optional
+        Added to ``gamma * xhat + beta`` before the activation, in the same pass
+        (any strides); :func:`backward` then returns its gradient too.
     comm : MPI communicator, optional
         x is this rank's slice of a batch split across the ranks of ``comm`` (an
         mpi4py ``MPI.Comm``, or any object whose ``allgather(obj)`` returns every
@@ -458,13 +464,17 @@ def forward(
     Returns
     -------
     out : ndarray, the shape, dtype and memory layout of x
-        ``gamma * xhat + beta``.
+        ``gamma * xhat + beta``, plus ``residual``, then the activation; in the
+        kernels computed in float64 and rounded once.
     cache : dict
         What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
         per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (shape (C,), float64;
         longdouble for longdouble x), ``'gamma'`` (in the
-        parameters' dtype; ones for None), ``'eps'``, ``'eps_mode'``, ``'mode'`` and
-        ``'axis'`` (normalized to a non-negative int).
+        parameters' dtype; ones for None), ``'eps'``, ``'eps_mode'``, ``'mode'``,
+        ``'axis'`` (normalized to a non-negative int), ``'activation'``,
+        ``'residual'`` (a bool) and ``'out'``: with ``activation='relu'`` the returned
+        ``out`` itself, not a copy, whose mask :func:`backward` applies (modifying
+        ``out`` in place changes the gradient); else None.
 
     Raises
     ------
@@ -886,7 +896,9 @@ def backward(
     Parameters
     ----------
     dout : ndarray, the shape and dtype of the forward input x
-        Upstream gradient dL/dout.  Any strides; not modified, may be read-only.
+        Upstream gradient dL/dout, of the activation's output after a fused ReLU
+        (then taken as 0 where the cached out <= 0).  Any strides; not modified, may
+        be read-only.
         float16, float32 and float64 run the compiled kernels; longdouble runs
         :func:`bnkernels.reference.backward_alt`.
     cache : dict
@@ -916,6 +928,9 @@ def backward(
     dbeta : ndarray, shape (C,), the dtype of dgamma
         The gradient dL/dbeta.  With gamma and beta None (no affine), dgamma and
         dbeta are the gradients they would have at 1 and 0.
+    dresidual : ndarray, the shape, dtype and memory layout of dout
+        Only when forward added a residual: its gradient, dout masked by the ReLU
+        (dout itself without one), a new array.
 
     Raises
     ------
@@ -944,8 +959,9 @@ def backward(
         dx     = gamma/d * (dy - dbeta/M - xhat * dgamma * k/M)
 
     with k = 1 for ``eps_mode='var'`` and k = d/sqrt(var) for ``'std'`` (0 where
-    var = 0).  Test mode (running statistics, constants of the graph):
-    ``dx = gamma/d * dy``.  Sums are accumulated in float64 for float32 input too.
+    var = 0); dy is dout, or after a fused ReLU 0 where out <= 0 and dout elsewhere.
+    Test mode (running statistics, constants of the graph): ``dx = gamma/d * dy``.
+    Sums are accumulated in float64 for float32 and float16 input too.
 
     Examples
     --------
