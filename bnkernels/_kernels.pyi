@@ -42,7 +42,7 @@ def planar_plan(
 # ("planar", N, C, L, [(sn, sc), ...]), strides in elements
 
 def backward(
-    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, dx]
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, y, dx, dres] (absent ones left out)
     z: np.ndarray,  # const floating: x, or xhat when xhat_form
     dy: np.ndarray,  # const floating, dtype of z
     dx: np.ndarray,  # floating, dtype of z; written
@@ -56,18 +56,21 @@ def backward(
     dgamma: np.ndarray,  # floating[C], dtype of z; written
     dbeta: np.ndarray,  # floating[C], dtype of z; written
     n_threads: int,  # int
+    y: np.ndarray | None = ...,  # const, dtype of z: a fused ReLU's output, masks dy
+    dres: np.ndarray | None = ...,  # dtype of z; written: the masked dy
 ) -> None: ...
 def backward_reduce(
-    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy]
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, y]
     z: np.ndarray,  # const floating
     dy: np.ndarray,  # const floating, dtype of z
     mean: np.ndarray,  # const float64[C]
     sum_dy: np.ndarray,  # float64[C]; written
     sum_dy_zm: np.ndarray,  # float64[C]; written
     n_threads: int,  # int
+    y: np.ndarray | None = ...,  # const, dtype of z: a fused ReLU's output, masks dy
 ) -> None: ...
 def backward_apply(
-    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, dx]
+    lay: tuple[str, int, int, int, list],  # tuple, over [z, dy, y, dx, dres]
     z: np.ndarray,  # const floating
     dy: np.ndarray,  # const floating, dtype of z
     dx: np.ndarray,  # floating, dtype of z; written
@@ -84,9 +87,11 @@ def backward_apply(
     dgamma: np.ndarray,  # floating[C]; written
     dbeta: np.ndarray,  # floating[C]; written
     n_threads: int,  # int
+    y: np.ndarray | None = ...,  # as for backward
+    dres: np.ndarray | None = ...,  # as for backward
 ) -> None: ...
 def forward(
-    lay: tuple[str, int, int, int, list],  # tuple, over [x, out]
+    lay: tuple[str, int, int, int, list],  # tuple, over [x, residual, out]
     x: np.ndarray,  # const floating
     out: np.ndarray,  # floating, dtype of x; written
     train: bool,  # bint
@@ -98,6 +103,8 @@ def forward(
     var: np.ndarray,  # float64[C]; written in train mode, else read
     invstd: np.ndarray,  # float64[C]; written in train mode, else read
     n_threads: int,  # int
+    residual: np.ndarray | None = ...,  # const, dtype of x: added before the activation
+    relu: bool = ...,  # bint: out = max(out, 0)
 ) -> None: ...
 def batch_stats(
     lay: tuple[str, int, int, int, list],  # tuple, over [x]
