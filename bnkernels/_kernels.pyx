@@ -516,16 +516,13 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
     cdef int nt, rc
     cdef double *buf = NULL
     cdef Vecs shared
-    if w.reduce == NULL:
-        # write only: the output is elementwise, any block of whole channels will do
-        p.chunk = j.extent
-        p.n_chunks = 1
-        p.n_tasks = p.n_blocks
     nt = _n_threads(n_threads, p.n_tasks, j.extent * j.step * C)
     if j.prefault and w.write != NULL:
         _prefault(j, nt)
     j.local_doubles = _vecs_doubles(1, p.cb)
     if w.reduce == NULL:
+        # write only: the plan's tasks, chunks included (a rows plan may have one block),
+        # each finishing its own channels' coefficients first
         rc = _parallel(j, w, WRITE, nt, NULL)
     elif p.n_chunks == 1:
         rc = _parallel(j, w, FUSED, nt, NULL)

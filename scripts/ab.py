@@ -53,6 +53,9 @@ def case_fns(data, pass_, threads, other):
         if pass_ == "backward":
             cache = pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis)[1]
             fns[name] = lambda pkg=pkg, cache=cache: pkg.backward(dy, cache, num_threads=threads)
+        elif pass_ == "test":  # the forward with running statistics: the write-only sweep
+            p = {"mode": "test", "eps": _bench.EPS, "running_mean": g, "running_var": b * b + 1}
+            fns[name] = lambda pkg=pkg, p=p: pkg.forward(x, g, b, dict(p), axis=axis)
         else:
             fns[name] = lambda pkg=pkg: pkg.forward(
                 x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis
@@ -68,9 +71,9 @@ def shape_case(spec):
         shape = tuple(int(v) for v in dims.split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError("expected layout:AxB[x...]:dtype, got %r" % spec) from None
-    if layout not in ("2d", "nchw", "nhwc") or dtype not in ("float32", "float64"):
+    if layout not in ("2d", "nchw", "nhwc") or dtype not in ("float16", "float32", "float64"):
         raise argparse.ArgumentTypeError(
-            "layout 2d, nchw or nhwc and dtype float32 or float64, got %r" % spec
+            "layout 2d, nchw or nhwc and dtype float16, float32 or float64, got %r" % spec
         )
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError("a shape of two or more positive sizes, got %r" % spec)
@@ -89,7 +92,11 @@ def main(argv=None):
         help="shapes outside the grid, e.g. 2d:512x256:float32",
     )
     p.add_argument(
-        "--pass", dest="passes", choices=("backward", "forward", "both"), default="backward"
+        "--pass",
+        dest="passes",
+        choices=("backward", "forward", "test", "both"),
+        default="backward",
+        help="forward in train mode; test: forward in test mode; both: backward and forward",
     )
     p.add_argument(
         "--threads",
