@@ -24,7 +24,8 @@ schedule:
 * L3 share (planar): a thread takes whole channels too long for one task but short
   enough for a share of L3 and runs both sweeps of one back to back (same partials,
   same merge order, so the same bits as chunked);
-* write only (no reduce): coefficients first, then the tasks in any order.
+* write only (no reduce): each of the plan's tasks (chunks included) finishes its
+  channels' coefficients, then writes.
 
 Every sum runs in an order fixed by the plan: results are bitwise identical for any
 ``n_threads``.  Sums are float64 for every dtype, and ``x - mean`` is formed in float64.
