@@ -128,6 +128,7 @@ def _local_ranks():
 
 
 _cpus = _usable_cpus()  # read again whenever a call asks for more threads than this
+_PARALLEL_MIN_ELEMS = int(_kernels.PARALLEL_MIN_ELEMS)
 _forked = False  # this process was made by os.fork() (or is a descendant of one)
 
 
@@ -140,14 +141,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _n_threads(num_threads, load=True):
+def _n_threads(num_threads, load=True, size=None):
     """The threads of one kernel call: num_threads, or the OpenMP default for None, capped
     at the CPUs this process may use.  1 in a forked process: GNU OpenMP's threads do not
     survive fork(), a call on one thread enters no OpenMP region, and the results are the
     same for every thread count.  The default (None) also leaves out the CPUs that other
-    runnable tasks hold now (load; see _busy_cpus)."""
+    runnable tasks hold now (load; see _busy_cpus).  1 for a call of `size` elements that
+    the kernels run on one thread anyway (below PARALLEL_MIN_ELEMS): small calls skip the
+    look at the machine."""
     global _cpus
     if num_threads is None:
+        if size is not None and size < _PARALLEL_MIN_ELEMS:
+            return 1
         n = _kernels.max_threads()
     else:
         if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
@@ -155,6 +160,8 @@ def _n_threads(num_threads, load=True):
         n = int(num_threads)
         if n < 1:
             raise ValueError("num_threads must be None or >= 1, got %d" % n)
+        if size is not None and size < _PARALLEL_MIN_ELEMS:
+            return 1
     if _forked:
         return 1
     if n > _cpus:
@@ -659,7 +666,7 @@ def _normalize(
         return out
     lay, views = _views([x] if residual is None else [x, residual], ax, out)
     xk, rk, outk = views[0], (views[1] if residual is not None else None), views[-1]
-    nt = _n_threads(None)
+    nt = _n_threads(None, size=x.size)
     args = (gamma, beta, mean, var, invstd, nt, rk, relu)
     _kernels.forward(lay, xk, outk, train, eps, std_mode, *args)
     if train and x.dtype == np.float64 and not np.isfinite(var).all():
@@ -878,7 +885,7 @@ def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardIn
             "channel" % (dout.shape,)
         )
     count = cache.get("count") if not xhat_form else None
-    nt = _n_threads(num_threads)
+    nt = _n_threads(num_threads, size=dout.size)
     vecs = tuple(vecs)
     return _BackwardInputs(
         z, ax, C, vecs, xhat_form, std_mode, train, dout, nt, count, grad_dtype, y, residual
