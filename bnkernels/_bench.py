@@ -980,6 +980,13 @@ def format_fused(records):
     return "\n".join(rows) + "\n"
 
 
+def _write_json(path, doc):
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    _progress("wrote %s" % path)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bnkernels bench",
@@ -1054,10 +1061,7 @@ def main(argv=None):
         print(format_load(records), end="")
         if args.json:
             doc = {"date": date, "machine": machine_info(None, omp_default), "load": records}
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-            _progress("wrote %s" % args.json)
+            _write_json(args.json, doc)
         return 0
     threads = args.threads or omp_default
     if args.fused:
@@ -1075,10 +1079,7 @@ def main(argv=None):
                 "threads": threads,
                 "fused": records,
             }
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-            _progress("wrote %s" % args.json)
+            _write_json(args.json, doc)
         return 0
     if args.cases:
         cases = select_cases(args.cases)
@@ -1180,10 +1181,7 @@ def main(argv=None):
             "results": records,
             "scaling": scaling,
         }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        _progress("wrote %s" % args.json)
+        _write_json(args.json, doc)
     if args.plot:
         plot(
             records,
