@@ -74,12 +74,14 @@ static inline void bn_span(
  * Forward: out = max(gamma*xhat + beta + aux, 0), aux (the residual) NULL for none, the
  * max only with relu.  Backward: dy is first masked by the saved output aux (a fused
  * ReLU's, NULL for none), and the masked dy is written to out2 (the residual's gradient,
- * NULL for none). */
+ * NULL for none); zterm 0 leaves out dx's term in z (with running statistics, dx does not
+ * depend on x: its coefficient is 0, and 0 times a NaN or Inf in x would be NaN). */
 typedef struct {
     const void *aux;
     void *out2;
     Py_ssize_t aux_n, aux_c, out2_n, out2_c;
     int relu;
+    int zterm;
 } bn_epi;
 
 /* One dtype's task-level loops (see _loops.h); data pointers are of that dtype.  y: the

@@ -62,6 +62,7 @@ cdef extern from "_kernels.h" nogil:
         void *out2
         Py_ssize_t aux_n, aux_c, out2_n, out2_c
         int relu
+        int zterm
     ctypedef struct bn_loops:
         void (*rows_sums)(const void *z, const void *dy, const void *y, Py_ssize_t sz,
                           Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw,
@@ -748,6 +749,7 @@ cdef inline bn_epi _epilogue(const Job *j) noexcept nogil:
     e.out2_n = j.out2_n
     e.out2_c = j.out2_c
     e.relu = j.relu
+    e.zterm = j.cf.train
     return e
 
 
@@ -948,6 +950,7 @@ cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssiz
     j.out2 = <char *>cnp.PyArray_DATA(out2) if out2 is not None else NULL
     j.relu = relu
     j.epilogue = aux is not None or out2 is not None or relu
+    j.cf.train = True   # (set by the backward's inputs)
     if aux is not None:
         n_arrays += 1
     j.C = C
@@ -1028,6 +1031,8 @@ cdef void _backward_inputs(Job *j, cnp.ndarray mean, cnp.ndarray scale, cnp.ndar
     j.cf.xhat_form = xhat_form
     j.cf.std_mode = std_mode
     j.cf.train = train
+    # with running statistics dx = A*dy: the epilogue's loop without the term in z
+    j.epilogue = j.epilogue or not train
     j.dgamma = <char *>cnp.PyArray_DATA(dgamma)
     j.dbeta = <char *>cnp.PyArray_DATA(dbeta)
 

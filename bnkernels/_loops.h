@@ -249,13 +249,14 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
  * (cs 1: per column, rows layout; cs 0: one channel's, planar).  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
  * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (bn_masked), the
- * masked dy stored in out2 with has_out2 (the residual's gradient), then out = dx.  Always
- * inlined with constant flags: each combination is its own vectorized loop. */
+ * masked dy stored in out2 with has_out2 (the residual's gradient), then out = dx, without
+ * its S*(z - m) term unless zterm.  Always inlined with constant flags: each combination is
+ * its own vectorized loop. */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
     BN_T *restrict out2, Py_ssize_t n, const double *restrict m, const double *restrict S,
     const double *restrict A, const double *restrict Cc, const Py_ssize_t cs, const int fwd,
-    const int has_aux, const int relu, const int has_out2)
+    const int has_aux, const int relu, const int has_out2, const int zterm)
 {
     Py_ssize_t k;
     BN_SIMD
@@ -272,7 +273,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
             const double d = has_aux ? bn_masked(BN_LD(aux[k]), BN_LD(dy[k])) : BN_LD(dy[k]);
             if (has_out2)
                 out2[k] = BN_ST(d);
-            v = BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LD(z[k]), m[j]);
+            v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LD(z[k]), m[j]) : A[j] * (d + Cc[j]);
         }
         out[k] = BN_ST(v);
     }
@@ -284,18 +285,24 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
     const double *m, const double *S, const double *A, const double *Cc, const Py_ssize_t cs,
     const bn_epi *e)
 {
-#define BN_EPI(fwd, has_aux, relu, has_out2) \
-    BN_FN(bn_epi_run)(z, dy, aux, out, out2, n, m, S, A, Cc, cs, fwd, has_aux, relu, has_out2)
+#define BN_EPI(fwd, has_aux, relu, has_out2, zterm) \
+    BN_FN(bn_epi_run)(                              \
+        z, dy, aux, out, out2, n, m, S, A, Cc, cs, fwd, has_aux, relu, has_out2, zterm)
     if (dy == NULL) {
         if (aux == NULL)
-            e->relu ? BN_EPI(1, 0, 1, 0) : BN_EPI(1, 0, 0, 0);
+            e->relu ? BN_EPI(1, 0, 1, 0, 1) : BN_EPI(1, 0, 0, 0, 1);
         else
-            e->relu ? BN_EPI(1, 1, 1, 0) : BN_EPI(1, 1, 0, 0);
+            e->relu ? BN_EPI(1, 1, 1, 0, 1) : BN_EPI(1, 1, 0, 0, 1);
+    } else if (e->zterm) {
+        if (aux == NULL)
+            out2 != NULL ? BN_EPI(0, 0, 0, 1, 1) : BN_EPI(0, 0, 0, 0, 1);
+        else
+            out2 != NULL ? BN_EPI(0, 1, 0, 1, 1) : BN_EPI(0, 1, 0, 0, 1);
     } else {
         if (aux == NULL)
-            out2 != NULL ? BN_EPI(0, 0, 0, 1) : BN_EPI(0, 0, 0, 0);
+            out2 != NULL ? BN_EPI(0, 0, 0, 1, 0) : BN_EPI(0, 0, 0, 0, 0);
         else
-            out2 != NULL ? BN_EPI(0, 1, 0, 1) : BN_EPI(0, 1, 0, 0);
+            out2 != NULL ? BN_EPI(0, 1, 0, 1, 0) : BN_EPI(0, 1, 0, 0, 0);
     }
 #undef BN_EPI
 }

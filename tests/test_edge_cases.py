@@ -696,6 +696,39 @@ def test_eps_modes_follow_their_formulas(dtype):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(
+    "shape,axis",
+    # rows, NCHW planes as rows, channels-last, planar, chunked planar, tall chunked rows
+    [
+        ((10, 4), 1),
+        ((6, 4, 5, 5), 1),
+        ((6, 5, 5, 4), -1),
+        ((3, 4, 64, 64), 1),
+        ((2, 4, 400, 400), 1),
+        ((40000, 8), 1),
+    ],
+)
+def test_test_mode_dx_does_not_read_x(shape, axis, dtype):
+    # with running statistics dx = gamma/d * dy: a NaN or Inf in x leaves dx finite there, as
+    # in the reference and PyTorch's eval-mode backward (dgamma of its channel is NaN)
+    x, gamma, beta, dout = make_inputs(shape, axis, dtype, seed=21)
+    C = shape[axis]
+    idx = [0] * len(shape)
+    idx[axis % len(shape)] = 1
+    x[tuple(idx)] = np.nan
+    idx[axis % len(shape)] = 2
+    x[tuple(idx)] = np.inf
+    p = {"mode": "test", "running_mean": np.zeros(C), "running_var": np.full(C, 2.0)}
+    _, cache = bnkernels.forward(x, gamma, beta, dict(p), axis=axis)
+    dx, dgamma, dbeta = bnkernels.backward(dout, cache)
+    scale = gamma.astype(np.float64) * (1.0 / np.sqrt(2.0 + 1e-5))  # as the kernels form it
+    bs = channel_shape(len(shape), axis, C)
+    want = (scale.reshape(bs) * (dout.astype(np.float64) + 0.0)).astype(dtype)
+    assert np.array_equal(dx, want)
+    assert np.isfinite(dbeta).all() and np.isnan(dgamma[1]) and np.isfinite(dgamma[[0, 3]]).all()
+
+
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize(
