@@ -46,8 +46,12 @@ static const char *bn_simd_targets =
 static const char *bn_simd_targets = "as compiled (no runtime dispatch)";
 #endif
 #if defined(__GNUC__)
+/* element-wise helpers are always inlined: a call inside a loop keeps it from vectorizing,
+ * and GCC stops inlining plain `static inline` functions into the larger task functions */
+#define BN_INLINE static inline __attribute__((always_inline))
 #define bn_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
 #else
+#define BN_INLINE static inline
 #define bn_prefetch(p) ((void)(p))
 #endif
 
@@ -115,22 +119,31 @@ typedef struct {
  * Conversions in 32-bit integer and float operations, branch-free (each case computed,
  * the right one selected), so that they vectorize on every x86-64: GCC 12 turns _Float16
  * conversions into a library call per element. */
-static inline float bn_bits_f(uint32_t u)
+BN_INLINE float bn_bits_f(uint32_t u)
 {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint32_t bn_f_bits(float f)
+BN_INLINE uint32_t bn_f_bits(float f)
 {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
 }
 
+/* c ? a : b for c 0 or 1, in bit operations: a choice between values one of which a
+ * floating-point operation made stays a select after inlining (GCC may otherwise move that
+ * operation into a branch, which does not vectorize) */
+BN_INLINE uint32_t bn_sel(uint32_t c, uint32_t a, uint32_t b)
+{
+    const uint32_t k = 0u - c;
+    return (a & k) | (b & ~k);
+}
+
 /* a float16 as a double (exact, through float) */
-static inline double bn_h2d(uint16_t h)
+BN_INLINE double bn_h2d(uint16_t h)
 {
     const uint32_t em = (uint32_t)(h & 0x7fffu) << 13; /* exponent and significand */
     const uint32_t e = em & 0x0f800000u;
@@ -140,12 +153,12 @@ static inline double bn_h2d(uint16_t h)
     const uint32_t special = em + (224u << 23);
     /* zero and subnormal, m * 2^-24: as 2^-14 * (1 + m/1024) less 2^-14, exact */
     const uint32_t sub = bn_f_bits(bn_bits_f(normal + (1u << 23)) - 0x1p-14f);
-    const uint32_t f = e == 0 ? sub : (e == 0x0f800000u ? special : normal);
+    const uint32_t f = bn_sel(e == 0, sub, bn_sel(e == 0x0f800000u, special, normal));
     return (double)bn_bits_f(f | (uint32_t)(h & 0x8000u) << 16);
 }
 
 /* a float rounded to the nearest float16, ties to even (overflow to inf, NaN kept quiet) */
-static inline uint16_t bn_f2h(float x)
+BN_INLINE uint16_t bn_f2h(float x)
 {
     const uint32_t u = bn_f_bits(x), a = u & 0x7fffffffu;
     /* normal results (|x| >= 2^-14): rebias, then round off 13 bits to nearest even; a
@@ -156,9 +169,9 @@ static inline uint16_t bn_f2h(float x)
      * float16 subnormal step, ties to even; the low bits are then the count of steps */
     const uint32_t sub = bn_f_bits(bn_bits_f(a) + 0.5f) - bn_f_bits(0.5f);
     const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
-    uint32_t h = a < (113u << 23) ? sub : normal;
-    h = a >= (143u << 23) ? 0x7c00u : h; /* 65536 and beyond: inf */
-    h = a > 0x7f800000u ? nan : h;
+    uint32_t h = bn_sel(a < (113u << 23), sub, normal);
+    h = bn_sel(a >= (143u << 23), 0x7c00u, h); /* 65536 and beyond: inf */
+    h = bn_sel(a > 0x7f800000u, nan, h);
     return (uint16_t)((u >> 16 & 0x8000u) | h);
 }
 
@@ -166,7 +179,7 @@ static inline uint16_t bn_f2h(float x)
  * zero, the last bit set when inexact), which keeps what the second rounding needs to
  * know, so float16's ties to even come out as if rounded from the double directly (float
  * has more than two bits beyond float16's 11) */
-static inline uint16_t bn_d2h(double d)
+BN_INLINE uint16_t bn_d2h(double d)
 {
     const float f = (float)d;
     const double back = (double)f;

@@ -60,7 +60,7 @@ static inline void BN_FN(bn_prefetch_ahead)(
 /* v if keep, else +0.0, by masking its bits: GCC 12 does not vectorize a floating-point
  * choice (c ? 0.0 : v) unless told that comparisons cannot trap, which would apply to
  * every loop; an integer mask is a select it does vectorize */
-static inline double bn_keep(double v, int keep)
+BN_INLINE double bn_keep(double v, int keep)
 {
     uint64_t u;
     memcpy(&u, &v, sizeof u);
@@ -70,10 +70,10 @@ static inline double bn_keep(double v, int keep)
 }
 
 /* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy) */
-static inline double bn_masked(double y, double dy) { return bn_keep(dy, !(y <= 0.0)); }
+BN_INLINE double bn_masked(double y, double dy) { return bn_keep(dy, !(y <= 0.0)); }
 
 /* max(v, 0) with NaN kept and -0.0 made +0.0 */
-static inline double bn_relu(double v) { return bn_keep(v, !(v <= 0.0)); }
+BN_INLINE double bn_relu(double v) { return bn_keep(v, !(v <= 0.0)); }
 #endif
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
@@ -307,8 +307,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
 #undef BN_EPI
 }
 
-/* bn_rows_affine with a fused epilogue: row by row, as it */
-static void BN_FN(bn_rows_epilogue)(
+/* bn_rows_affine with a fused epilogue: row by row, as it (inlined into it, so compiled for
+ * each of its instruction sets) */
+static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
     Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
     const double *Cc, const bn_epi *e)

@@ -53,9 +53,13 @@ def case_fns(data, pass_, threads, other):
         if pass_ == "backward":
             cache = pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis)[1]
             fns[name] = lambda pkg=pkg, cache=cache: pkg.backward(dy, cache, num_threads=threads)
-        elif pass_ == "test":  # the forward with running statistics: the write-only sweep
+        elif pass_ in ("test", "test-backward"):  # with running statistics
             p = {"mode": "test", "eps": _bench.EPS, "running_mean": g, "running_var": b * b + 1}
-            fns[name] = lambda pkg=pkg, p=p: pkg.forward(x, g, b, dict(p), axis=axis)
+            if pass_ == "test":
+                fns[name] = lambda pkg=pkg, p=p: pkg.forward(x, g, b, dict(p), axis=axis)
+            else:
+                cache = pkg.forward(x, g, b, dict(p), axis=axis)[1]
+                fns[name] = lambda pkg=pkg, c=cache: pkg.backward(dy, c, num_threads=threads)
         else:
             fns[name] = lambda pkg=pkg: pkg.forward(
                 x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis
@@ -94,9 +98,10 @@ def main(argv=None):
     p.add_argument(
         "--pass",
         dest="passes",
-        choices=("backward", "forward", "test", "both"),
+        choices=("backward", "forward", "test", "test-backward", "both"),
         default="backward",
-        help="forward in train mode; test: forward in test mode; both: backward and forward",
+        help="backward and forward in train mode (both: the two); test, test-backward: with "
+        "running statistics",
     )
     p.add_argument(
         "--threads",
