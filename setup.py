@@ -73,6 +73,10 @@ debug = _flag("BNKERNELS_DEBUG")
 compile_args = ["-O1", "-g", "-fno-omit-frame-pointer"] if debug else ["-O3"]
 # no FMA contraction: every SIMD clone of the loops gives bitwise the same results
 compile_args.append("-ffp-contract=off")
+# floating-point operations may be assumed not to trap (values are unchanged): a choice
+# c ? a : b whose operand a floating-point operation made then stays a select that
+# vectorizes, where GCC would otherwise move the operation into a branch
+compile_args.append("-fno-trapping-math")
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 link_args = []
 if debug:

@@ -133,15 +133,6 @@ BN_INLINE uint32_t bn_f_bits(float f)
     return u;
 }
 
-/* c ? a : b for c 0 or 1, in bit operations: a choice between values one of which a
- * floating-point operation made stays a select after inlining (GCC may otherwise move that
- * operation into a branch, which does not vectorize) */
-BN_INLINE uint32_t bn_sel(uint32_t c, uint32_t a, uint32_t b)
-{
-    const uint32_t k = 0u - c;
-    return (a & k) | (b & ~k);
-}
-
 /* a float16 as a double (exact, through float) */
 BN_INLINE double bn_h2d(uint16_t h)
 {
@@ -153,7 +144,7 @@ BN_INLINE double bn_h2d(uint16_t h)
     const uint32_t special = em + (224u << 23);
     /* zero and subnormal, m * 2^-24: as 2^-14 * (1 + m/1024) less 2^-14, exact */
     const uint32_t sub = bn_f_bits(bn_bits_f(normal + (1u << 23)) - 0x1p-14f);
-    const uint32_t f = bn_sel(e == 0, sub, bn_sel(e == 0x0f800000u, special, normal));
+    const uint32_t f = e == 0 ? sub : (e == 0x0f800000u ? special : normal);
     return (double)bn_bits_f(f | (uint32_t)(h & 0x8000u) << 16);
 }
 
@@ -169,9 +160,9 @@ BN_INLINE uint16_t bn_f2h(float x)
      * float16 subnormal step, ties to even; the low bits are then the count of steps */
     const uint32_t sub = bn_f_bits(bn_bits_f(a) + 0.5f) - bn_f_bits(0.5f);
     const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
-    uint32_t h = bn_sel(a < (113u << 23), sub, normal);
-    h = bn_sel(a >= (143u << 23), 0x7c00u, h); /* 65536 and beyond: inf */
-    h = bn_sel(a > 0x7f800000u, nan, h);
+    uint32_t h = a < (113u << 23) ? sub : normal;
+    h = a >= (143u << 23) ? 0x7c00u : h; /* 65536 and beyond: inf */
+    h = a > 0x7f800000u ? nan : h;
     return (uint16_t)((u >> 16 & 0x8000u) | h);
 }
 
