@@ -16,7 +16,8 @@
 #   3. sdist:   `pip install` of the sdist alone (compiled from source) into a clean venv;
 #               `python -m bnkernels` there must pass its self-check.
 #   4. test:    the repaired wheel with its test extra into a clean venv; tests/ (and
-#               README.md and docs/bench.json, which two tests read) copied to a scratch folder and pytest run
+#               README.md, docs/bench.json, docs/bench.md, docs/errors.md and bench/report.py,
+#               which the generated-table tests read) copied to a scratch folder and pytest run
 #               there, so the source tree is never on sys.path.  A small pytest plugin fails
 #               the run unless bnkernels is imported from the venv, and the vendored libgomp
 #               must be the OpenMP runtime that `python -m bnkernels` reports.
@@ -113,7 +114,10 @@ run="$work/run"
 mkdir -p "$run"
 cp -R tests "$run/tests"
 cp README.md "$run/"
-mkdir -p "$run/docs" && cp docs/bench.json "$run/docs/"
+# the generated tables' sources and targets, which tests compare (bench/ is no package)
+mkdir -p "$run/docs" "$run/bench"
+cp docs/bench.json docs/bench.md docs/errors.md "$run/docs/"
+cp bench/report.py "$run/bench/"
 # a plugin, so the check runs in the very process that runs the tests
 cat >"$run/bnk_installed.py" <<'EOF'
 import os
