@@ -16,8 +16,8 @@
 #   3. sdist:   `pip install` of the sdist alone (compiled from source) into a clean venv;
 #               `python -m bnkernels` there must pass its self-check.
 #   4. test:    the repaired wheel with its test extra into a clean venv; tests/ (and
-#               README.md, docs/bench.json, docs/bench.md, docs/errors.md and bench/report.py,
-#               which the generated-table tests read) copied to a scratch folder and pytest run
+#               README.md, docs/bench.json, docs/bench.md, docs/errors.md, bench/report.py and
+#               examples/, which some tests read or run) copied to a scratch folder and pytest run
 #               there, so the source tree is never on sys.path.  A small pytest plugin fails
 #               the run unless bnkernels is imported from the venv, and the vendored libgomp
 #               must be the OpenMP runtime that `python -m bnkernels` reports.
@@ -118,6 +118,7 @@ cp README.md "$run/"
 mkdir -p "$run/docs" "$run/bench"
 cp docs/bench.json docs/bench.md docs/errors.md "$run/docs/"
 cp bench/report.py "$run/bench/"
+cp -R examples "$run/examples"  # the MPI test runs the data-parallel example
 # a plugin, so the check runs in the very process that runs the tests
 cat >"$run/bnk_installed.py" <<'EOF'
 import os
