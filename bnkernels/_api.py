@@ -25,6 +25,7 @@ _KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 # the dtypes the kernels read per-channel vectors (gamma) and running statistics in
 _VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SEED_KEYS = ("x_hat", "gamma", "denom")
+_EPILOGUE_KEYS = ("activation", "residual", "out")  # optional in either kind of cache
 _CACHE_KEYS = ("x", "mean", "var", "invstd", "gamma", "eps", "eps_mode", "mode", "axis")
 _CACHE_KEY_SET = frozenset(_CACHE_KEYS)
 _F64 = np.dtype(np.float64)
@@ -378,6 +379,18 @@ def _views(arrays, axis, out=None):
         views += [np.empty(views[0].shape, o.dtype) for o in outs]
         lay = choose(views, 1)
     return lay, views
+
+
+def _input_views(arrays, axis, like):
+    """(layout, views) of inputs alone (a pass with no output array), chosen as if an output
+    of ``like``'s shape and layout (np.empty_like(like)) were written: the same layout, plan
+    and so the same bits as the passes that write one (backward_reduce as backward,
+    batch_stats as forward)."""
+    lay = choose(arrays, axis)
+    if lay is not None:
+        return lay, arrays
+    lay, views = _views(arrays, axis, np.empty_like(like))
+    return lay[:4] + (lay[4][:-1],), views[:-1]
 
 
 def _copy_back(out, view, axis):
@@ -793,12 +806,22 @@ def _forward_cache(cache):
         _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
     )
     grads = _grad_dtype(vs[2], z)
-    # a fused epilogue: the ReLU's saved output, and whether a residual was added
+    y, residual = _cached_epilogue(cache, z)
+    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads, y, residual
+
+
+def _cached_epilogue(cache, z):
+    """(the saved output of a fused ReLU or None, whether a residual was added) of a cache
+    of either kind; missing keys mean neither."""
     y = None
     if _activation(cache.get("activation")):
-        y = _like_x("cache['out']", cache.get("out"), z)
-    residual = bool(cache.get("residual", False))
-    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads, y, residual
+        if cache.get("out") is None:
+            raise ValueError(
+                "cache['activation'] is 'relu' but cache['out'] is None: backward takes the "
+                "ReLU's mask from the output forward returned"
+            )
+        y = _like_x("cache['out']", cache["out"], z)
+    return y, bool(cache.get("residual", False))
 
 
 def _unpack(cache):
@@ -831,7 +854,8 @@ def _unpack(cache):
         )
         zeros = np.zeros(C)
         grads = _grad_dtype(gamma, z)
-        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, grads, None, False
+        y, residual = _cached_epilogue(cache, z)
+        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, grads, y, residual
     if "x" in cache and "invstd" in cache:
         if not complete:
             missing = [key for key in _CACHE_KEYS if key not in cache]
@@ -914,7 +938,8 @@ def backward(
         ``{'x_hat': x_hat, 'gamma': gamma, 'denom': np.sqrt(var + eps)}``, x_hat of
         the shape of dout, gamma (or None) and denom of shape (C,), and optionally
         ``'axis'``, the channel axis of x_hat (default 1: (N, D) and NCHW need
-        none); other keys are ignored.
+        none), and a fused epilogue's ``'activation'``, ``'residual'`` and ``'out'``
+        as :func:`forward` records them; other keys are ignored.
     num_threads : int or None, default None
         OpenMP threads for this call.  None uses the OpenMP default, which
         ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(n,
@@ -995,8 +1020,8 @@ def backward(
         )
     if b.dout.dtype not in _KERNEL_DTYPES:
         if b.xhat_form:  # the seed keys alone: the reference tells the kinds apart by others
-            cache = {key: cache[key] for key in _SEED_KEYS}
-            cache["axis"] = b.axis
+            seed = {key: cache[key] for key in _SEED_KEYS + _EPILOGUE_KEYS if key in cache}
+            cache = dict(seed, axis=b.axis)
         return reference.backward_alt(b.dout, cache)
     if not b.xhat_form and b.z.dtype == np.float64:
         invstd = b.vecs[1]

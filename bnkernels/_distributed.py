@@ -73,7 +73,7 @@ def batch_stats(
     if count == 0:
         return 0, mean, m2
     if x.dtype in _api._KERNEL_DTYPES:
-        lay, (xk,) = _api._views([x], ax)
+        lay, (xk,) = _api._input_views([x], ax, x)
         _kernels.batch_stats(lay, xk, mean, m2, nt)
     else:
         xc = np.moveaxis(x, ax, 0).reshape(C, -1).astype(np.float64)
@@ -162,7 +162,7 @@ def _reduce(b):
         return sum_dy, sum_dy_zm
     if b.dout.dtype in _api._KERNEL_DTYPES:
         inputs = [b.z, b.dout] + ([b.y] if b.y is not None else [])
-        lay, views = _api._views(inputs, b.axis)
+        lay, views = _api._input_views(inputs, b.axis, b.dout)
         yk = views[2] if b.y is not None else None
         _kernels.backward_reduce(
             lay, views[0], views[1], b.vecs[0], sum_dy, sum_dy_zm, b.n_threads, yk

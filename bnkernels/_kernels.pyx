@@ -951,7 +951,10 @@ cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssiz
     j.relu = relu
     j.epilogue = aux is not None or out2 is not None or relu
     j.cf.train = True   # (set by the backward's inputs)
-    if aux is not None:
+    if aux is not None and dy is not None:
+        # the backward's mask is read in both sweeps; the forward plans for x alone, so that
+        # its statistics (the reduce) have the bits of batch_stats and of a forward without
+        # a residual
         n_arrays += 1
     j.C = C
     j.L = L

@@ -715,3 +715,104 @@ def test_residual_of_another_dtype_is_refused(x_dtype, r_dtype):
         bnkernels.forward(x, gamma, beta, {"mode": "train"}, residual=np.ones(x.shape, r_dtype))
     # a forward without the keyword raises a TypeError naming it too: not this one
     assert "unexpected keyword argument" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# the same bits whichever way a batch is run: with or without a residual, one process or
+# a communicator, one backward or its split passes, in layouts no array shares with another
+# ---------------------------------------------------------------------------
+
+
+class _OneRank:
+    """A communicator of one rank: allgather returns [obj]."""
+
+    def allgather(self, obj):
+        return [obj]
+
+
+def _same_bits(a, b):
+    return np.array_equal(
+        np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((40000, 8), 1), ((4, 3, 300, 300), 1), ((16, 9, 9, 64), -1)],  # chunked rows, planar
+    ids=["tall", "planar", "nhwc"],
+)
+def test_a_residual_leaves_the_statistics_bits(shape, axis, dtype):
+    # the statistics depend on x alone: a residual (a second array in the output sweep)
+    # must not change the plan of the sums, nor may the path through a communicator
+    x, gamma, beta, _ = make_inputs(shape, axis, dtype, seed=31)
+    r = _residual(shape, dtype, seed=32)
+    kw = {"axis": axis}
+    plain_p, fused_p, comm_p = ({"mode": "train"} for _ in range(3))
+    _, plain = bnkernels.forward(x, gamma, beta, plain_p, **kw)
+    out, fused = bnkernels.forward(x, gamma, beta, fused_p, residual=r, activation="relu", **kw)
+    out_c, comm = bnkernels.forward(
+        x, gamma, beta, comm_p, residual=r, activation="relu", comm=_OneRank(), **kw
+    )
+    for key in ("mean", "var", "invstd"):
+        assert _same_bits(plain[key], fused[key]), key
+        assert _same_bits(plain[key], comm[key]), key
+    for key in ("running_mean", "running_var"):
+        assert _same_bits(plain_p[key], fused_p[key]) and _same_bits(plain_p[key], comm_p[key])
+    assert _same_bits(out, out_c)
+
+
+def _layout_case(name, rng):
+    """(x, dout, axis) whose layouts no single array layout fits: the face copies."""
+    if name == "nhwc-reversed-dout":
+        shape = (16, 9, 9, 64)
+        return rng.standard_normal(shape), rng.standard_normal(shape)[::-1].copy()[::-1], -1
+    return (
+        np.asfortranarray(rng.standard_normal((50, 100))),
+        rng.standard_normal((50, 200))[:, ::2],
+        1,
+    )
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("case", ["nhwc-reversed-dout", "fortran-x-sliced-dout"])
+def test_split_passes_and_comm_are_backward_bitwise_in_any_layout(case, activation):
+    x, dout, axis = _layout_case(case, np.random.default_rng(33))
+    C = x.shape[axis]
+    p = {"mode": "train"}
+    out, cache = bnkernels.forward(x, None, None, dict(p), axis=axis, activation=activation)
+    want = bnkernels.backward(dout, cache)
+    s1, s2 = bnkernels.backward_reduce(dout, cache)
+    split = bnkernels.backward_apply(dout, cache, s1, s2, dout.size // C)
+    out_c, cache_c = bnkernels.forward(
+        x, None, None, dict(p), axis=axis, activation=activation, comm=_OneRank()
+    )
+    assert _same_bits(out, out_c)
+    synced = bnkernels.backward(dout, cache_c)
+    for name, w, a, b in zip(GRAD_NAMES, want, split, synced):
+        assert _same_bits(w, a), "backward_reduce + backward_apply: " + name
+        assert _same_bits(w, b), "backward over a communicator: " + name
+
+
+def test_a_seed_style_cache_takes_the_epilogue_keys():
+    # as the reference does: a hand-built cache of x_hat, gamma, denom plus the epilogue's
+    # keys masks dout by out and returns the residual's gradient
+    x, gamma, beta, dout = make_inputs((20, 5), 1, f64, seed=34)
+    r = _residual(x.shape, f64, seed=35)
+    out, c = bnkernels.forward(x, gamma, beta, {"mode": "train"}, activation="relu", residual=r)
+    xhat = (x - c["mean"]) * c["invstd"]
+    seed = {"x_hat": xhat, "gamma": gamma, "denom": 1 / c["invstd"]}
+    seed.update(activation="relu", residual=True, out=out)
+    got = bnkernels.backward(dout, seed)
+    want = reference.backward_alt(dout, dict(seed))
+    assert len(got) == len(want) == 4
+    for name, g, w in zip(GRAD_NAMES, got, want):
+        assert_close(g, w, rtol=1e-12, what=name)
+
+
+def test_relu_cache_without_its_output_is_refused_plainly():
+    x, gamma, beta, dout = make_inputs((6, 4), 1, f64, seed=36)
+    _, c = bnkernels.forward(x, gamma, beta, {"mode": "train"}, activation="relu")
+    c["out"] = None
+    with pytest.raises(ValueError, match=r"cache\['out'\] is None"):
+        bnkernels.backward(dout, c)
