@@ -151,18 +151,14 @@ def _n_threads(num_threads, load=True, size=None):
     the kernels run on one thread anyway (below PARALLEL_MIN_ELEMS): small calls skip the
     look at the machine."""
     global _cpus
-    if num_threads is None:
-        if size is not None and size < _PARALLEL_MIN_ELEMS:
-            return 1
-        n = _kernels.max_threads()
-    else:
+    if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
             raise TypeError("num_threads must be None or a positive int, got %r" % (num_threads,))
-        n = int(num_threads)
-        if n < 1:
-            raise ValueError("num_threads must be None or >= 1, got %d" % n)
-        if size is not None and size < _PARALLEL_MIN_ELEMS:
-            return 1
+        if num_threads < 1:
+            raise ValueError("num_threads must be None or >= 1, got %d" % num_threads)
+    if size is not None and size < _PARALLEL_MIN_ELEMS:
+        return 1
+    n = _kernels.max_threads() if num_threads is None else int(num_threads)
     if _forked:
         return 1
     if n > _cpus:
@@ -646,8 +642,8 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats, activation=None, resid
         out = _normalize(x, ax, g64, b64, train, eps, std_mode, mean, var, invstd, residual, relu)
     if train:
         _update_running(bn_param, running_mean, running_var, mean, var, momentum, tracked)
-    cache = _forward_cache_dict(x, mean, var, invstd, scale, eps, eps_mode, mode, ax)
-    cache.update(activation=activation, residual=residual is not None, out=out if relu else None)
+    epilogue = (activation, residual is not None, out if relu else None)
+    cache = _forward_cache_dict(x, mean, var, invstd, scale, eps, eps_mode, mode, ax, epilogue)
     if split:
         cache["count"] = count
         if comm is not None:
@@ -739,7 +735,10 @@ def _rescaled(b):
     return b._replace(z=b.z / p.reshape(shape), vecs=vecs), (1.0 / p).reshape(shape)
 
 
-def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax):
+def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax, epilogue):
+    """forward's cache; epilogue: (activation, whether a residual was added, the output
+    backward masks with, held by reference, or None)."""
+    activation, residual, out = epilogue
     return {
         "x": x,
         "mean": mean,
@@ -750,6 +749,9 @@ def _forward_cache_dict(x, mean, var, invstd, gamma, eps, eps_mode, mode, ax):
         "eps_mode": eps_mode,
         "mode": mode,
         "axis": ax,
+        "activation": activation,
+        "residual": residual,
+        "out": out,
     }
 
 
@@ -1065,12 +1067,18 @@ def _backward(b):
     return _backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta)
 
 
+def _backward_arrays(b):
+    """The arrays a backward of checked inputs b reads, in the kernels' order: z, dy and the
+    saved output of a fused ReLU."""
+    return [b.z, b.dout] + ([b.y] if b.y is not None else [])
+
+
 def _backward_views(b):
     """(dx, dresidual or None, layout, views (z, dy, y or None, dx, dresidual or None)) of
     checked backward inputs b: the arrays the kernels run on."""
     dx = np.empty_like(b.dout)
     dres = np.empty_like(b.dout) if b.residual else None
-    inputs = [b.z, b.dout] + ([b.y] if b.y is not None else [])
+    inputs = _backward_arrays(b)
     lay, views = _views(inputs, b.axis, [dx] if dres is None else [dx, dres])
     yk = views[2] if b.y is not None else None
     dresk = views[-1] if dres is not None else None

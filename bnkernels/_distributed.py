@@ -161,8 +161,7 @@ def _reduce(b):
     if b.dout.size == 0:
         return sum_dy, sum_dy_zm
     if b.dout.dtype in _api._KERNEL_DTYPES:
-        inputs = [b.z, b.dout] + ([b.y] if b.y is not None else [])
-        lay, views = _api._input_views(inputs, b.axis, b.dout)
+        lay, views = _api._input_views(_api._backward_arrays(b), b.axis, b.dout)
         yk = views[2] if b.y is not None else None
         _kernels.backward_reduce(
             lay, views[0], views[1], b.vecs[0], sum_dy, sum_dy_zm, b.n_threads, yk

@@ -739,11 +739,11 @@ cdef inline void _fold(const double *v, Py_ssize_t cw, Py_ssize_t L, double *out
         out[c] = s
 
 
-cdef inline bn_epi _epilogue(const Job *j) noexcept nogil:
-    """The call's epilogue, its pointers still to be set for a task."""
+cdef inline bn_epi _epilogue(const Job *j, const char *aux, char *out2) noexcept nogil:
+    """The call's epilogue for a task whose aux and out2 start at these pointers."""
     cdef bn_epi e
-    e.aux = NULL
-    e.out2 = NULL
+    e.aux = aux
+    e.out2 = out2
     e.aux_n = j.aux_n
     e.aux_c = j.aux_c
     e.out2_n = j.out2_n
@@ -816,9 +816,8 @@ cdef void _rows_write(const Job *j, const Vecs *v, Span sp, double *scratch) noe
     if j.dy != NULL:
         dy = _rows_at(j.dy, j.dy_n, j, sp)
     if j.epilogue:
-        e = _epilogue(j)
-        e.aux = _rows_at(j.aux, j.aux_n, j, sp) if j.aux != NULL else NULL
-        e.out2 = <char *>_rows_at(j.out2, j.out2_n, j, sp) if j.out2 != NULL else NULL
+        e = _epilogue(j, _rows_at(j.aux, j.aux_n, j, sp) if j.aux != NULL else NULL,
+                      <char *>_rows_at(j.out2, j.out2_n, j, sp) if j.out2 != NULL else NULL)
         ep = &e
     if L == 1:
         j.loops.rows_affine(z, dy, out, j.x_n, j.dy_n, j.out_n, sp.i1 - sp.i0, sp.cw,
@@ -862,9 +861,8 @@ cdef void _plane_write(const Job *j, const Vecs *v, Span sp, double *scratch) no
     if j.dy != NULL:
         dy = j.dy + c0 * j.dy_c * j.isz
     if j.epilogue:
-        e = _epilogue(j)
-        e.aux = j.aux + c0 * j.aux_c * j.isz if j.aux != NULL else NULL
-        e.out2 = j.out2 + c0 * j.out2_c * j.isz if j.out2 != NULL else NULL
+        e = _epilogue(j, j.aux + c0 * j.aux_c * j.isz if j.aux != NULL else NULL,
+                      j.out2 + c0 * j.out2_c * j.isz if j.out2 != NULL else NULL)
         ep = &e
     j.loops.plane_affine(j.x + c0 * j.x_c * j.isz, dy, j.out + c0 * j.out_c * j.isz,
                          j.x_n, j.x_c, j.dy_n, j.dy_c, j.out_n, j.out_c, j.L, sp.i0, sp.i1,
@@ -933,8 +931,9 @@ cdef const bn_loops *_loops(int typ):
 cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t n_arrays,
               cnp.ndarray aux=None, cnp.ndarray out2=None, bint relu=False):
     """A call's Job from its layout (bnkernels._layout.choose over [x, dy, aux, out, out2]:
-    inputs, then outputs, the absent ones left out) and its arrays; n_arrays: the inputs a task streams besides
-    aux, for the plan.  aux, out2, relu: the fused epilogue (see Job)."""
+    inputs, then outputs, the absent ones left out) and its arrays; n_arrays: the inputs a
+    task streams, for the plan (the backward's aux is added to them).  aux, out2, relu: the
+    fused epilogue (see Job)."""
     cdef Job j
     cdef str kind = lay[0]
     cdef Py_ssize_t n = lay[1], C = lay[2], L = lay[3]

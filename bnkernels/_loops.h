@@ -57,23 +57,12 @@ static inline void BN_FN(bn_prefetch_ahead)(
 
 #ifndef BN_MASKED_DEFINED
 #define BN_MASKED_DEFINED
-/* v if keep, else +0.0, by masking its bits: GCC 12 does not vectorize a floating-point
- * choice (c ? 0.0 : v) unless told that comparisons cannot trap, which would apply to
- * every loop; an integer mask is a select it does vectorize */
-BN_INLINE double bn_keep(double v, int keep)
-{
-    uint64_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= (uint64_t)0 - (uint64_t)keep;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
-/* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy) */
-BN_INLINE double bn_masked(double y, double dy) { return bn_keep(dy, !(y <= 0.0)); }
+/* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy).  A select
+ * that vectorizes: the build assumes floating-point operations do not trap (setup.py). */
+BN_INLINE double bn_masked(double y, double dy) { return y <= 0.0 ? 0.0 : dy; }
 
 /* max(v, 0) with NaN kept and -0.0 made +0.0 */
-BN_INLINE double bn_relu(double v) { return bn_keep(v, !(v <= 0.0)); }
+BN_INLINE double bn_relu(double v) { return v <= 0.0 ? 0.0 : v; }
 #endif
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with

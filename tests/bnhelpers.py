@@ -208,3 +208,23 @@ def reference64(x, gamma, beta, bn_param, dout, axis=1):
         bnkernels.reference.backward_alt(dy, cache),
         bnkernels.reference.backward_graph(dy, cache),
     )
+
+
+def seed_forward(x, gamma, beta, eps=1e-5):
+    """The forward pass of seed note 000 for (N, D) x, as hand-written CS231n code has it:
+    out and its dict cache, computed in the dtype of x."""
+    sample_mean = np.mean(x, axis=0)
+    sample_var = np.var(x, axis=0)
+    denom = np.sqrt(sample_var + eps)
+    x_hat = (x - sample_mean) / denom
+    out = gamma * x_hat + beta
+    cache = {
+        "x_hat": x_hat,
+        "mu": sample_mean,
+        "var": sample_var,
+        "denom": denom,
+        "gamma": gamma,
+        "beta": beta,
+        "x": x,
+    }
+    return out, cache

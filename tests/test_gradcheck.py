@@ -10,7 +10,7 @@ import pytest
 
 import bnkernels
 from bnkernels import reference
-from bnhelpers import make_inputs, numerical_gradient, rel_error
+from bnhelpers import make_inputs, numerical_gradient, rel_error, seed_forward
 
 THRESHOLD = 1e-6
 
@@ -76,25 +76,6 @@ def test_gradient_for_a_middle_channel_axis(axis):
     _check(bnkernels.forward, bnkernels.backward, x, gamma, beta, w, {"mode": "train"}, axis)
 
 
-def _seed_forward(x, gamma, beta, eps):
-    """The forward pass of seed note 000, returning its dict cache."""
-    sample_mean = np.mean(x, axis=0)
-    sample_var = np.var(x, axis=0)
-    denom = np.sqrt(sample_var + eps)
-    x_hat = (x - sample_mean) / denom
-    out = gamma * x_hat + beta
-    cache = {
-        "x_hat": x_hat,
-        "mu": sample_mean,
-        "var": sample_var,
-        "denom": denom,
-        "gamma": gamma,
-        "beta": beta,
-        "x": x,
-    }
-    return out, cache
-
-
 @pytest.mark.parametrize(
     "backward",
     [bnkernels.backward, reference.backward_graph, reference.backward_alt],
@@ -105,9 +86,9 @@ def test_gradient_with_seed_style_cache(backward):
     eps = 1e-5
 
     def loss():
-        return float(np.sum(_seed_forward(x, gamma, beta, eps)[0] * w))
+        return float(np.sum(seed_forward(x, gamma, beta, eps)[0] * w))
 
-    _, cache = _seed_forward(x, gamma, beta, eps)
+    _, cache = seed_forward(x, gamma, beta, eps)
     dx, dgamma, dbeta = backward(w, cache)
     assert rel_error(dx, numerical_gradient(loss, x)) < THRESHOLD
     assert rel_error(dgamma, numerical_gradient(loss, gamma)) < THRESHOLD

@@ -9,7 +9,15 @@ import pytest
 
 import bnkernels
 from bnkernels import reference
-from bnhelpers import LAYOUTS, as_layout, assert_close, make_inputs, reference64, stride_order
+from bnhelpers import (
+    LAYOUTS,
+    as_layout,
+    assert_close,
+    make_inputs,
+    reference64,
+    seed_forward,
+    stride_order,
+)
 
 DTYPES = [np.float32, np.float64]
 
@@ -221,25 +229,6 @@ def test_caches_are_interchangeable(dtype, eps_mode, mode):
             )
 
 
-def _seed_cache(x, gamma, beta, eps=1e-5):
-    """Forward pass and cache exactly as in seed note 000 (in the dtype of x)."""
-    sample_mean = np.mean(x, axis=0)
-    sample_var = np.var(x, axis=0)
-    denom = np.sqrt(sample_var + eps)
-    x_corrected = (x - sample_mean) / denom
-    out = gamma * x_corrected + beta
-    cache = {
-        "x_hat": x_corrected,
-        "mu": sample_mean,
-        "var": sample_var,
-        "denom": denom,
-        "gamma": gamma,
-        "beta": beta,
-        "x": x,
-    }
-    return out, cache
-
-
 SEED_SHAPES = [(2, 3), (1, 4), (17, 1), (64, 100), (5, 3000), (20000, 3)]
 
 
@@ -247,7 +236,7 @@ SEED_SHAPES = [(2, 3), (1, 4), (17, 1), (64, 100), (5, 3000), (20000, 3)]
 @pytest.mark.parametrize("shape", SEED_SHAPES, ids=["x".join(map(str, s)) for s in SEED_SHAPES])
 def test_seed_style_cache_matches_reference(shape, dtype):
     x, gamma, beta, dout = make_inputs(shape, 1, dtype, seed=31)
-    _, cache = _seed_cache(x, gamma, beta)
+    _, cache = seed_forward(x, gamma, beta)
     dx, dgamma, dbeta = bnkernels.backward(dout, cache)
     assert dx.dtype == dtype and dgamma.dtype == dtype and dbeta.dtype == dtype
     cache64 = {k: np.asarray(v, dtype=np.float64) for k, v in cache.items()}
@@ -265,7 +254,7 @@ def test_seed_style_cache_equals_forward_cache_gradient(dtype):
     x, gamma, beta, dout = make_inputs((50, 7), 1, dtype, seed=5)
     minimal = {
         k: v
-        for k, v in _seed_cache(
+        for k, v in seed_forward(
             x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64)
         )[1].items()
         if k in ("x_hat", "gamma", "denom")
