@@ -272,3 +272,81 @@ def test_values_whose_deviation_overflows_float32(layout):
     ]:
         assert np.all(np.isfinite(w)), name
     check_all(got, want)
+
+
+# dx element by element.  The kernels form dx = a*dy + b*xhat + c per channel (a = gamma*invstd;
+# b and c from the float64 sums, which backward_reduce returns with backward's bits) in
+# float64, rounded once: float32's dx is within half an ulp of the exact value plus
+# float64's own error, at most ten roundings (2**-53 each) of |a*dy| + |b*xhat| + |c|.  The
+# exact value is taken in longdouble (64-bit significand on x86-64), from the float64
+# statistics and sums themselves.  "cancel" makes dy nearly a*xhat + c, so that dx is near
+# zero out of large terms; "shifted" adds a large mean to dy, so that c dominates.
+_DX_BOUND64 = 10 * 2.0**-53
+_DY_REGIMES = ("noise", "cancel", "shifted")
+
+
+def _exact_dx(x, dy, cache, sums, axis, eps_mode, train):
+    """(the exact dx, |a*dy| + |b*xhat| + |c|) in longdouble, from float64 values."""
+    L = np.longdouble
+    C = x.shape[axis]
+    bshape = tuple(C if i == axis % x.ndim else 1 for i in range(x.ndim))
+    M = L(x.size // C)
+    r = cache["invstd"].astype(L).reshape(bshape)
+    a = cache["gamma"].astype(L).reshape(bshape) * r
+    zm = x.astype(L) - cache["mean"].astype(L).reshape(bshape)
+    dyl = dy.astype(L)
+    if not train:
+        return a * dyl, np.abs(a * dyl)
+    sum_dy, sum_dy_zm = (s.astype(L).reshape(bshape) for s in sums)
+    var = cache["var"].astype(L).reshape(bshape)
+    s = r if eps_mode == "var" else 1 / np.sqrt(var)  # d(invstd)/d(var) over invstd**2
+    c = -a * sum_dy / M
+    bz = -a * s * sum_dy_zm / M * r  # b*xhat = bz*(z - mean)
+    return a * dyl + c + bz * zm, np.abs(a * dyl) + np.abs(bz * zm) + np.abs(c)
+
+
+@pytest.mark.skipif(
+    np.finfo(np.longdouble).nmant < 63, reason="needs an 80-bit longdouble for the exact dx"
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["train", "test"])
+@pytest.mark.parametrize("eps_mode", ["var", "std"])
+@pytest.mark.parametrize("dy_regime", _DY_REGIMES)
+@pytest.mark.parametrize("regime", list(_F32_REGIMES))
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_dx_elementwise_bound(layout, regime, dy_regime, eps_mode, mode, dtype):
+    shape, axis = SHAPES[layout]
+    loc, std = _F32_REGIMES[regime]
+    C = shape[axis]
+    rng = np.random.default_rng(23)
+    x = (loc + std * rng.standard_normal(shape)).astype(dtype)
+    gamma = rng.uniform(-2, 2, C).astype(dtype)
+    param = {"mode": mode, "eps_mode": eps_mode}
+    if mode == "test":
+        param["running_mean"] = (loc + std * rng.standard_normal(C)).astype(dtype)
+        param["running_var"] = (std**2 * rng.uniform(0.5, 2, C)).astype(dtype)
+    _, cache = bnkernels.forward(x, gamma, np.zeros(C, dtype), param, axis=axis)
+    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    xhat = (f64(x) - cache["mean"].reshape(bshape)) * cache["invstd"].reshape(bshape)
+    noise = rng.standard_normal(shape)
+    if dy_regime == "cancel":
+        dy = 3.0 * xhat + 5.0 + 1e-4 * noise
+    elif dy_regime == "shifted":
+        dy = 1e3 + noise
+    else:
+        dy = noise
+    dy = dy.astype(dtype)
+    dx = bnkernels.backward(dy, cache)[0]
+    sums = bnkernels.backward_reduce(dy, cache)
+    want, terms = _exact_dx(x, dy, cache, sums, axis, eps_mode, mode == "train")
+    bound = _DX_BOUND64 * terms
+    if dtype == np.float32:
+        bound = bound + np.spacing(np.abs(want).astype(np.float32)).astype(np.longdouble) / 2
+    err = np.abs(dx.astype(np.longdouble) - want)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), "error %g > bound %g at %s (terms %g)" % (
+        err[worst],
+        bound[worst],
+        worst,
+        terms[worst],
+    )
