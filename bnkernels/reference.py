@@ -347,10 +347,7 @@ def backward_graph(dout, cache):
         dx = dxmu + dmu / m  # mu = mean(x), branches add
     else:
         dx = dxmu
-    grad = (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
-    if residual:
-        grad += (dresidual.astype(dtype),)  # astype copies: never dout itself
-    return grad
+    return _gradients(dtype, grads, dx, dgamma, dbeta, dresidual if residual else None)
 
 
 def backward_alt(dout, cache):
@@ -365,29 +362,7 @@ def backward_alt(dout, cache):
     masked by the ReLU's saved output, ``dy = 0 where out <= 0 else dout`` (dout
     without an activation), and ``dresidual = dy``.
 
-    Parameters
-    ----------
-    dout : ndarray, the shape of the cached input
-        Upstream gradient dL/dout of the activation's output, any floating dtype;
-        arithmetic runs in its dtype, or the cached gamma's if wider (float16 in float32).
-    cache : dict
-        The cache :func:`forward` or :func:`bnkernels.forward` returned, or a
-        seed-style dict: ``'x_hat'`` (the shape of dout), ``'gamma'`` (or None) and
-        ``'denom'`` (= ``sqrt(var + eps)``), both shape (C,), and optionally
-        ``'axis'``, the channel axis of x_hat (default 1).  ``'activation'``,
-        ``'residual'`` and ``'out'`` describe the fused epilogue; missing, they mean
-        None, False and None (none).
-
-    Returns
-    -------
-    dx : ndarray, the shape and dtype of dout
-        The gradient dL/dx.
-    dgamma, dbeta : ndarray, shape (C,)
-        The gradients dL/dgamma and dL/dbeta, in the dtype of the cached gamma when
-        it is floating, else in that of dout.
-    dresidual : ndarray, the shape and dtype of dout; only when ``cache['residual']``
-        The gradient dL/dresidual: dout after the ReLU's mask, a new array (never
-        dout itself).
+    Parameters and returns are those of :func:`backward_graph`.
 
     See Also
     --------
@@ -415,7 +390,14 @@ def backward_alt(dout, cache):
             with np.errstate(divide="ignore", invalid="ignore"):
                 k = np.where(std > 0, denom / std, 0)
         dx = gamma / (m * denom) * (m * dy - dbeta.reshape(bs) - xhat * (dgamma.reshape(bs) * k))
+    return _gradients(dtype, grads, dx, dgamma, dbeta, dy if residual else None)
+
+
+def _gradients(dtype, grads, dx, dgamma, dbeta, dresidual):
+    """(dx, dgamma, dbeta[, dresidual]): dx and dresidual in dout's dtype, dgamma and dbeta
+    in ``grads``; dresidual, when there is one, always a new array (astype copies), never
+    dout itself."""
     grad = (dx.astype(dtype, copy=False), dgamma.astype(grads), dbeta.astype(grads))
-    if residual:
-        grad += (dy.astype(dtype),)  # dresidual = dy; astype copies: never dout itself
+    if dresidual is not None:
+        grad += (dresidual.astype(dtype),)
     return grad

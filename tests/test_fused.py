@@ -125,6 +125,12 @@ GRAD_GRID = list(
 )
 
 
+def _assert_grads(want, got, dtype):
+    """Each gradient of got close to want's, at dtype's tolerance."""
+    for name, g, w in zip(GRAD_NAMES, got, want):
+        assert_close(g, w, rtol=RTOL[np.dtype(dtype)], what=name)
+
+
 def _away_from_the_kink(shape, axis, mode, eps_mode, activation, with_residual, seed):
     """float64 inputs whose pre-activation is nowhere within KINK_MARGIN of 0, with both
     signs present (so that the mask both passes and stops gradient); drawn again until so."""
@@ -544,8 +550,7 @@ def test_relu_propagates_nan_from_residual(impl, dtype):
     for name, g in (("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta), ("dresidual", dres)):
         assert np.all(np.isfinite(g)), "%s is not finite: the NaN output passes dout" % name
     want = _oracle(x, gamma, beta, {"mode": "train"}, dout, 1, "relu", r, out)[3]
-    for name, g, w in zip(GRAD_NAMES, (dx, dgamma, dbeta, dres), want):
-        assert_close(g, w, rtol=RTOL[np.dtype(dtype)], what=name)
+    _assert_grads(want, (dx, dgamma, dbeta, dres), dtype)
 
 
 @pytest.mark.parametrize("mode", ["train", "test"])
@@ -571,8 +576,7 @@ def test_relu_gradient_is_zero_at_the_kink(impl, dtype, mode):
     assert np.all(dres[kink] == 0), "the gradient at the kink is 0"
     assert np.array_equal(dres, _relu_mask(out, dout))
     want = _oracle(x, gamma, beta, bn_param, dout, 1, "relu", r, out)[3]
-    for name, g, w in zip(GRAD_NAMES, (dx, dgamma, dbeta, dres), want):
-        assert_close(g, w, rtol=RTOL[np.dtype(dtype)], what=name)
+    _assert_grads(want, (dx, dgamma, dbeta, dres), dtype)
     assert_close(
         dbeta,
         np.sum(np.where(out > 0, dout, 0).astype(f64), axis=(0, 2)),
@@ -670,8 +674,7 @@ def test_float32_parameters_of_float16_data(epilogue):
         x, gamma, beta, {"mode": "train"}, dout, 1, activation, residual, out
     )
     assert_close(out, r_out, rtol=RTOL[np.dtype(f16)], what="out")
-    for name, g, w in zip(GRAD_NAMES, grads, want):
-        assert_close(g, w, rtol=RTOL[np.dtype(f16)], what=name)
+    _assert_grads(want, grads, f16)
     # and the reference's own backward on the kernels' cache
     for name, g, w in zip(GRAD_NAMES, grads, reference.backward_alt(dout, cache)):
         assert g.dtype == w.dtype

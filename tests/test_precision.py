@@ -50,6 +50,11 @@ def test_shapes_reach_the_chunked_paths():
         assert choose([x, x], axis)[0] == kind, name
 
 
+def _bshape(shape, axis):
+    """The shape a per-channel vector takes to broadcast against an array of `shape`."""
+    return tuple(n if i == axis % len(shape) else 1 for i, n in enumerate(shape))
+
+
 def f64(a):
     return np.asarray(a, dtype=np.float64)
 
@@ -110,7 +115,7 @@ def test_large_offset_and_tiny_variance(layout, loc, std, eps_mode):
     rng = np.random.default_rng(11)
     # per-channel offsets around loc, so channels differ
     C = shape[axis]
-    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    bshape = _bshape(shape, axis)
     offsets = loc * (1 + 0.01 * np.arange(C)).reshape(bshape)
     x = (offsets + std * rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -138,7 +143,7 @@ def test_large_offset_in_test_mode(layout, eps_mode):
 def test_constant_channel_has_zero_variance_and_zero_xhat(layout, eps_mode, dtype):
     shape, axis = SHAPES[layout]
     C = shape[axis]
-    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    bshape = _bshape(shape, axis)
     # 0.1, 1e4+0.1, ...: not representable, so a sum-then-divide mean is off by rounding
     values = np.array([0.1, 1e4 + 0.1, -7.3, 1 / 3, 3e-5] * C, dtype=dtype)[:C]
     x = np.broadcast_to(values.reshape(bshape), shape).copy()
@@ -247,7 +252,7 @@ def test_float32_forward_output_is_rounded_once(layout, regime, mode):
     ref_param = {k: (f64(v) if isinstance(v, np.ndarray) else v) for k, v in param.items()}
     out, _ = bnkernels.forward(x, gamma, beta, param, axis=axis)
     want, _ = reference.forward(f64(x), f64(gamma), f64(beta), ref_param, axis=axis)
-    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    bshape = _bshape(shape, axis)
     b = f64(beta).reshape(bshape)
     bound = 2.0**-24 * np.abs(want) + 1e-9 * (np.abs(want - b) + np.abs(b))
     err = np.abs(f64(out) - want)
@@ -289,7 +294,7 @@ def _exact_dx(x, dy, cache, sums, axis, eps_mode, train):
     """(the exact dx, |a*dy| + |b*xhat| + |c|) in longdouble, from float64 values."""
     L = np.longdouble
     C = x.shape[axis]
-    bshape = tuple(C if i == axis % x.ndim else 1 for i in range(x.ndim))
+    bshape = _bshape(x.shape, axis)
     M = L(x.size // C)
     r = cache["invstd"].astype(L).reshape(bshape)
     a = cache["gamma"].astype(L).reshape(bshape) * r
@@ -326,7 +331,7 @@ def test_dx_elementwise_bound(layout, regime, dy_regime, eps_mode, mode, dtype):
         param["running_mean"] = (loc + std * rng.standard_normal(C)).astype(dtype)
         param["running_var"] = (std**2 * rng.uniform(0.5, 2, C)).astype(dtype)
     _, cache = bnkernels.forward(x, gamma, np.zeros(C, dtype), param, axis=axis)
-    bshape = tuple(C if i == axis % len(shape) else 1 for i in range(len(shape)))
+    bshape = _bshape(shape, axis)
     xhat = (f64(x) - cache["mean"].reshape(bshape)) * cache["invstd"].reshape(bshape)
     noise = rng.standard_normal(shape)
     if dy_regime == "cancel":
