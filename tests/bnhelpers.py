@@ -210,6 +210,13 @@ def reference64(x, gamma, beta, bn_param, dout, axis=1):
     )
 
 
+def bits(a):
+    """The bits of a as unsigned integers of its itemsize, so that -0.0 and +0.0 and NaN
+    payloads count as different."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype("u%d" % a.itemsize))
+
+
 def seed_forward(x, gamma, beta, eps=1e-5):
     """The forward pass of seed note 000 for (N, D) x, as hand-written CS231n code has it:
     out and its dict cache, computed in the dtype of x."""

@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 
 import bnkernels
-from bnhelpers import make_inputs, openmp_threads, reference64
+from bnhelpers import bits, make_inputs, openmp_threads, reference64
 
 F16 = np.float16
 
 
-def _bits(a):
-    return np.ascontiguousarray(a).view(np.uint16)
-
-
 def _same_halves(got, want):
     """Bitwise equal float16 arrays, NaNs compared as NaNs."""
-    return (_bits(got) == _bits(want)) | (np.isnan(got) & np.isnan(want))
+    return (bits(got) == bits(want)) | (np.isnan(got) & np.isnan(want))
 
 
 # test mode with gamma 1, beta 0 and 1/sqrt(var + eps) exactly 1 (var = 1 - eps, both
@@ -157,7 +153,7 @@ def test_bitwise_the_same_for_any_thread_count(shape, axis):
         with openmp_threads(nt):
             out, cache = bnkernels.forward(x, gamma, beta, {"mode": "train"}, axis=axis)
         grads = bnkernels.backward(dout, cache, num_threads=nt)
-        results.append([_bits(a) for a in (out, *grads)])
+        results.append([bits(a) for a in (out, *grads)])
     for other in results[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
 
@@ -173,4 +169,4 @@ def test_split_batch_passes_take_float16():
     s1, s2 = bnkernels.backward_reduce(dout, cache)
     got = bnkernels.backward_apply(dout, cache, s1, s2, count)
     for a, b in zip(got, bnkernels.backward(dout, cache)):
-        assert np.array_equal(_bits(a), _bits(b))
+        assert np.array_equal(bits(a), bits(b))

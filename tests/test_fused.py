@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import bnkernels
-from bnhelpers import as_layout, assert_close, make_inputs, numerical_gradient, rel_error
+from bnhelpers import as_layout, assert_close, bits, make_inputs, numerical_gradient, rel_error
 from bnkernels import reference
 
 f16, f32, f64 = np.float16, np.float32, np.float64
@@ -51,12 +51,6 @@ def _residual(shape, dtype, seed):
 def _relu_mask(out, dout):
     """What backward must pass through the ReLU: 0 where out <= 0, dout elsewhere (NaN too)."""
     return np.where(out <= 0, np.zeros((), dout.dtype), dout)
-
-
-def _bits(a):
-    """The bits of a, so that -0.0 and +0.0 and NaN payloads count as different."""
-    a = np.ascontiguousarray(a)
-    return a.view(np.dtype("u%d" % a.itemsize))
 
 
 def _test_param(C, dtype, seed):
@@ -348,9 +342,9 @@ def test_epilogue_is_the_composition_reference():
     added, _ = reference.forward(x, gamma, beta, {"mode": "train"}, residual=r)
     relu, _ = reference.forward(x, gamma, beta, {"mode": "train"}, activation="relu")
     both, _ = reference.forward(x, gamma, beta, {"mode": "train"}, activation="relu", residual=r)
-    assert np.array_equal(_bits(added), _bits(plain + r))
-    assert np.array_equal(_bits(relu), _bits(np.where(plain <= 0, 0.0, plain)))
-    assert np.array_equal(_bits(both), _bits(np.where(plain + r <= 0, 0.0, plain + r)))
+    assert np.array_equal(bits(added), bits(plain + r))
+    assert np.array_equal(bits(relu), bits(np.where(plain <= 0, 0.0, plain)))
+    assert np.array_equal(bits(both), bits(np.where(plain + r <= 0, 0.0, plain + r)))
     assert np.any(plain < 0) and np.any(plain + r < 0)
 
 
@@ -392,7 +386,7 @@ def test_cache_without_the_epilogue_keys(impl):
     got = backward(dout, bare)
     assert len(got) == len(want) == 3
     for name, g, w in zip(GRAD_NAMES, got, want):
-        assert np.array_equal(_bits(g), _bits(w)), name
+        assert np.array_equal(bits(g), bits(w)), name
     # a seed-style cache has none either
     seed = {"x_hat": (x - cache["mean"][:, None]) * cache["invstd"][:, None], "gamma": gamma}
     seed["denom"] = 1 / cache["invstd"]
@@ -634,17 +628,17 @@ def test_fused_bitwise_identical_across_threads(
             out, cache = bnkernels.forward(x, gamma, beta, p, **kw)
         results.append((out, cache, p))
     (out1, cache1, p1), (out2, cache2, p2) = results
-    assert np.array_equal(_bits(out1), _bits(out2)), "forward out differs with 2 threads"
+    assert np.array_equal(bits(out1), bits(out2)), "forward out differs with 2 threads"
     for key in ("mean", "var", "invstd"):
-        assert np.array_equal(_bits(cache1[key]), _bits(cache2[key])), key
+        assert np.array_equal(bits(cache1[key]), bits(cache2[key])), key
     for key in ("running_mean", "running_var"):
-        assert np.array_equal(_bits(p1[key]), _bits(p2[key])), key
+        assert np.array_equal(bits(p1[key]), bits(p2[key])), key
 
     one = bnkernels.backward(dout, cache1, num_threads=1)
     two = bnkernels.backward(dout, cache1, num_threads=2)
     assert len(one) == len(two) == (4 if with_residual else 3)
     for name, a, b in zip(GRAD_NAMES, one, two):
-        assert np.array_equal(_bits(a), _bits(b)), "%s differs between 1 and 2 threads" % name
+        assert np.array_equal(bits(a), bits(b)), "%s differs between 1 and 2 threads" % name
     if activation == "relu":
         assert np.any(out1 == 0) and np.any(out1 > 0)
 
@@ -734,9 +728,7 @@ class _OneRank:
 
 
 def _same_bits(a, b):
-    return np.array_equal(
-        np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
-    )
+    return np.array_equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
