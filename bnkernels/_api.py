@@ -1037,18 +1037,8 @@ def backward(
 
 def _backward(b):
     """backward of checked inputs b (a dtype of the kernels)."""
-    if b.grad_dtype != b.dout.dtype:
-        # dgamma and dbeta in the parameters' dtype, rounded once from the float64 sums:
-        # the sums, then the write (the same dx as one fused pass)
-        from . import _distributed
-
-        s1, s2 = _distributed._reduce(b)
-        return _distributed._apply(b, s1, s2, b.dout.size // b.C)
-
-    dy = b.dout
     dx, dres, lay, (zk, dyk, yk, dxk, dresk) = _backward_views(b)
-    dgamma = np.empty(b.C, dtype=dy.dtype)
-    dbeta = np.empty(b.C, dtype=dy.dtype)
+    dgamma, dbeta = _grad_arrays(b)
     _kernels.backward(
         lay,
         zk,
@@ -1085,9 +1075,19 @@ def _backward_views(b):
     return dx, dres, lay, (views[0], views[1], yk, views[len(inputs)], dresk)
 
 
+def _grad_arrays(b):
+    """dgamma and dbeta for the kernels to write, rounded once from the float64 sums: in
+    the parameters' dtype where the kernels store it (float16, float32, float64), else in
+    float64, which _backward_outputs converts (exactly, to longdouble)."""
+    dtype = b.grad_dtype if b.grad_dtype in _KERNEL_DTYPES else _F64
+    return np.empty(b.C, dtype), np.empty(b.C, dtype)
+
+
 def _backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta):
     """backward's result from the kernels' output views: (dx, dgamma, dbeta), and dresidual
-    when forward added a residual."""
+    when forward added a residual; dgamma and dbeta in the parameters' dtype."""
+    dgamma = dgamma.astype(b.grad_dtype, copy=False)
+    dbeta = dbeta.astype(b.grad_dtype, copy=False)
     _copy_back(dx, dxk, b.axis)
     if dres is None:
         return dx, dgamma, dbeta

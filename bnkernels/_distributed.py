@@ -226,15 +226,9 @@ def _apply(b, s1, s2, count):
     b from the whole batch's sums."""
     mean, scale, gamma, var = b.vecs
     q = 1.0 if b.xhat_form else scale  # xhat = (z - mean) * q
-    # in the parameters' dtype, rounded once from float64, as the kernels round them
-    dgamma = (q * s2).astype(b.grad_dtype)
-    dbeta = s1.astype(b.grad_dtype)
     if b.dout.size and b.dout.dtype in _api._KERNEL_DTYPES:
         dx, dres, lay, (zk, dyk, yk, dxk, dresk) = _api._backward_views(b)
-        # the kernel writes dgamma and dbeta in the data's dtype: the same bits as above
-        # when that is the parameters' dtype
-        kgamma = np.empty(b.C, dtype=b.dout.dtype)
-        kbeta = np.empty(b.C, dtype=b.dout.dtype)
+        dgamma, dbeta = _api._grad_arrays(b)
         _kernels.backward_apply(
             lay,
             zk,
@@ -247,14 +241,17 @@ def _apply(b, s1, s2, count):
             s1,
             s2,
             count,
-            kgamma,
-            kbeta,
+            dgamma,
+            dbeta,
             b.n_threads,
             yk,
             dresk,
         )
         return _api._backward_outputs(b, dx, dres, dxk, dresk, dgamma, dbeta)
-    # no kernel: an empty slice, or a dtype the kernels do not take (longdouble)
+    # no kernel: an empty slice, or a dtype the kernels do not take (longdouble); dgamma
+    # and dbeta in the parameters' dtype, rounded once from float64, as the kernels do
+    dgamma = (q * s2).astype(b.grad_dtype)
+    dbeta = s1.astype(b.grad_dtype)
     dx = np.empty_like(b.dout)
     dy = _masked(b)
     if b.dout.size:

@@ -311,8 +311,9 @@ cdef struct Job:
     Py_ssize_t share_bytes      # input bytes of one block's channels; -1: no L3 share
     const double *shift     # (C,) the shift m of out = A*(dy + Cc) + S*(z - m)
     Coefs cf                # backward inputs
-    char *dgamma            # backward outputs (C,), the data's dtype
+    char *dgamma            # backward outputs (C,), gsz bytes each: the parameters' dtype
     char *dbeta
+    Py_ssize_t gsz
     double *sum_dy          # the backward's sums (C,): written by a sums-only pass, read by
     double *sum_dy_zm       # a write-only one
     Stats st                # forward inputs and outputs
@@ -555,7 +556,7 @@ cdef int _run(Job *j, const Work *w, int n_threads) noexcept nogil:
 
 cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double sum_dy,
                             double sum_dy_zm) noexcept nogil:
-    """dx = A*(dy + Cc) + S*(z - mean) for channel c; and dgamma, dbeta.
+    """dx = A*(dy + Cc) + S*(z - mean) for channel c (dgamma and dbeta: _bwd_grads).
 
     With r = invstd and xhat = (z - mean)*Q:  dgamma = Q*sum_dy_zm,  A = gamma*r,
     Cc = -sum_dy/M,  S = B*Q with B = -A*kq*sum_dy_zm/M, where kq*xhat is the variance
@@ -582,8 +583,6 @@ cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double su
                 s = r
         else:
             s = r
-    bn_store(j.dbeta, c, j.isz, sum_dy)
-    bn_store(j.dgamma, c, j.isz, q * sum_dy_zm)
     if cf.gamma_single:
         v.A[k] = (<const float *>cf.gamma)[c] * r
     else:
@@ -595,6 +594,14 @@ cdef inline void _bwd_coefs(const Job *j, const Vecs *v, Py_ssize_t c, double su
         b = 0.0
         v.Cc[k] = 0.0
     v.S[k] = b * q   # finite in float64 whatever the scale
+
+
+cdef inline void _bwd_grads(const Job *j, Py_ssize_t c, double sum_dy,
+                            double sum_dy_zm) noexcept nogil:
+    """dbeta = sum_dy, dgamma = Q*sum_dy_zm of channel c (Q as in _bwd_coefs), each
+    rounded once into the parameters' dtype.  Once per channel: not per task."""
+    bn_store(j.dbeta, c, j.gsz, sum_dy)
+    bn_store(j.dgamma, c, j.gsz, (1.0 if j.cf.xhat_form else j.cf.scale[c]) * sum_dy_zm)
 
 
 cdef void _merge_sums(const Vecs *v, Py_ssize_t n_chunks, Py_ssize_t c0, Py_ssize_t c1,
@@ -622,12 +629,16 @@ cdef void _merge_sums(const Vecs *v, Py_ssize_t n_chunks, Py_ssize_t c0, Py_ssiz
 
 cdef void _bwd_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                       Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Backward: _bwd_coefs of channels c0..c1-1 from their merged sums (held in A and S
-    until _bwd_coefs overwrites them)."""
+    """Backward: _bwd_coefs and _bwd_grads of channels c0..c1-1 from their merged sums
+    (held in A and S until _bwd_coefs overwrites them)."""
     cdef Py_ssize_t c, k0 = c0 - v.base
+    cdef double s1, s2
     _merge_sums(v, n_chunks, c0, c1, v.A + k0, v.S + k0)
     for c in range(c0, c1):
-        _bwd_coefs(j, v, c, v.A[c - v.base], v.S[c - v.base])
+        s1 = v.A[c - v.base]
+        s2 = v.S[c - v.base]
+        _bwd_coefs(j, v, c, s1, s2)
+        _bwd_grads(j, c, s1, s2)
 
 
 cdef void _sums_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
@@ -638,7 +649,9 @@ cdef void _sums_finish(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
 
 cdef void _bwd_given(const Job *j, const Vecs *v, Py_ssize_t n_chunks,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Write only: _bwd_coefs from given sums (of a batch of j.count elements per channel)."""
+    """Write only: _bwd_coefs from given sums (of a batch of j.count elements per channel);
+    per task, so a channel's may be formed more than once (backward_apply stores its
+    dgamma and dbeta once)."""
     cdef Py_ssize_t c
     for c in range(c0, c1):
         _bwd_coefs(j, v, c, j.sum_dy[c], j.sum_dy_zm[c])
@@ -1018,8 +1031,9 @@ cdef void _planar_layout(Job *j, Py_ssize_t N, Py_ssize_t n_arrays) noexcept nog
 
 # ---------------------------------------------------------------------------
 # Python entry points.  The face (bnkernels._api) has validated everything:
-# dtypes float32/float64 and equal, shapes, strides in elements, per-channel
-# vectors float64 and contiguous, outputs allocated.
+# the data's dtypes float16/float32/float64 and equal, shapes, strides in elements,
+# per-channel vectors float64 (gamma also float32) and contiguous, outputs allocated
+# (dgamma and dbeta of one of the three dtypes, that of the parameters).
 # ---------------------------------------------------------------------------
 
 cdef void _backward_inputs(Job *j, cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray gamma,
@@ -1037,6 +1051,7 @@ cdef void _backward_inputs(Job *j, cnp.ndarray mean, cnp.ndarray scale, cnp.ndar
     j.epilogue = j.epilogue or not train
     j.dgamma = <char *>cnp.PyArray_DATA(dgamma)
     j.dbeta = <char *>cnp.PyArray_DATA(dbeta)
+    j.gsz = cnp.PyArray_ITEMSIZE(dgamma)
 
 
 cdef void _forward_inputs(Job *j, double eps, bint std_mode, cnp.ndarray gamma,
@@ -1113,6 +1128,9 @@ def backward_apply(tuple lay, cnp.ndarray z, cnp.ndarray dy, cnp.ndarray dx,  # 
     j.sum_dy = _f64(sum_dy)
     j.sum_dy_zm = _f64(sum_dy_zm)
     j.count = count
+    cdef Py_ssize_t c
+    for c in range(j.C):
+        _bwd_grads(&j, c, j.sum_dy[c], j.sum_dy_zm[c])
     _run_or_raise(&j, &BACKWARD_APPLY, n_threads)
 
 

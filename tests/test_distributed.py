@@ -89,8 +89,13 @@ def test_merge_stats_errors(args, exc, match):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["train", "test"])
-def test_reduce_then_apply_is_backward_bit_for_bit(layout, dtype, mode):
+@pytest.mark.parametrize("params", ["data", "float64", "float16"])
+def test_reduce_then_apply_is_backward_bit_for_bit(layout, dtype, mode, params):
+    """Also with parameters of another dtype: the fused backward stores dgamma and dbeta in
+    it, the split passes too."""
     x, dout, gamma, beta, axis, _ = make_batch(layout, [11], dtype)
+    if params != "data":
+        gamma, beta = gamma.astype(params), beta.astype(params)
     param = {
         "mode": mode,
         "running_mean": np.zeros(x.shape[axis]),
