@@ -332,6 +332,18 @@ def measure(fn, budget):
     return measure_turns({"fn": fn}, budget)["fn"]
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """The garbage collector off: a collection inside a timed call is noise, not the kernel."""
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc_on:
+            gc.enable()
+
+
 def measure_turns(fns, budget):
     """Time the functions of ``fns`` (name -> callable) taking turns, one call each per
     round, until each has met the budget; {name: Timing}, median and IQR in seconds."""
@@ -340,9 +352,7 @@ def measure_turns(fns, budget):
     times = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
     active = list(fns)
-    gc_on = gc.isenabled()
-    gc.disable()  # a collection inside a timed call is noise, not the kernel
-    try:
+    with _no_gc():
         rounds = 0
         while active:
             # rotate who goes first: a call right after a NumPy baseline (which frees large
@@ -360,9 +370,6 @@ def measure_turns(fns, budget):
                     n >= budget.min_repeats and spent[name] >= budget.seconds
                 ):
                     active.remove(name)
-    finally:
-        if gc_on:
-            gc.enable()
     result = {}
     for name, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
@@ -787,10 +794,11 @@ def _percentiles(fn, seconds, min_calls):
     fn()
     times = []
     end = time.perf_counter() + seconds
-    while len(times) < min_calls or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    with _no_gc():
+        while len(times) < min_calls or time.perf_counter() < end:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     p50, p99 = np.percentile(times, [50, 99])
     return float(p50), float(p99), len(times)
 
@@ -828,9 +836,8 @@ def run_load(n_busy, cases, seconds):
     records = []
     for case in cases:
         for pass_, make in _load_calls(case).items():
-            settings = [("1", 1), (str(cores), cores), ("default", None)]
-            if pass_ == "forward":
-                settings = [("1", 1), ("default", None)]
+            settings = [("1", 1)] + ([(str(cores), cores)] if pass_ == "backward" else [])
+            settings.append(("default", None))
             with openmp_limit(1):
                 quiet = _percentiles(make(1), seconds / 2, LOAD_MIN_CALLS // 2)[0]
             busy = _busy_processes(n_busy)
@@ -954,16 +961,7 @@ def run_fused(cases, threads, budget):
                     {impl: fn for (p, impl), fn in fns.items() if p == pass_}, budget
                 )
                 for impl, t in timings.items():
-                    records.append(
-                        {
-                            "case": case.name,
-                            "pass": pass_,
-                            "impl": impl,
-                            "median_s": t.median,
-                            "iqr_s": t.iqr,
-                            "repeats": t.repeats,
-                        }
-                    )
+                    records.append(_record(case, pass_, impl, threads, t))
     return records
 
 
