@@ -2,7 +2,7 @@
  *
  * It instantiates the inner loops of _loops.h for float, double and float16 and gathers each
  * dtype's loops in one table (bn_loops_f, bn_loops_d, bn_loops_h), so that the schedule and its
- * task functions in _kernels.pyx are written once for both dtypes.  A C program (a test or a timing
+ * task functions in _kernels.pyx are written once for all three.  A C program (a test or a timing
  * harness) can include it alone: without Python.h, Py_ssize_t is ptrdiff_t.
  */
 #ifndef BN_KERNELS_H
@@ -114,6 +114,13 @@ typedef struct {
         Py_ssize_t e1, Py_ssize_t cw, const double *m, const double *S, const double *A,
         const double *Cc, int stream, const bn_epi *e);
 } bn_loops;
+
+/* The fused epilogue's ReLU, for every dtype (in float64).  dy where the saved output y is
+ * above 0, else 0 (NaN passes dy); and max(v, 0) with NaN kept and -0.0 made +0.0.  Selects
+ * that vectorize: the build assumes floating-point operations do not trap (setup.py). */
+BN_INLINE double bn_masked(double y, double dy) { return y <= 0.0 ? 0.0 : dy; }
+
+BN_INLINE double bn_relu(double v) { return bn_masked(v, v); }
 
 /* ---- float16 (IEEE binary16), stored as its bits ----
  * Conversions in 32-bit integer and float operations, branch-free (each case computed,

@@ -1,9 +1,9 @@
 # Type stub for the compiled module bnkernels/_kernels.pyx.
 #
-# The comments give the Cython types: "floating" arrays are float32 or float64 (one dtype per
-# call), "float64[C]" arrays are contiguous per-channel vectors, strides are in elements, and
-# `n_threads <= 0` means the OpenMP default (omp_get_max_threads at call time).  The kernels
-# trust their caller (bnkernels._api): shapes, strides and dtypes are not re-checked.
+# The comments give the Cython types: "floating" arrays are float16, float32 or float64 (one
+# dtype per call), "float64[C]" arrays are contiguous per-channel vectors, strides are in
+# elements, and `n_threads <= 0` means the OpenMP default (omp_get_max_threads at call time).
+# The kernels trust their caller (bnkernels._api): shapes, strides and dtypes are not re-checked.
 
 import numpy as np
 
@@ -53,8 +53,8 @@ def backward(
     xhat_form: bool,  # bint
     std_mode: bool,  # bint
     train: bool,  # bint
-    dgamma: np.ndarray,  # floating[C], dtype of z; written
-    dbeta: np.ndarray,  # floating[C], dtype of z; written
+    dgamma: np.ndarray,  # floating[C], the parameters' dtype; written
+    dbeta: np.ndarray,  # floating[C], as dgamma; written
     n_threads: int,  # int
     y: np.ndarray | None = ...,  # const, dtype of z: a fused ReLU's output, masks dy
     dres: np.ndarray | None = ...,  # dtype of z; written: the masked dy
@@ -84,8 +84,8 @@ def backward_apply(
     sum_dy: np.ndarray,  # const float64[C], over the whole batch
     sum_dy_zm: np.ndarray,  # const float64[C], over the whole batch
     count: int,  # Py_ssize_t, elements per channel of the whole batch
-    dgamma: np.ndarray,  # floating[C]; written
-    dbeta: np.ndarray,  # floating[C]; written
+    dgamma: np.ndarray,  # floating[C], the parameters' dtype; written
+    dbeta: np.ndarray,  # floating[C], as dgamma; written
     n_threads: int,  # int
     y: np.ndarray | None = ...,  # as for backward
     dres: np.ndarray | None = ...,  # as for backward

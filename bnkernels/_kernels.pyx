@@ -285,7 +285,8 @@ cdef struct Job:
     Py_ssize_t x_n, x_c, dy_n, dy_c, out_n, out_c
     # a fused epilogue (bn_epi): aux, the residual (forward) or the saved output whose
     # ReLU mask applies to dy (backward); out2, the masked dy (backward); relu (forward).
-    # NULL / 0: none; epilogue: any of them
+    # NULL / 0: none; epilogue: any of them, or a backward with running statistics (its
+    # dx = A*dy is the epilogue's loop without the term in z; _backward_inputs)
     const char *aux
     char *out2
     Py_ssize_t aux_n, aux_c, out2_n, out2_c
@@ -997,7 +998,7 @@ cdef Job _job(tuple lay, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssiz
 
 
 cdef void _rows_layout(Job *j, Py_ssize_t R, Py_ssize_t n_arrays) noexcept nogil:
-    """Rows (R, C*L): row strides x_n, dy_n, out_n already set."""
+    """Rows (R, C*L): the row strides (x_n, dy_n, out_n, aux_n, out2_n) already set."""
     j.x_c = j.L
     j.dy_c = j.L
     j.out_c = j.L

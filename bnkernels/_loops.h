@@ -55,16 +55,6 @@ static inline void BN_FN(bn_prefetch_ahead)(
         bn_prefetch(base + rr * s + jj + b);
 }
 
-#ifndef BN_MASKED_DEFINED
-#define BN_MASKED_DEFINED
-/* dy where the saved output y of a fused ReLU is above 0, else 0 (NaN passes dy).  A select
- * that vectorizes: the build assumes floating-point operations do not trap (setup.py). */
-BN_INLINE double bn_masked(double y, double dy) { return y <= 0.0 ? 0.0 : dy; }
-
-/* max(v, 0) with NaN kept and -0.0 made +0.0 */
-BN_INLINE double bn_relu(double v) { return v <= 0.0 ? 0.0 : v; }
-#endif
-
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
  * mask: dy masked by the saved output y).  Always inlined, so that a block of constant
  * width keeps its accumulators in vector registers.  A wide block (prefetch 0) leaves its
