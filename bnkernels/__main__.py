@@ -153,11 +153,17 @@ def _check(shape, axis, dtype, rng):
         x64, gamma.astype(np.float64), beta.astype(np.float64), {"mode": "train"}, axis=axis
     )
     ref = (ref_out,) + reference.backward_alt(dy64, ref_cache)
-    worst = 0.0
-    for got, want in zip((out, dx, dgamma, dbeta), ref):
-        scale = np.max(np.abs(want)) or 1.0
-        worst = max(worst, float(np.max(np.abs(got - want)) / scale))
+    worst = _rel_error(zip((out, dx, dgamma, dbeta), ref))
     return worst, worst <= RTOL[dtype]
+
+
+def _rel_error(pairs):
+    """The largest error of (got, want) pairs, each relative to want's largest magnitude."""
+    worst = 0.0
+    for got, want in pairs:
+        scale = float(np.max(np.abs(want), initial=0.0)) or 1.0
+        worst = max(worst, float(np.max(np.abs(got - want), initial=0.0)) / scale)
+    return worst
 
 
 # the per-rank slice of the MPI self-check's timed step
@@ -176,7 +182,7 @@ def mpi_check():
     comm = MPI.COMM_WORLD
     size, rank = comm.Get_size(), comm.Get_rank()
     rng = np.random.default_rng(0)  # the same batch on every rank
-    worst, lines = 0.0, []
+    lines = []
     for shape, axis, dtype in SELF_CHECK:
         n = max(shape[0], size)
         full = (n,) + shape[1:]
@@ -189,12 +195,8 @@ def mpi_check():
         dx, dgamma, dbeta = bnkernels.backward(dy[lo:hi], cache)
         ref_out, ref_cache = bnkernels.forward(x, g, b, {"mode": "train"}, axis=axis)
         rdx, rdg, rdb = bnkernels.backward(dy, ref_cache)
-        err = 0.0
-        for got, want in ((out, ref_out[lo:hi]), (dx, rdx[lo:hi]), (dgamma, rdg), (dbeta, rdb)):
-            scale = float(np.max(np.abs(want))) or 1.0
-            err = max(err, float(np.max(np.abs(got - want), initial=0.0)) / scale)
+        err = _rel_error(((out, ref_out[lo:hi]), (dx, rdx[lo:hi]), (dgamma, rdg), (dbeta, rdb)))
         same = comm.allgather(dgamma.tobytes() + dbeta.tobytes())
-        worst = max(worst, err)
         ok = err <= RTOL[dtype] and all(s == same[0] for s in same)
         lines.append(
             "  %-20s %-8s rows %d:%d  %.1e  %s"
@@ -216,6 +218,7 @@ def mpi_check():
     for name, fn in (("local", local_step), ("synchronized", synced_step)) * 2:
         comm.Barrier()
         times[name] = _median_time(fn, 20)
+    failed = any("FAILED" in line for rl in everyone for line in rl)
     if rank == 0:
         print(
             "bnkernels %s over MPI: %d ranks (%s)"
@@ -225,7 +228,6 @@ def mpi_check():
         for r, rl in enumerate(everyone):
             for line in rl:
                 print("  rank %d%s" % (r, line))
-        failed = any("FAILED" in line for rl in everyone for line in rl)
         print(
             "all %d ranks agree with one process, and with each other: %s"
             % (size, "no" if failed else "yes")
@@ -241,7 +243,6 @@ def mpi_check():
                 (times["synchronized"] - times["local"]) * 1e3,
             )
         )
-    failed = any("FAILED" in line for rl in everyone for line in rl)
     return 1 if failed else 0
 
 

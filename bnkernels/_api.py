@@ -341,13 +341,13 @@ def _update_running(bn_param, running_mean, running_var, mean, var, momentum, tr
 
 
 def _to_layout(arrays, n_out, axis):
-    """Layout shared by the last n_out arrays (outputs of one layout, compact; or, without
-    outputs, the last input) and the others, copying inputs that do not fit.  Returns
-    (layout, arrays) or (None, arrays) if even the outputs do not fit."""
+    """Layout shared by the last n_out >= 1 arrays (outputs of one layout, compact) and the
+    others, copying inputs that do not fit.  Returns (layout, arrays) or (None, arrays) if
+    even the outputs do not fit."""
     lay = choose(arrays, axis)
     if lay is not None:
         return lay, arrays
-    k = len(arrays) - max(n_out, 1)
+    k = len(arrays) - n_out
     ref = arrays[k:]
     if choose(ref, axis) is None:
         return None, arrays
@@ -362,13 +362,13 @@ def _to_layout(arrays, n_out, axis):
     return choose(fixed, axis), fixed
 
 
-def _views(arrays, axis, out=None):
+def _views(arrays, axis, out):
     """(layout, views) the kernels run on: the inputs `arrays` and the output `out` (an
     array, or a list of arrays of one shape and layout) as they are where they share a
     layout (inputs that do not fit copied into the outputs'), else C-contiguous copies of
     the inputs with the channel axis at 1 and, for the outputs, fresh arrays of that
     layout, which _copy_back returns to them."""
-    outs = [] if out is None else (list(out) if isinstance(out, list) else [out])
+    outs = list(out) if isinstance(out, list) else [out]
     lay, views = _to_layout(list(arrays) + outs, len(outs), axis)
     if lay is None:
         views = [_standard(a, axis) for a in arrays]
@@ -485,7 +485,7 @@ def forward(
     cache : dict
         What :func:`backward` needs: ``'x'`` (the input itself, not a copy), the
         per-channel statistics ``'mean'``, ``'var'``, ``'invstd'`` (shape (C,), float64;
-        longdouble for longdouble x), ``'gamma'`` (in the
+        longdouble for longdouble x without ``comm`` or ``stats``), ``'gamma'`` (in the
         parameters' dtype; ones for None), ``'eps'``, ``'eps_mode'``, ``'mode'``,
         ``'axis'`` (normalized to a non-negative int), ``'activation'``,
         ``'residual'`` (a bool) and ``'out'``: with ``activation='relu'`` the returned
@@ -617,29 +617,18 @@ def _forward(x, gamma, beta, bn_param, axis, comm, stats, activation=None, resid
             ax,
             comm,
             stats,
-            {
-                "channels": C,
-                "dtype": x.dtype.str,
-                "axis": ax,
-                "eps": eps,
-                "eps_mode": eps_mode,
-                "mode": mode,
-            },
+            _distributed.agreed("forward", C, x.dtype.str, ax, eps, eps_mode, mode),
         )
         if not train:  # the running statistics; comm only checked that the ranks agree
             mean, var = _f64(running_mean), _f64(running_var)
         invstd = _invstd(var, eps, std_mode)
-        out = _normalize(x, ax, g64, b64, False, eps, std_mode, mean, var, invstd, residual, relu)
+    elif train:  # the kernels fill them in with the batch statistics
+        mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
     else:
-        if train:
-            mean = np.empty(C)
-            var = np.empty(C)
-            invstd = np.empty(C)
-        else:
-            mean = _f64(running_mean)
-            var = _f64(running_var)
-            invstd = _invstd(var, eps, std_mode)
-        out = _normalize(x, ax, g64, b64, train, eps, std_mode, mean, var, invstd, residual, relu)
+        mean, var = _f64(running_mean), _f64(running_var)
+        invstd = _invstd(var, eps, std_mode)
+    batch = train and not split  # statistics from x itself
+    out = _normalize(x, ax, g64, b64, batch, eps, std_mode, mean, var, invstd, residual, relu)
     if train:
         _update_running(bn_param, running_mean, running_var, mean, var, momentum, tracked)
     epilogue = (activation, residual is not None, out if relu else None)
@@ -827,9 +816,9 @@ def _cached_epilogue(cache, z):
 
 
 def _unpack(cache):
-    """(z, axis, per-channel float64 (mean, scale, gamma, var), xhat_form, std_mode, train,
-    the dtype of dgamma and dbeta, the saved output of a fused ReLU or None, whether forward
-    added a residual).
+    """(z, axis, per-channel float64 (mean, scale, gamma, var; gamma may stay float32),
+    xhat_form, std_mode, train, the dtype of dgamma and dbeta, the saved output of a fused
+    ReLU or None, whether forward added a residual).
 
     z is the cached x, with mean and scale = invstd; or, for a seed-style cache, x_hat
     with mean 0 and scale = denom.  The kernels derive the coefficients from these.
@@ -857,7 +846,7 @@ def _unpack(cache):
         zeros = np.zeros(C)
         grads = _grad_dtype(gamma, z)
         y, residual = _cached_epilogue(cache, z)
-        return z, ax, [zeros, _f64(denom), g, zeros], True, False, True, grads, y, residual
+        return z, ax, (zeros, _f64(denom), g, zeros), True, False, True, grads, y, residual
     if "x" in cache and "invstd" in cache:
         if not complete:
             missing = [key for key in _CACHE_KEYS if key not in cache]
@@ -912,7 +901,6 @@ def _backward_inputs(dout, cache, num_threads, allow_empty=False) -> _BackwardIn
         )
     count = cache.get("count") if not xhat_form else None
     nt = _n_threads(num_threads, size=dout.size)
-    vecs = tuple(vecs)
     return _BackwardInputs(
         z, ax, C, vecs, xhat_form, std_mode, train, dout, nt, count, grad_dtype, y, residual
     )
@@ -923,7 +911,7 @@ def backward(
     cache: dict[str, Any],
     *,
     num_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Batch normalization backward pass: the gradients of the loss for x, gamma, beta.
 
     Parameters
@@ -933,7 +921,8 @@ def backward(
         (then taken as 0 where the cached out <= 0).  Any strides; not modified, may
         be read-only.
         float16, float32 and float64 run the compiled kernels; longdouble runs
-        :func:`bnkernels.reference.backward_alt`.
+        :func:`bnkernels.reference.backward_alt` (a cache with ``comm``: the same closed
+        form in float64).
     cache : dict
         The cache :func:`forward` (or :func:`bnkernels.reference.forward`) returned.
         Or a seed-style dict, as hand-written CS231n code can keep it:
@@ -976,7 +965,9 @@ def backward(
     ValueError
         The cache is incomplete, of neither kind or inconsistent (its statistics do
         not fit ``cache['x']`` and ``cache['axis']``), dout's shape differs from the
-        cached input's, dout is empty, or ``num_threads < 1``.
+        cached input's, dout is empty, ``num_threads < 1``, or the cache holds the
+        statistics of a larger batch (``forward(..., stats=...)``: use
+        :func:`backward_reduce` and :func:`backward_apply`).
 
     See Also
     --------

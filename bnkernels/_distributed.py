@@ -66,7 +66,7 @@ def batch_stats(
     x = _api._array("x", x)
     _api._float_dtype("x", x)
     ax = _api._channel_axis(axis, x.ndim)
-    nt = _api._n_threads(num_threads)
+    nt = _api._n_threads(num_threads, size=x.size)
     C = x.shape[ax]
     count = x.size // C if C else 0
     mean, m2 = np.zeros(C), np.zeros(C)
@@ -182,7 +182,7 @@ def backward_apply(
     count: int,
     *,
     num_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """The backward's element-wise pass, given the sums and count of the whole batch.
 
     Parameters
@@ -198,20 +198,29 @@ def backward_apply(
     -------
     dx : ndarray, the shape and dtype of dout (empty for an empty slice)
     dgamma, dbeta : ndarray, shape (C,)
-        The gradients of the whole batch, the same on every slice.
+        The gradients of the whole batch, the same on every slice, in the parameters'
+        dtype.
+    dresidual : ndarray, the shape and dtype of dout; only after a fused residual
+        dout after the ReLU's mask, as :func:`bnkernels.backward` returns it.
     """
     b = _api._backward_inputs(dout, cache, num_threads, allow_empty=True)
     s1 = _api._f64(_api._per_channel("sum_dy", sum_dy, b.C, b.z.shape))
     s2 = _api._f64(_api._per_channel("sum_dy_xmu", sum_dy_xmu, b.C, b.z.shape))
+    count = _whole_count("count", count, b.dout.size // b.C if b.C else 0)
+    return _apply(b, s1, s2, count)
+
+
+def _whole_count(name, count, local):
+    """count, the elements per channel of a whole batch, as an int: at least 1 and at least
+    the `local` of this slice."""
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-        raise TypeError("count must be an int, got %r" % (count,))
-    local = b.dout.size // b.C if b.C else 0
+        raise TypeError("%s must be an int, got %r" % (name, count))
     if count < max(local, 1):
         raise ValueError(
-            "count (%d) must be the elements per channel of the whole batch: at least "
-            "this slice's %d and at least 1" % (count, local)
+            "%s (%d) must be the elements per channel of the whole batch: at least "
+            "this slice's %d and at least 1" % (name, count, local)
         )
-    return _apply(b, s1, s2, int(count))
+    return int(count)
 
 
 def _masked(b):
@@ -292,6 +301,11 @@ def _apply(b, s1, s2, count):
 _AGREE = ("pass", "channels", "dtype", "axis", "eps", "eps_mode", "mode")
 
 
+def agreed(*values):
+    """The _AGREE fields of a call, given in that order (what every rank must say alike)."""
+    return dict(zip(_AGREE, values))
+
+
 def _check_comm(comm):
     if not callable(getattr(comm, "allgather", None)):
         raise TypeError(
@@ -353,26 +367,20 @@ def _check_stats(stats, x, C):
     if len(stats) != 3:
         raise ValueError("stats must be (count, mean, m2), got %d items" % len(stats))
     count, mean, m2 = stats
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-        raise TypeError("stats' count must be an int, got %r" % (count,))
-    local = x.size // C
-    if count < max(local, 1):
-        raise ValueError(
-            "stats' count (%d) must be the elements per channel of the whole batch: at least "
-            "this slice's %d and at least 1" % (count, local)
-        )
+    count = _whole_count("stats' count", count, x.size // C)
     vecs = []
     for name, v in (("stats' mean", mean), ("stats' m2", m2)):
         v = _api._per_channel(name, _api._array(name, v), C, x.shape)
         _api._float_dtype(name, v)
         vecs.append(_api._f64(v))
-    return int(count), vecs[0], vecs[1]
+    return count, vecs[0], vecs[1]
 
 
 def whole_batch_stats(x, axis, comm, stats, meta):
     """(count, mean, var) of the whole batch that x is a part of: from stats, or gathered
     from every rank of comm with one allgather.  In test mode mean and var are None (the
-    running statistics serve) and comm still gathers once, to check that the ranks agree."""
+    running statistics serve) and comm still gathers once, to check that the ranks agree.
+    meta: the forward's agreed() fields."""
     C = meta["channels"]
     train = meta["mode"] == "train"
     if comm is not None and stats is not None:
@@ -384,10 +392,9 @@ def whole_batch_stats(x, axis, comm, stats, meta):
                 "statistics serve (bn_param['mode'] is 'test')"
             )
         count, mean, m2 = _check_stats(stats, x, C)
-    else:
-        _check_comm(comm)
+    else:  # (comm checked by collectively, which every call with a comm goes through)
         local = batch_stats(x, axis=axis) if train else (x.size // C, None, None)
-        parts = _allgather(comm, dict(meta, **{"pass": "forward"}), local)
+        parts = _allgather(comm, meta, local)
         counts = np.array([p[0] for p in parts], dtype=np.int64)
         if int(counts.sum()) == 0:
             raise ValueError("the batch is empty on every rank of comm")
@@ -401,18 +408,17 @@ def whole_batch_stats(x, axis, comm, stats, meta):
 
 def sync_backward(comm, dout, cache, num_threads):
     """backward over the whole batch: every rank's sums gathered with one allgather and
-    added in rank order on every rank."""
-    _check_comm(comm)
+    added in rank order on every rank (comm checked by collectively)."""
     b = _api._backward_inputs(dout, cache, num_threads, allow_empty=True)
-    meta = {
-        "pass": "backward",
-        "channels": b.C,
-        "dtype": b.dout.dtype.str,
-        "axis": b.axis,
-        "eps": cache.get("eps"),
-        "eps_mode": cache.get("eps_mode"),
-        "mode": cache.get("mode"),
-    }
+    meta = agreed(
+        "backward",
+        b.C,
+        b.dout.dtype.str,
+        b.axis,
+        cache.get("eps"),
+        cache.get("eps_mode"),
+        cache.get("mode"),
+    )
     local = _reduce(b)
     count = b.dout.size // b.C
     parts = _allgather(comm, meta, (count, local[0], local[1]))
