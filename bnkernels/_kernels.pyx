@@ -432,6 +432,14 @@ cdef inline Py_ssize_t _vecs_doubles(Py_ssize_t n_chunks, Py_ssize_t width) noex
     return (3 + 2 * n_chunks) * width
 
 
+cdef inline void _reduce_task(const Job *j, const Work *w, const Vecs *v, Py_ssize_t n_chunks,
+                              Span sp, double *scratch) noexcept nogil:
+    """w.reduce of task sp into its chunk's partial sums in v (the first n_chunks rows of
+    v.part, then the next n_chunks; channel c at c - v.base)."""
+    cdef double *s1 = v.part + sp.ci * v.stride + (sp.c0 - v.base)
+    w.reduce(j, sp, s1, s1 + n_chunks * v.stride, scratch)
+
+
 cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int nt,
                         const Vecs *shared, double *local, double *scratch) noexcept nogil:
     """Thread tid's share of one sweep over the tasks (or, SHARE, over the blocks); local:
@@ -447,8 +455,7 @@ cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int n
         for bi in range(_share(p.n_blocks, tid, nt), _share(p.n_blocks, tid + 1, nt)):
             v.base = bi * cb
             for t in range(bi * nc, bi * nc + nc):
-                sp = _task(p, t, C, j.extent)
-                w.reduce(j, sp, v.part + sp.ci * cb, v.part + (nc + sp.ci) * cb, scratch)
+                _reduce_task(j, w, &v, nc, _task(p, t, C, j.extent), scratch)
             w.finish(j, &v, nc, v.base, min(C, v.base + cb))
             t = bi * nc + nc - 1
             while t >= bi * nc:
@@ -465,9 +472,7 @@ cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int n
         return
     if sweep == REDUCE:
         for t in range(t0, t1):
-            sp = _task(p, t, C, j.extent)
-            w.reduce(j, sp, shared.part + sp.ci * C + sp.c0,
-                     shared.part + (nc + sp.ci) * C + sp.c0, scratch)
+            _reduce_task(j, w, shared, nc, _task(p, t, C, j.extent), scratch)
         return
     # FUSED (the task's data is still in cache for the output) or WRITE: the task's
     # channels only, in the thread's own Vecs
@@ -476,7 +481,7 @@ cdef void _thread_sweep(const Job *j, const Work *w, Sweep sweep, int tid, int n
         sp = _task(p, t, C, j.extent)
         v.base = sp.c0
         if sweep == FUSED:
-            w.reduce(j, sp, v.part, v.part + cb, scratch)
+            _reduce_task(j, w, &v, 1, sp, scratch)
         w.finish(j, &v, 1 if sweep == FUSED else 0, sp.c0, sp.c0 + sp.cw)
         if w.write != NULL:
             w.write(j, &v, sp, scratch)
