@@ -199,7 +199,7 @@ def forward(x, gamma, beta, bn_param, *, axis=1, activation=None, residual=None)
         ):
             running = np.asarray(running)
             if running.dtype.kind != "f":  # integer running statistics are never truncated
-                running = running.astype(np.result_type(x.dtype, np.float16))
+                running = running.astype(np.result_type(x.dtype, pdtype))
             stat = stat.astype(running.dtype)
             if momentum is None:  # the cumulative average of the n batches seen
                 bn_param[key] = running + (stat - running) / n

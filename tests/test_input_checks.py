@@ -218,3 +218,20 @@ def test_the_reference_does_not_truncate_integer_running_statistics_either():
         assert want[key].dtype.kind == "f"
         np.testing.assert_allclose(got[key], want[key], rtol=1e-15)
         np.testing.assert_allclose(want[key], [0.6, 2.3] if key == "running_mean" else [0.36, 1.69])
+
+
+@pytest.mark.parametrize(
+    "x_dtype, p_dtype", [(np.float16, np.float32), (np.float32, np.float64), (np.float64, None)]
+)
+def test_integer_running_statistics_take_the_same_dtype_in_the_reference(x_dtype, p_dtype):
+    """The wider of x's and the parameters' dtypes, in the kernels and the reference alike."""
+    from bnkernels import reference
+
+    x = np.array([[0.0, 1.0], [1.25, 3.5]], dtype=x_dtype)
+    gamma = None if p_dtype is None else np.ones(2, p_dtype)
+    got, want = {}, {}
+    for fn, param in ((bnkernels.forward, got), (reference.forward, want)):
+        param.update(mode="train", running_mean=np.array([0, 0]), running_var=np.array([0, 0]))
+        fn(x, gamma, None, param)
+    for key in ("running_mean", "running_var"):
+        assert got[key].dtype == want[key].dtype == np.result_type(x_dtype, p_dtype or x_dtype)
