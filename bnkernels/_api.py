@@ -666,8 +666,8 @@ def _normalize(
     xk, rk, outk = views[0], (views[1] if residual is not None else None), views[-1]
     nt = _n_threads(None, size=x.size)
     args = (gamma, beta, mean, var, invstd, nt, rk, relu)
-    _kernels.forward(lay, xk, outk, train, eps, std_mode, *args)
-    if train and x.dtype == np.float64 and not np.isfinite(var).all():
+    var_not_finite = _kernels.forward(lay, xk, outk, train, eps, std_mode, *args)
+    if train and x.dtype == np.float64 and var_not_finite:
         if _rescaled_stats(x, ax, eps, std_mode, mean, var, invstd):
             _kernels.forward(lay, xk, outk, False, eps, std_mode, *args)
     _copy_back(out, outk, ax)

@@ -105,7 +105,7 @@ def forward(
     n_threads: int,  # int
     residual: np.ndarray | None = ...,  # const, dtype of x: added before the activation
     relu: bool = ...,  # bint: out = max(out, 0)
-) -> None: ...
+) -> bool: ...  # whether a variance is not finite
 def batch_stats(
     lay: tuple[str, int, int, int, list],  # tuple, over [x]
     x: np.ndarray,  # const floating

@@ -1146,10 +1146,17 @@ def forward(tuple lay, cnp.ndarray x, cnp.ndarray out, bint train, double eps, b
             int n_threads, cnp.ndarray residual=None, bint relu=False):
     """train: mean, var, invstd := the batch statistics; then out := gamma*invstd*(x - mean)
     + beta (not train: with the given statistics), plus residual, then max(out, 0) with
-    relu: one rounding.  lay: choose([x, residual, out], axis)."""
+    relu: one rounding.  lay: choose([x, residual, out], axis).  Returns whether a variance
+    is not finite (float64 data beyond ~1e154 overflows it: the face then computes those
+    channels' statistics again), so that the caller need not look at var itself."""
     cdef Job j = _job(lay, x, None, out, 1, residual, None, relu)
     _forward_inputs(&j, eps, std_mode, gamma, beta, mean, var, invstd)
     _run_or_raise(&j, &FORWARD if train else &FORWARD_GIVEN, n_threads)
+    cdef Py_ssize_t c
+    for c in range(j.C):
+        if not isfinite(j.st.var[c]):
+            return True
+    return False
 
 
 def batch_stats(tuple lay, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray m2,  # IN, OUT (C,) float64
