@@ -158,11 +158,14 @@ def _check(shape, axis, dtype, rng):
 
 
 def _rel_error(pairs):
-    """The largest error of (got, want) pairs, each relative to want's largest magnitude."""
+    """The largest error of (got, want) pairs, each relative to want's largest magnitude;
+    NaN if any is (a NaN output fails the check)."""
     worst = 0.0
     for got, want in pairs:
         scale = float(np.max(np.abs(want), initial=0.0)) or 1.0
-        worst = max(worst, float(np.max(np.abs(got - want), initial=0.0)) / scale)
+        err = float(np.max(np.abs(got - want), initial=0.0)) / scale
+        if not err <= worst and worst == worst:  # a NaN, once seen, stays
+            worst = err
     return worst
 
 

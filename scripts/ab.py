@@ -2,6 +2,7 @@
 
     python scripts/ab.py OTHER [--cases PATTERN] [--shape LAYOUT:SHAPE:DTYPE ...]
                                [--pass backward|forward|both] [--threads N] [--seconds S]
+                               [--params DTYPE]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
 after ``python setup.py build_ext --inplace``).  Both packages are imported side by side
@@ -11,7 +12,8 @@ as ``python -m bnkernels bench`` does; the shared machine's drift then hits all 
 alike.  Printed per case: the median times and this/other (below 1: this tree is faster).
 This tree's package is the one Python imports (run from the checkout, or installed).
 ``--shape`` times shapes outside the grid instead, e.g. ``--shape 2d:512x256:float32
-nhwc:8x28x28x96:float64`` (layouts as in the grid: 2d, nchw, nhwc).
+nhwc:8x28x28x96:float64`` (layouts as in the grid: 2d, nchw, nhwc).  ``--params``
+gives gamma and beta another dtype than the data's (mixed precision).
 """
 
 import argparse
@@ -44,9 +46,12 @@ def load_other(directory):
     return module
 
 
-def case_fns(data, pass_, threads, other):
-    """{name: callable} of one case: this tree, the other build, the roofline."""
+def case_fns(data, pass_, threads, other, params=None):
+    """{name: callable} of one case: this tree, the other build, the roofline; gamma and
+    beta in the dtype params (None: the data's)."""
     x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, data.case.axis
+    if params is not None:
+        g, b = g.astype(params), b.astype(params)
     roof_b = dy if pass_ == "backward" else x
     fns = {}
     for name, pkg in (("this", bnkernels), ("other", other)):
@@ -115,6 +120,11 @@ def main(argv=None):
         default=1.0,
         help="time budget per implementation and case (default 1)",
     )
+    p.add_argument(
+        "--params",
+        choices=("float16", "float32", "float64"),
+        help="gamma and beta in this dtype (default: the data's)",
+    )
     args = p.parse_args(argv)
     other = load_other(args.other)
     threads = args.threads or _kernels.max_threads()
@@ -134,7 +144,7 @@ def main(argv=None):
     for case in cases:
         data = _bench.CaseData(case)
         for pass_ in passes:
-            t = _bench.measure_turns(case_fns(data, pass_, threads, other), budget)
+            t = _bench.measure_turns(case_fns(data, pass_, threads, other, args.params), budget)
             print(
                 "%-8s %-24s %9.3f %9.3f %9.3f %10.2f"
                 % (

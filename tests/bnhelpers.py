@@ -211,10 +211,12 @@ def reference64(x, gamma, beta, bn_param, dout, axis=1):
 
 
 def bits(a):
-    """The bits of a as unsigned integers of its itemsize, so that -0.0 and +0.0 and NaN
-    payloads count as different."""
+    """The bits of a as unsigned integers of its itemsize (bytes, on a last axis, for other
+    itemsizes: longdouble), so that -0.0 and +0.0 and NaN payloads count as different."""
     a = np.ascontiguousarray(a)
-    return a.view(np.dtype("u%d" % a.itemsize))
+    if a.itemsize in (1, 2, 4, 8):
+        return a.view(np.dtype("u%d" % a.itemsize))
+    return a.view(np.uint8).reshape(a.shape + (a.itemsize,))
 
 
 def seed_forward(x, gamma, beta, eps=1e-5):
