@@ -186,6 +186,72 @@ BN_INLINE uint16_t bn_d2h(double d)
     return bn_f2h(bn_bits_f((bn_f_bits(f) - away) | inexact));
 }
 
+/* Runs of doubles rounded to float16, each as bn_d2h rounds it (the same bits): the output
+ * sweeps of float16 data compute a run in float64, then round it here.  The rounding is most
+ * of a float16 sweep's work in 32-bit integer code; F16C (with AVX2, on every x86-64-v3 CPU)
+ * does it in a few vector instructions: the round to odd as a conversion toward zero (MXCSR,
+ * restored after) with the last bit set where inexact, then VCVTPS2PH to nearest even.  The
+ * run function is chosen when the module loads (bn_use_f16c). */
+#define BN_STAGE 256 /* doubles of one run: 2 KiB, in L1 */
+typedef void (*bn_d2h_run_fn)(const double *restrict d, uint16_t *restrict h, Py_ssize_t n);
+
+static BN_CLONES void bn_d2h_run_plain(const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+{
+    Py_ssize_t k;
+    BN_SIMD
+    for (k = 0; k < n; k++)
+        h[k] = bn_d2h(d[k]);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define BN_HAVE_F16C_RUN 1
+__attribute__((target("avx2,f16c"))) static void bn_d2h_run_f16c(
+    const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+{
+    const unsigned int csr = _mm_getcsr();
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), one = _mm256_set1_epi32(1);
+    Py_ssize_t k = 0;
+    _mm_setcsr(csr | 0x6000u); /* round toward zero */
+    for (; k + 8 <= n; k += 8) {
+        const __m256d v0 = _mm256_loadu_pd(d + k), v1 = _mm256_loadu_pd(d + k + 4);
+        const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
+        /* inexact (or NaN): all ones in each 64-bit lane; its even 32-bit halves, packed */
+        const __m256d x0 = _mm256_cmp_pd(_mm256_cvtps_pd(f0), v0, _CMP_NEQ_UQ);
+        const __m256d x1 = _mm256_cmp_pd(_mm256_cvtps_pd(f1), v1, _CMP_NEQ_UQ);
+        const __m128i m0 =
+            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(x0), even));
+        const __m128i m1 =
+            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(x1), even));
+        const __m256i f = _mm256_set_m128i(_mm_castps_si128(f1), _mm_castps_si128(f0));
+        const __m256i odd = _mm256_or_si256(f, _mm256_and_si256(_mm256_set_m128i(m1, m0), one));
+        _mm_storeu_si128(
+            (__m128i *)(h + k),
+            _mm256_cvtps_ph(_mm256_castsi256_ps(odd), _MM_FROUND_TO_NEAREST_INT));
+    }
+    _mm_setcsr(csr);
+    for (; k < n; k++)
+        h[k] = bn_d2h(d[k]);
+}
+#endif
+
+static bn_d2h_run_fn bn_d2h_run = bn_d2h_run_plain;
+
+/* F16C for the float16 rounding where the CPU has it and `on`; returns whether it is used */
+static int bn_use_f16c(int on)
+{
+#ifdef BN_HAVE_F16C_RUN
+    __builtin_cpu_init();
+    if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+        bn_d2h_run = bn_d2h_run_f16c;
+        return 1;
+    }
+#endif
+    (void)on;
+    bn_d2h_run = bn_d2h_run_plain;
+    return 0;
+}
+
 /* element i of an array of itemsize isz (2, 4 or 8) as a double; and a double rounded into
  * one: for the per-channel scalars the schedule reads and writes */
 static inline double bn_load(const void *p, Py_ssize_t i, Py_ssize_t isz)

@@ -57,6 +57,7 @@ cdef extern from "_kernels.h" nogil:
     int bn_has_openmp()
     const char *bn_build_flags
     const char *bn_simd_targets
+    int bn_use_f16c(int on)
     ctypedef struct bn_epi:
         const void *aux
         void *out2
@@ -154,6 +155,23 @@ def build_flags():
 def simd_targets():
     """The instruction sets the inner loops were compiled for."""
     return bn_simd_targets.decode()
+
+
+_f16c = bool(bn_use_f16c(1))
+
+
+def use_f16c(bint on=True):
+    """Round float16 outputs with F16C where the CPU has it (on, the default when the module
+    loads) or in integer code (off): the same bits either way.  Returns whether F16C is used
+    now.  Not thread-safe: for tests and measurements, between calls."""
+    global _f16c
+    _f16c = bool(bn_use_f16c(on))
+    return _f16c
+
+
+def f16c():
+    """Whether float16 outputs are rounded with F16C (see use_f16c)."""
+    return _f16c
 
 
 # ---------------------------------------------------------------------------

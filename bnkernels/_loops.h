@@ -152,6 +152,33 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 #define BN_AFFINE_OUT(s, z, m, cc) ((s) * ((z) - (m)) + (cc))
 #endif
 
+/* o[k] := EXPR(k), rounded to BN_T, for k in [k0, k1).  float16 computes runs of BN_STAGE
+ * doubles and rounds each run with bn_d2h_run (_kernels.h: F16C where the CPU has it), which
+ * gives bn_d2h's bits. */
+#undef BN_OUT_RUN
+#ifdef BN_F16
+#define BN_OUT_RUN(o, k0, k1, EXPR)                                                  \
+    do {                                                                             \
+        Py_ssize_t bn_q, bn_k;                                                       \
+        for (bn_q = (k0); bn_q < (k1); bn_q += BN_STAGE) {                           \
+            const Py_ssize_t bn_n = (k1) - bn_q < BN_STAGE ? (k1) - bn_q : BN_STAGE; \
+            double bn_w[BN_STAGE];                                                   \
+            BN_SIMD                                                                  \
+            for (bn_k = 0; bn_k < bn_n; bn_k++)                                      \
+                bn_w[bn_k] = EXPR(bn_q + bn_k);                                      \
+            bn_d2h_run(bn_w, (o) + bn_q, bn_n);                                      \
+        }                                                                            \
+    } while (0)
+#else
+#define BN_OUT_RUN(o, k0, k1, EXPR)            \
+    do {                                       \
+        Py_ssize_t bn_k;                       \
+        BN_SIMD                                \
+        for (bn_k = (k0); bn_k < (k1); bn_k++) \
+            (o)[bn_k] = BN_ST(EXPR(bn_k));     \
+    } while (0)
+#endif
+
 #if defined(BN_F64) && defined(__SSE2__)
 /* Streaming (non-temporal) stores for float64 output larger than the L3: a plain store reads
  * each line from memory first and leaves it in the cache, evicting data the second sweep still
@@ -313,7 +340,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
     const bn_epi *e)
 {
-    Py_ssize_t j, r;
+    Py_ssize_t r;
     if (e != NULL) {
         BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, e);
         return;
@@ -332,14 +359,14 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         if (dy == NULL) {
-            BN_SIMD
-            for (j = 0; j < cw; j++)
-                outr[j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(zr[j]), m[j], Cc[j]));
+#define BN_ROW_OUT(k) BN_AFFINE_OUT(S[k], BN_LD(zr[k]), m[k], Cc[k])
+            BN_OUT_RUN(outr, 0, cw, BN_ROW_OUT);
+#undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
-            BN_SIMD
-            for (j = 0; j < cw; j++)
-                outr[j] = BN_ST(BN_AFFINE_DX(A[j], BN_LD(dyr[j]), Cc[j], S[j], BN_LD(zr[j]), m[j]));
+#define BN_ROW_DX(k) BN_AFFINE_DX(A[k], BN_LD(dyr[k]), Cc[k], S[k], BN_LD(zr[k]), m[k])
+            BN_OUT_RUN(outr, 0, cw, BN_ROW_DX);
+#undef BN_ROW_DX
         }
     }
 }
@@ -459,7 +486,7 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
     const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
     const bn_epi *e)
 {
-    Py_ssize_t n, c, l0, l1, i;
+    Py_ssize_t n, c, l0, l1;
     if (e != NULL) { /* a fused epilogue: run by run, as below */
         const BN_T *aux = e->aux;
         BN_T *out2 = e->out2;
@@ -497,15 +524,15 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
             BN_T *restrict op = out + n * soutn + c * soutc;
             const double mc = m[c], sc = S[c], cc = Cc[c];
             if (dy == NULL) {
-                BN_SIMD
-                for (i = l0; i < l1; i++)
-                    op[i] = BN_ST(BN_AFFINE_OUT(sc, BN_LD(zp[i]), mc, cc));
+#define BN_RUN_OUT(k) BN_AFFINE_OUT(sc, BN_LD(zp[k]), mc, cc)
+                BN_OUT_RUN(op, l0, l1, BN_RUN_OUT);
+#undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 const double a = A[c];
-                BN_SIMD
-                for (i = l0; i < l1; i++)
-                    op[i] = BN_ST(BN_AFFINE_DX(a, BN_LD(dyp[i]), cc, sc, BN_LD(zp[i]), mc));
+#define BN_RUN_DX(k) BN_AFFINE_DX(a, BN_LD(dyp[k]), cc, sc, BN_LD(zp[k]), mc)
+                BN_OUT_RUN(op, l0, l1, BN_RUN_DX);
+#undef BN_RUN_DX
             }
         }
     }

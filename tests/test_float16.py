@@ -11,8 +11,19 @@ import pytest
 
 import bnkernels
 from bnhelpers import bits, make_inputs, openmp_threads, reference64
+from bnkernels import _kernels
 
 F16 = np.float16
+
+
+@pytest.fixture(autouse=True, params=["f16c", "integer"])
+def rounding(request):
+    """Every test twice: float16 outputs rounded with F16C (where the CPU has it) and in
+    integer code, the two ways the kernels have."""
+    before = _kernels.f16c()
+    _kernels.use_f16c(request.param == "f16c")
+    yield request.param
+    _kernels.use_f16c(before)
 
 
 def _same_halves(got, want):
@@ -39,6 +50,23 @@ def test_every_float16_converts_exactly_both_ways():
     with np.errstate(invalid="ignore"):
         want = (h.astype(np.float64) - 0.0 + 0.0).astype(F16)
     assert _same_halves(_shifted(h, [0.0]), want).all()
+
+
+@pytest.mark.parametrize("rounding", ["f16c"], indirect=True)
+def test_f16c_and_integer_rounding_give_the_same_bits(rounding):
+    """NaN payloads included: every bit pattern, shifted by means that round, tie and
+    overflow, through both roundings."""
+    if not _kernels.f16c():
+        pytest.skip("compares the F16C rounding with the integer one: needs a CPU with F16C")
+    rng = np.random.default_rng(2)
+    x = np.arange(1 << 16, dtype=np.uint16).view(F16).reshape(-1, 1).repeat(8, axis=1)
+    mean = -rng.integers(0, 0x7C00, size=8, dtype=np.uint16).view(F16).astype(np.float64)
+    mean[:3] = [0.0, -(2.0**-25), 65504.0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        f16c = _shifted(x, mean)
+        _kernels.use_f16c(False)
+        integer = _shifted(x, mean)
+    assert np.array_equal(bits(f16c), bits(integer))
 
 
 def test_rounding_matches_numpy_on_sums_of_halves():
