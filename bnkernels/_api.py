@@ -1018,7 +1018,7 @@ def backward(
         return reference.backward_alt(b.dout, cache)
     if not b.xhat_form and b.z.dtype == np.float64:
         invstd = b.vecs[1]
-        if invstd.min() < _TINY_INVSTD and ((invstd > 0.0) & (invstd < _TINY_INVSTD)).any():
+        if _kernels.any_between(invstd, 0.0, _TINY_INVSTD):
             scaled, factor = _rescaled(b)
             grads = _backward(scaled)
             grads[0][...] *= factor

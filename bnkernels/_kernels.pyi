@@ -121,6 +121,11 @@ def stream_add(
     out: np.ndarray,  # floating, C-contiguous, size and dtype of a; written
     n_threads: int = ...,  # int, 0: the OpenMP default
 ) -> None: ...
+def any_between(
+    v: np.ndarray,  # const float64[n], contiguous
+    lo: float,  # double
+    hi: float,  # double
+) -> bool: ...
 def running_update(
     running: np.ndarray,  # float32 or float64, C-contiguous
     stat: np.ndarray,  # float64, C-contiguous, size of running

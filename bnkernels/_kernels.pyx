@@ -1224,6 +1224,17 @@ def stream_add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads=0):
                 bn_stream_add_d(<double *>ap + lo, <double *>bp + lo, <double *>op + lo, hi - lo)
 
 
+def any_between(cnp.ndarray v, double lo, double hi):
+    """Whether an element of the contiguous float64 vector v lies strictly between lo and
+    hi: a per-call check of the face, without NumPy's temporaries."""
+    cdef const double *p = _f64(v)
+    cdef Py_ssize_t k, n = cnp.PyArray_SIZE(v)
+    for k in range(n):
+        if lo < p[k] < hi:
+            return True
+    return False
+
+
 def running_update(cnp.ndarray running, cnp.ndarray stat, double momentum):
     """momentum*running + (1 - momentum)*stat as a new array of running's dtype, rounded as
     NumPy rounds that expression: for float32 ``running`` the first product is float32 and the
