@@ -112,8 +112,8 @@ def build_report():
     return [
         "build flags: %s" % _kernels.build_flags(),
         "OpenMP runtime: %s" % openmp_runtime(),
-        "SIMD: %s; this CPU runs %s; float16 rounded with %s"
-        % (_kernels.simd_targets(), simd_clone(), "F16C" if _kernels.f16c() else "integer code"),
+        "SIMD: %s; this CPU runs %s; float16 conversions: %s code"
+        % (_kernels.simd_targets(), simd_clone(), _kernels.float16_code()),
         "caches: %s; plans assume an L3 of %s (float64 outputs from %s written with"
         " streaming stores)"
         % (cache_report(), _kib(_kernels.L3_BYTES), _kib(_kernels.STREAM_OUTPUT_BYTES)),

@@ -186,14 +186,21 @@ BN_INLINE uint16_t bn_d2h(double d)
     return bn_f2h(bn_bits_f((bn_f_bits(f) - away) | inexact));
 }
 
-/* Runs of doubles rounded to float16, each as bn_d2h rounds it (the same bits): the output
- * sweeps of float16 data compute a run in float64, then round it here.  The rounding is most
- * of a float16 sweep's work in 32-bit integer code; F16C (with AVX2, on every x86-64-v3 CPU)
- * does it in a few vector instructions: the round to odd as a conversion toward zero (MXCSR,
- * restored after) with the last bit set where inexact, then VCVTPS2PH to nearest even.  The
- * run function is chosen when the module loads (bn_use_f16c). */
-#define BN_STAGE 256 /* doubles of one run: 2 KiB, in L1 */
+/* Runs of float16 converted in one call each: the float16 loops widen their inputs into
+ * runs of floats in L1 (bn_h2f_run, exact) and compute their outputs as runs of doubles,
+ * rounded to float16 once each (bn_d2h_run, bn_d2h's bits).  In 32-bit integer code the
+ * conversions are most of a float16 sweep's work; F16C (on every x86-64-v3 CPU) widens in
+ * one instruction, and rounds in a few: to odd by a conversion toward zero with the last
+ * bit set where inexact (float keeps more than two bits beyond float16's 11, so this first
+ * rounding keeps what the second needs), then VCVTPS2PH to nearest even.  The code is
+ * chosen when the module loads (bn_f16_code): AVX-512 (rounding mode per instruction,
+ * masks), else AVX2 with F16C (rounding mode in MXCSR, set for the run and restored), else
+ * the integer code.  All three give the same bits. */
+#define BN_STAGE 256  /* doubles of one output run: 2 KiB, in L1 */
+#define BN_ISTAGE 512 /* floats of one input run: 2 KiB, in L1 */
+enum { BN_F16_INTEGER = 0, BN_F16_F16C = 1, BN_F16_AVX512 = 2 };
 typedef void (*bn_d2h_run_fn)(const double *restrict d, uint16_t *restrict h, Py_ssize_t n);
+typedef void (*bn_h2f_run_fn)(const uint16_t *restrict h, float *restrict f, Py_ssize_t n);
 
 static BN_CLONES void bn_d2h_run_plain(const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
 {
@@ -203,9 +210,17 @@ static BN_CLONES void bn_d2h_run_plain(const double *restrict d, uint16_t *restr
         h[k] = bn_d2h(d[k]);
 }
 
+static BN_CLONES void bn_h2f_run_plain(const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+{
+    Py_ssize_t k;
+    BN_SIMD
+    for (k = 0; k < n; k++)
+        f[k] = (float)bn_h2d(h[k]);
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define BN_HAVE_F16C_RUN 1
+#define BN_HAVE_F16C 1
 __attribute__((target("avx2,f16c"))) static void bn_d2h_run_f16c(
     const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
 {
@@ -233,23 +248,75 @@ __attribute__((target("avx2,f16c"))) static void bn_d2h_run_f16c(
     for (; k < n; k++)
         h[k] = bn_d2h(d[k]);
 }
+
+__attribute__((target("avx2,f16c"))) static void bn_h2f_run_f16c(
+    const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(f + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+    for (; k < n; k++)
+        f[k] = (float)bn_h2d(h[k]);
+}
+
+__attribute__((target("avx512f,avx512vl,f16c"))) static void bn_d2h_run_avx512(
+    const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+{
+    const __m256i one = _mm256_set1_epi32(1);
+    Py_ssize_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m512d v = _mm512_loadu_pd(d + k);
+        const __m256 f = _mm512_cvt_roundpd_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        /* inexact (or NaN): the last bit set */
+        const __mmask8 x = _mm512_cmp_pd_mask(_mm512_cvtps_pd(f), v, _CMP_NEQ_UQ);
+        const __m256i fi = _mm256_castps_si256(f);
+        const __m256i odd = _mm256_mask_or_epi32(fi, x, fi, one);
+        _mm_storeu_si128(
+            (__m128i *)(h + k),
+            _mm256_cvtps_ph(_mm256_castsi256_ps(odd), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; k < n; k++)
+        h[k] = bn_d2h(d[k]);
+}
+
+__attribute__((target("avx512f,f16c"))) static void bn_h2f_run_avx512(
+    const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        _mm512_storeu_ps(f + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
+    for (; k < n; k++)
+        f[k] = (float)bn_h2d(h[k]);
+}
 #endif
 
 static bn_d2h_run_fn bn_d2h_run = bn_d2h_run_plain;
+static bn_h2f_run_fn bn_h2f_run = bn_h2f_run_plain;
 
-/* F16C for the float16 rounding where the CPU has it and `on`; returns whether it is used */
-static int bn_use_f16c(int on)
+/* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
+ * returns the kind in use */
+static int bn_f16_code(int kind)
 {
-#ifdef BN_HAVE_F16C_RUN
+    bn_d2h_run = bn_d2h_run_plain;
+    bn_h2f_run = bn_h2f_run_plain;
+#ifdef BN_HAVE_F16C
     __builtin_cpu_init();
-    if (on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    if (!__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("avx2"))
+        return BN_F16_INTEGER;
+    if (kind >= BN_F16_AVX512 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl")) {
+        bn_d2h_run = bn_d2h_run_avx512;
+        bn_h2f_run = bn_h2f_run_avx512;
+        return BN_F16_AVX512;
+    }
+    if (kind >= BN_F16_F16C) {
         bn_d2h_run = bn_d2h_run_f16c;
-        return 1;
+        bn_h2f_run = bn_h2f_run_f16c;
+        return BN_F16_F16C;
     }
 #endif
-    (void)on;
-    bn_d2h_run = bn_d2h_run_plain;
-    return 0;
+    (void)kind;
+    return BN_F16_INTEGER;
 }
 
 /* element i of an array of itemsize isz (2, 4 or 8) as a double; and a double rounded into

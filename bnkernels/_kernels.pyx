@@ -57,7 +57,7 @@ cdef extern from "_kernels.h" nogil:
     int bn_has_openmp()
     const char *bn_build_flags
     const char *bn_simd_targets
-    int bn_use_f16c(int on)
+    int bn_f16_code(int kind)
     ctypedef struct bn_epi:
         const void *aux
         void *out2
@@ -157,21 +157,23 @@ def simd_targets():
     return bn_simd_targets.decode()
 
 
-_f16c = bool(bn_use_f16c(1))
+# the float16 conversion code by name, widest first
+F16_CODES = ("avx512", "f16c", "integer")
+_f16_code = F16_CODES[::-1][bn_f16_code(len(F16_CODES) - 1)]
 
 
-def use_f16c(bint on=True):
-    """Round float16 outputs with F16C where the CPU has it (on, the default when the module
-    loads) or in integer code (off): the same bits either way.  Returns whether F16C is used
-    now.  Not thread-safe: for tests and measurements, between calls."""
-    global _f16c
-    _f16c = bool(bn_use_f16c(on))
-    return _f16c
-
-
-def f16c():
-    """Whether float16 outputs are rounded with F16C (see use_f16c)."""
-    return _f16c
+def float16_code(kind=None):
+    """The code that converts float16 to and from float in the kernels: "avx512" (AVX-512
+    and F16C), "f16c" (AVX2 and F16C) or "integer" (32-bit integer code, any x86-64); the
+    same bits with each.  With a kind, use it, or the widest below it the CPU has (when the
+    module loads: the widest).  Returns the kind in use.  Not thread-safe: for tests and
+    measurements, between calls."""
+    global _f16_code
+    if kind is not None:
+        if kind not in F16_CODES:
+            raise ValueError("float16_code: kind must be one of %s, not %r" % (F16_CODES, kind))
+        _f16_code = F16_CODES[::-1][bn_f16_code(F16_CODES[::-1].index(kind))]
+    return _f16_code
 
 
 # ---------------------------------------------------------------------------

@@ -17,14 +17,40 @@
  * already offset to the task's first channel; strides are in elements.
  */
 
+/* Inputs as the loops read them.  float16 is widened run by run into floats in L1
+ * (bn_h2f_run: F16C where the CPU has it), BN_PIECE elements at most: BN_IN(name, p, n)
+ * declares name, the n elements from p (none when p is NULL) as the loop reads them, and
+ * BN_LDI reads one as a double.  Other dtypes read their data in place. */
+#undef BN_IN
+#undef BN_LDI
+#undef BN_PIECE
+#ifdef BN_F16
+#define BN_PIECE BN_ISTAGE
+#define BN_IN(name, p, n)                          \
+    float name##_run[BN_ISTAGE];                   \
+    const float *restrict name = name##_run;       \
+    do {                                           \
+        const uint16_t *name##_p = (p);            \
+        if (name##_p != NULL)                      \
+            bn_h2f_run(name##_p, name##_run, (n)); \
+    } while (0)
+#define BN_LDI(v) ((double)(v))
+#else
+#define BN_PIECE PTRDIFF_MAX
+#define BN_IN(name, p, n) const BN_T *restrict name = (p)
+#define BN_LDI(v) BN_LD(v)
+#endif
+
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
 
 /* Column blocks of BN_RBLOCK keep their accumulators in registers for a whole sweep down
  * the rows; the rows of a block are strided, so the next rows are prefetched.  float64 rows
  * of 256 columns or more are instead swept BN_WBLOCK columns at a time, row by row, with
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
- * best.  Narrower rows and float32 (whose loops are bound by their conversions) keep the
- * register blocks, which measured faster for them (docs/performance.md). */
+ * best.  So are float16 rows of any width: each row's piece is widened in one run (BN_IN),
+ * where a register block would spill its accumulators around every call.  Narrower rows and
+ * float32 (whose loops are bound by their conversions) keep the register blocks, which
+ * measured faster for them (docs/performance.md). */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
@@ -33,6 +59,9 @@
 #undef BN_WIDE_ROWS
 #ifdef BN_F64
 #define BN_WIDE_ROWS(cw) ((cw) >= 256)
+#elif defined(BN_F16)
+#define BN_WIDE_ROWS(cw) 1
+_Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run");
 #else
 #define BN_WIDE_ROWS(cw) 0
 #endif
@@ -76,11 +105,14 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             if (mask)
                 BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r);
         }
+        BN_IN(zs, zr, jw);
+        BN_IN(dys, dyr, jw);
+        BN_IN(ys, yr, jw);
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double v = mask ? bn_masked(BN_LD(yr[j]), BN_LD(dyr[j])) : BN_LD(dyr[j]);
+            const double v = mask ? bn_masked(BN_LDI(ys[j]), BN_LDI(dys[j])) : BN_LDI(dys[j]);
             a[j] += v;
-            c[j] += v * (BN_LD(zr[j]) - mb[j]);
+            c[j] += v * (BN_LDI(zs[j]) - mb[j]);
         }
     }
 }
@@ -152,30 +184,34 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 #define BN_AFFINE_OUT(s, z, m, cc) ((s) * ((z) - (m)) + (cc))
 #endif
 
-/* o[k] := EXPR(k), rounded to BN_T, for k in [k0, k1).  float16 computes runs of BN_STAGE
- * doubles and rounds each run with bn_d2h_run (_kernels.h: F16C where the CPU has it), which
- * gives bn_d2h's bits. */
+/* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the doubles of
+ * Z[k] and DY[k] (DY a null pointer: none, and EXPR does not use dyk).  float16 widens
+ * runs of BN_STAGE inputs (BN_IN), computes them as doubles and rounds each run with
+ * bn_d2h_run (_kernels.h: F16C where the CPU has it), which gives bn_d2h's bits. */
 #undef BN_OUT_RUN
 #ifdef BN_F16
-#define BN_OUT_RUN(o, k0, k1, EXPR)                                                  \
-    do {                                                                             \
-        Py_ssize_t bn_q, bn_k;                                                       \
-        for (bn_q = (k0); bn_q < (k1); bn_q += BN_STAGE) {                           \
-            const Py_ssize_t bn_n = (k1) - bn_q < BN_STAGE ? (k1) - bn_q : BN_STAGE; \
-            double bn_w[BN_STAGE];                                                   \
-            BN_SIMD                                                                  \
-            for (bn_k = 0; bn_k < bn_n; bn_k++)                                      \
-                bn_w[bn_k] = EXPR(bn_q + bn_k);                                      \
-            bn_d2h_run(bn_w, (o) + bn_q, bn_n);                                      \
-        }                                                                            \
+#define BN_OUT_RUN(o, k0, k1, Z, DY, EXPR)                                                 \
+    do {                                                                                   \
+        Py_ssize_t bn_q, bn_k;                                                             \
+        for (bn_q = (k0); bn_q < (k1); bn_q += BN_STAGE) {                                 \
+            const Py_ssize_t bn_n = (k1) - bn_q < BN_STAGE ? (k1) - bn_q : BN_STAGE;       \
+            double bn_w[BN_STAGE];                                                         \
+            BN_IN(bn_zs, (Z) + bn_q, bn_n);                                                \
+            BN_IN(bn_dys, (DY) == NULL ? NULL : (DY) + bn_q, bn_n);                        \
+            (void)bn_dys;                                                                  \
+            BN_SIMD                                                                        \
+            for (bn_k = 0; bn_k < bn_n; bn_k++)                                            \
+                bn_w[bn_k] = EXPR(bn_q + bn_k, BN_LDI(bn_zs[bn_k]), BN_LDI(bn_dys[bn_k])); \
+            bn_d2h_run(bn_w, (o) + bn_q, bn_n);                                            \
+        }                                                                                  \
     } while (0)
 #else
-#define BN_OUT_RUN(o, k0, k1, EXPR)            \
-    do {                                       \
-        Py_ssize_t bn_k;                       \
-        BN_SIMD                                \
-        for (bn_k = (k0); bn_k < (k1); bn_k++) \
-            (o)[bn_k] = BN_ST(EXPR(bn_k));     \
+#define BN_OUT_RUN(o, k0, k1, Z, DY, EXPR)                                      \
+    do {                                                                        \
+        Py_ssize_t bn_k;                                                        \
+        BN_SIMD                                                                 \
+        for (bn_k = (k0); bn_k < (k1); bn_k++)                                  \
+            (o)[bn_k] = BN_ST(EXPR(bn_k, BN_LD((Z)[bn_k]), BN_LD((DY)[bn_k]))); \
     } while (0)
 #endif
 
@@ -359,13 +395,13 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         if (dy == NULL) {
-#define BN_ROW_OUT(k) BN_AFFINE_OUT(S[k], BN_LD(zr[k]), m[k], Cc[k])
-            BN_OUT_RUN(outr, 0, cw, BN_ROW_OUT);
+#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], Cc[k])
+            BN_OUT_RUN(outr, 0, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
 #undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
-#define BN_ROW_DX(k) BN_AFFINE_DX(A[k], BN_LD(dyr[k]), Cc[k], S[k], BN_LD(zr[k]), m[k])
-            BN_OUT_RUN(outr, 0, cw, BN_ROW_DX);
+#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k])
+            BN_OUT_RUN(outr, 0, cw, zr, dyr, BN_ROW_DX);
 #undef BN_ROW_DX
         }
     }
@@ -382,9 +418,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         const BN_T *restrict xr = x + r * sx + j0;
         if (prefetch)
             BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
+        BN_IN(xs, xr, jw);
         BN_SIMD
         for (j = 0; j < jw; j++) {
-            const double e = BN_LD(xr[j]) - mb[j];
+            const double e = BN_LDI(xs[j]) - mb[j];
             a[j] += e;
             b[j] += e * e;
         }
@@ -404,48 +441,60 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
 
 /* ---- planar layout: runs of contiguous elements ---- */
 
-/* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n (mask: dy masked by y) */
+/* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n (mask: dy masked by y), in
+ * BN_LANES lanes; float16 in pieces of BN_ISTAGE (a multiple of the lanes: the same sums) */
 static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, const int mask,
     Py_ssize_t n, double m, double *restrict s_dy, double *restrict s_zm)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i = 0, j;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        BN_SIMD
-        for (j = 0; j < BN_LANES; j++) {
-            double v = mask ? bn_masked(BN_LD(y[i + j]), BN_LD(dy[i + j])) : BN_LD(dy[i + j]);
-            a[j] += v;
-            b[j] += v * (BN_LD(z[i + j]) - m);
+    Py_ssize_t i0, i, j;
+    for (i0 = 0; i0 < n; i0 += BN_PIECE) {
+        const Py_ssize_t np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
+        BN_IN(zs, z + i0, np);
+        BN_IN(dys, dy + i0, np);
+        BN_IN(ys, mask ? y + i0 : NULL, mask ? np : 0);
+        for (i = 0; i + BN_LANES <= np; i += BN_LANES) {
+            BN_SIMD
+            for (j = 0; j < BN_LANES; j++) {
+                double v =
+                    mask ? bn_masked(BN_LDI(ys[i + j]), BN_LDI(dys[i + j])) : BN_LDI(dys[i + j]);
+                a[j] += v;
+                b[j] += v * (BN_LDI(zs[i + j]) - m);
+            }
         }
-    }
-    for (j = 0; i < n; i++, j++) {
-        double v = mask ? bn_masked(BN_LD(y[i]), BN_LD(dy[i])) : BN_LD(dy[i]);
-        a[j] += v;
-        b[j] += v * (BN_LD(z[i]) - m);
+        for (j = 0; i < np; i++, j++) {
+            double v = mask ? bn_masked(BN_LDI(ys[i]), BN_LDI(dys[i])) : BN_LDI(dys[i]);
+            a[j] += v;
+            b[j] += v * (BN_LDI(zs[i]) - m);
+        }
     }
     *s_dy += bn_tree(a);
     *s_zm += bn_tree(b);
 }
 
-/* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2  over a run of n */
+/* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2  over a run of n (pieces as bn_run_sums) */
 static inline void BN_FN(bn_run_moments)(
     const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i = 0, j;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        BN_SIMD
-        for (j = 0; j < BN_LANES; j++) {
-            double d = BN_LD(x[i + j]) - m0;
+    Py_ssize_t i0, i, j;
+    for (i0 = 0; i0 < n; i0 += BN_PIECE) {
+        const Py_ssize_t np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
+        BN_IN(xs, x + i0, np);
+        for (i = 0; i + BN_LANES <= np; i += BN_LANES) {
+            BN_SIMD
+            for (j = 0; j < BN_LANES; j++) {
+                double d = BN_LDI(xs[i + j]) - m0;
+                a[j] += d;
+                b[j] += d * d;
+            }
+        }
+        for (j = 0; i < np; i++, j++) {
+            double d = BN_LDI(xs[i]) - m0;
             a[j] += d;
             b[j] += d * d;
         }
-    }
-    for (j = 0; i < n; i++, j++) {
-        double d = BN_LD(x[i]) - m0;
-        a[j] += d;
-        b[j] += d * d;
     }
     *s1 += bn_tree(a);
     *s2 += bn_tree(b);
@@ -524,14 +573,14 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
             BN_T *restrict op = out + n * soutn + c * soutc;
             const double mc = m[c], sc = S[c], cc = Cc[c];
             if (dy == NULL) {
-#define BN_RUN_OUT(k) BN_AFFINE_OUT(sc, BN_LD(zp[k]), mc, cc)
-                BN_OUT_RUN(op, l0, l1, BN_RUN_OUT);
+#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, cc)
+                BN_OUT_RUN(op, l0, l1, zp, (const BN_T *)NULL, BN_RUN_OUT);
 #undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
                 const double a = A[c];
-#define BN_RUN_DX(k) BN_AFFINE_DX(a, BN_LD(dyp[k]), cc, sc, BN_LD(zp[k]), mc)
-                BN_OUT_RUN(op, l0, l1, BN_RUN_DX);
+#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc)
+                BN_OUT_RUN(op, l0, l1, zp, dyp, BN_RUN_DX);
 #undef BN_RUN_DX
             }
         }

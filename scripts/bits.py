@@ -7,8 +7,8 @@ after ``python setup.py build_ext --inplace``).  For every L3 size given (the pl
 on it; each runs in a child process with ``BNKERNELS_L3_BYTES`` pinned; 1 forces streaming
 stores for every float64 output) and every thread count, both builds run forward and
 backward over the benchmark grid and a set of odd shapes that reach every plan kind (fused,
-chunked, narrow tall blocks, L3 share, write only, NCHW planes taken as rows), in both
-dtypes, train and test mode, 'var' and 'std', x and seed-style caches, contiguous and
+chunked, narrow tall blocks, L3 share, write only, NCHW planes taken as rows), in the
+three dtypes, train and test mode, 'var' and 'std', x and seed-style caches, contiguous and
 strided.  It prints one line per difference and exits 1 if there is any.
 """
 
@@ -79,7 +79,7 @@ def make(layout, shape, dtype, rng):
 
 out = {}
 for layout, shape, axis in cases:
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float16, np.float32, np.float64):
         rng = np.random.default_rng(len(shape) * 1000 + shape[-1])
         x = make(layout, shape, dtype, rng)
         dy = make(layout, shape, dtype, rng)

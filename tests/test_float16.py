@@ -16,14 +16,16 @@ from bnkernels import _kernels
 F16 = np.float16
 
 
-@pytest.fixture(autouse=True, params=["f16c", "integer"])
-def rounding(request):
-    """Every test twice: float16 outputs rounded with F16C (where the CPU has it) and in
-    integer code, the two ways the kernels have."""
-    before = _kernels.f16c()
-    _kernels.use_f16c(request.param == "f16c")
+@pytest.fixture(autouse=True, params=_kernels.F16_CODES)
+def code(request):
+    """Every test with each float16 conversion code of the kernels (widening the inputs,
+    rounding the outputs): AVX-512, F16C with AVX2 and integer code, where the CPU has it."""
+    before = _kernels.float16_code()
+    if _kernels.float16_code(request.param) != request.param:
+        _kernels.float16_code(before)
+        pytest.skip("this CPU lacks the instructions of the %s code" % request.param)
     yield request.param
-    _kernels.use_f16c(before)
+    _kernels.float16_code(before)
 
 
 def _same_halves(got, want):
@@ -52,21 +54,55 @@ def test_every_float16_converts_exactly_both_ways():
     assert _same_halves(_shifted(h, [0.0]), want).all()
 
 
-@pytest.mark.parametrize("rounding", ["f16c"], indirect=True)
-def test_f16c_and_integer_rounding_give_the_same_bits(rounding):
+@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
+def test_vector_and_integer_conversions_give_the_same_bits(code):
     """NaN payloads included: every bit pattern, shifted by means that round, tie and
-    overflow, through both roundings."""
-    if not _kernels.f16c():
-        pytest.skip("compares the F16C rounding with the integer one: needs a CPU with F16C")
+    overflow, through the vector code and the integer code."""
     rng = np.random.default_rng(2)
     x = np.arange(1 << 16, dtype=np.uint16).view(F16).reshape(-1, 1).repeat(8, axis=1)
     mean = -rng.integers(0, 0x7C00, size=8, dtype=np.uint16).view(F16).astype(np.float64)
     mean[:3] = [0.0, -(2.0**-25), 65504.0]
     with np.errstate(invalid="ignore", over="ignore"):
-        f16c = _shifted(x, mean)
-        _kernels.use_f16c(False)
+        vector = _shifted(x, mean)
+        _kernels.float16_code("integer")
         integer = _shifted(x, mean)
-    assert np.array_equal(bits(f16c), bits(integer))
+    assert np.array_equal(bits(vector), bits(integer))
+
+
+def _passes(x, dy, axis):
+    """Every output of forward and backward, train and test mode, as bit patterns."""
+    C = x.shape[axis]
+    g, b = np.linspace(0.5, 2, C).astype(F16), np.linspace(-1, 1, C).astype(F16)
+    outs = []
+    for mode in ("train", "test"):
+        p = {"mode": mode, "running_mean": np.zeros(C), "running_var": np.ones(C)}
+        out, cache = bnkernels.forward(x, g, b, p, axis=axis)
+        outs += [out, *bnkernels.backward(dy, cache)]
+    return [bits(o) for o in outs]
+
+
+# rows narrower and wider than a widened run (512), planes shorter and longer than one and
+# not a multiple of any vector width, NCHW planes taken as rows
+_PASS_CASES = [((300, 37), 1), ((40, 1100), 1), ((4, 3, 700, 3), 1), ((6, 5, 7, 7), 1)]
+
+
+@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
+@pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=[str(c[0]) for c in _PASS_CASES])
+def test_every_pass_gives_the_integer_codes_bits(code, shape, axis):
+    """The widened inputs and rounded outputs of every loop, NaN, infinities and subnormals
+    among them, the same with vector conversions as with the integer code."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3).astype(F16)
+    dy = rng.standard_normal(shape).astype(F16)
+    specials = np.array([np.nan, np.inf, -np.inf, 2.0**-24, -(2.0**-20), 0.0, -0.0], F16)
+    dy.flat[rng.choice(dy.size, 40, replace=False)] = np.resize(specials, 40)
+    x.flat[rng.choice(x.size, 7, replace=False)] = np.array([2.0**-24] * 4 + [-(2.0**-17)] * 3)
+    with np.errstate(invalid="ignore", over="ignore"):
+        vector = _passes(x, dy, axis)
+        _kernels.float16_code("integer")
+        integer = _passes(x, dy, axis)
+    for v, i in zip(vector, integer):
+        assert np.array_equal(v, i)
 
 
 def test_rounding_matches_numpy_on_sums_of_halves():
