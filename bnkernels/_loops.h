@@ -17,15 +17,29 @@
  * already offset to the task's first channel; strides are in elements.
  */
 
-/* Inputs as the loops read them.  float16 is widened run by run into floats in L1
- * (bn_h2f_run: F16C where the CPU has it), BN_PIECE elements at most: BN_IN(name, p, n)
- * declares name, the n elements from p (none when p is NULL) as the loop reads them, and
- * BN_LDI reads one as a double.  Other dtypes read their data in place. */
+/* Inputs and outputs as the loops see them.  float16 is converted run by run, in L1, by
+ * the run functions of _kernels.h (F16C where the CPU has it); other dtypes are read and
+ * written in place, element by element.
+ * - BN_IN(name, p, n) declares name, the n <= BN_PIECE elements from p (none when p is
+ *   NULL) as the loop reads them (float16: widened to floats), and BN_LDI reads one as a
+ *   double.
+ * - Outputs go in runs of at most BN_OPIECE: BN_OUT(w) declares a run's buffer,
+ *   BN_PUT(w, o, k, v) sets element k of the run starting at o to the double v, and
+ *   BN_FLUSH(w, o, n) ends a run of n (float16: rounds the buffer into o, bn_d2h_run).
+ *   Each element is rounded once, to nearest even (bn_d2h's bits). */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
+#undef BN_OPIECE
+#undef BN_OUT
+#undef BN_PUT
+#undef BN_FLUSH
 #ifdef BN_F16
 #define BN_PIECE BN_ISTAGE
+#define BN_OPIECE BN_STAGE
+#define BN_OUT(w) double w[BN_STAGE]
+#define BN_PUT(w, o, k, v) ((w)[k] = (v))
+#define BN_FLUSH(w, o, n) bn_d2h_run((w), (o), (n))
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -39,6 +53,10 @@
 #define BN_PIECE PTRDIFF_MAX
 #define BN_IN(name, p, n) const BN_T *restrict name = (p)
 #define BN_LDI(v) BN_LD(v)
+#define BN_OPIECE PTRDIFF_MAX
+#define BN_OUT(w) (void)0
+#define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
+#define BN_FLUSH(w, o, n) (void)0
 #endif
 
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
@@ -185,35 +203,26 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 #endif
 
 /* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the doubles of
- * Z[k] and DY[k] (DY a null pointer: none, and EXPR does not use dyk).  float16 widens
- * runs of BN_STAGE inputs (BN_IN), computes them as doubles and rounds each run with
- * bn_d2h_run (_kernels.h: F16C where the CPU has it), which gives bn_d2h's bits. */
+ * Z[k] and DY[k] (DY a null pointer: none, and EXPR does not use dyk); in runs (BN_IN,
+ * BN_OUT) */
 #undef BN_OUT_RUN
-#ifdef BN_F16
-#define BN_OUT_RUN(o, k0, k1, Z, DY, EXPR)                                                 \
-    do {                                                                                   \
-        Py_ssize_t bn_q, bn_k;                                                             \
-        for (bn_q = (k0); bn_q < (k1); bn_q += BN_STAGE) {                                 \
-            const Py_ssize_t bn_n = (k1) - bn_q < BN_STAGE ? (k1) - bn_q : BN_STAGE;       \
-            double bn_w[BN_STAGE];                                                         \
-            BN_IN(bn_zs, (Z) + bn_q, bn_n);                                                \
-            BN_IN(bn_dys, (DY) == NULL ? NULL : (DY) + bn_q, bn_n);                        \
-            (void)bn_dys;                                                                  \
-            BN_SIMD                                                                        \
-            for (bn_k = 0; bn_k < bn_n; bn_k++)                                            \
-                bn_w[bn_k] = EXPR(bn_q + bn_k, BN_LDI(bn_zs[bn_k]), BN_LDI(bn_dys[bn_k])); \
-            bn_d2h_run(bn_w, (o) + bn_q, bn_n);                                            \
-        }                                                                                  \
+#define BN_OUT_RUN(o, k0, k1, Z, DY, EXPR)                                         \
+    do {                                                                           \
+        Py_ssize_t bn_q, bn_k, bn_n;                                               \
+        for (bn_q = (k0); bn_q < (k1); bn_q += bn_n) {                             \
+            bn_n = (k1) - bn_q < BN_OPIECE ? (k1) - bn_q : BN_OPIECE;              \
+            BN_IN(bn_zs, (Z) + bn_q, bn_n);                                        \
+            BN_IN(bn_dys, (DY) == NULL ? NULL : (DY) + bn_q, bn_n);                \
+            BN_OUT(bn_w);                                                          \
+            (void)bn_dys;                                                          \
+            BN_SIMD                                                                \
+            for (bn_k = 0; bn_k < bn_n; bn_k++)                                    \
+                BN_PUT(                                                            \
+                    bn_w, (o) + bn_q, bn_k,                                        \
+                    EXPR(bn_q + bn_k, BN_LDI(bn_zs[bn_k]), BN_LDI(bn_dys[bn_k]))); \
+            BN_FLUSH(bn_w, (o) + bn_q, bn_n);                                      \
+        }                                                                          \
     } while (0)
-#else
-#define BN_OUT_RUN(o, k0, k1, Z, DY, EXPR)                                      \
-    do {                                                                        \
-        Py_ssize_t bn_k;                                                        \
-        BN_SIMD                                                                 \
-        for (bn_k = (k0); bn_k < (k1); bn_k++)                                  \
-            (o)[bn_k] = BN_ST(EXPR(bn_k, BN_LD((Z)[bn_k]), BN_LD((DY)[bn_k]))); \
-    } while (0)
-#endif
 
 #if defined(BN_F64) && defined(__SSE2__)
 /* Streaming (non-temporal) stores for float64 output larger than the L3: a plain store reads
@@ -300,24 +309,37 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const double *restrict A, const double *restrict Cc, const Py_ssize_t cs, const int fwd,
     const int has_aux, const int relu, const int has_out2, const int zterm)
 {
-    Py_ssize_t k;
-    BN_SIMD
-    for (k = 0; k < n; k++) {
-        const Py_ssize_t j = k * cs;
-        double v;
-        if (fwd) {
-            v = BN_AFFINE_OUT(S[j], BN_LD(z[k]), m[j], Cc[j]);
-            if (has_aux)
-                v = v + BN_LD(aux[k]);
-            if (relu)
-                v = bn_relu(v);
-        } else {
-            const double d = has_aux ? bn_masked(BN_LD(aux[k]), BN_LD(dy[k])) : BN_LD(dy[k]);
-            if (has_out2)
-                out2[k] = BN_ST(d);
-            v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LD(z[k]), m[j]) : A[j] * (d + Cc[j]);
+    Py_ssize_t q, k, np;
+    for (q = 0; q < n; q += np) {
+        np = n - q < BN_OPIECE ? n - q : BN_OPIECE;
+        BN_IN(zs, fwd || zterm ? z + q : NULL, np);
+        BN_IN(dys, fwd ? NULL : dy + q, np);
+        BN_IN(auxs, has_aux ? aux + q : NULL, np);
+        BN_OUT(w);
+        BN_OUT(w2);
+        BN_SIMD
+        for (k = 0; k < np; k++) {
+            const Py_ssize_t j = (q + k) * cs;
+            double v;
+            if (fwd) {
+                v = BN_AFFINE_OUT(S[j], BN_LDI(zs[k]), m[j], Cc[j]);
+                if (has_aux)
+                    v = v + BN_LDI(auxs[k]);
+                if (relu)
+                    v = bn_relu(v);
+            } else {
+                const double d =
+                    has_aux ? bn_masked(BN_LDI(auxs[k]), BN_LDI(dys[k])) : BN_LDI(dys[k]);
+                if (has_out2)
+                    BN_PUT(w2, out2 + q, k, d);
+                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDI(zs[k]), m[j])
+                          : A[j] * (d + Cc[j]);
+            }
+            BN_PUT(w, out + q, k, v);
         }
-        out[k] = BN_ST(v);
+        BN_FLUSH(w, out + q, np);
+        if (has_out2)
+            BN_FLUSH(w2, out2 + q, np);
     }
 }
 
@@ -448,9 +470,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
     Py_ssize_t n, double m, double *restrict s_dy, double *restrict s_zm)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i0, i, j;
-    for (i0 = 0; i0 < n; i0 += BN_PIECE) {
-        const Py_ssize_t np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
+    Py_ssize_t i0, i, j, np;
+    for (i0 = 0; i0 < n; i0 += np) {
+        np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(zs, z + i0, np);
         BN_IN(dys, dy + i0, np);
         BN_IN(ys, mask ? y + i0 : NULL, mask ? np : 0);
@@ -478,9 +500,9 @@ static inline void BN_FN(bn_run_moments)(
     const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i0, i, j;
-    for (i0 = 0; i0 < n; i0 += BN_PIECE) {
-        const Py_ssize_t np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
+    Py_ssize_t i0, i, j, np;
+    for (i0 = 0; i0 < n; i0 += np) {
+        np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(xs, x + i0, np);
         for (i = 0; i + BN_LANES <= np; i += BN_LANES) {
             BN_SIMD

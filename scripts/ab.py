@@ -1,7 +1,7 @@
 """Time this tree's bnkernels against another build of it, in one process, taking turns.
 
     python scripts/ab.py OTHER [--cases PATTERN] [--shape LAYOUT:SHAPE:DTYPE ...]
-                               [--pass backward|forward|both] [--threads N] [--seconds S]
+                               [--pass PASS] [--threads N] [--seconds S]
                                [--params DTYPE]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
@@ -52,12 +52,17 @@ def case_fns(data, pass_, threads, other, params=None):
     x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, data.case.axis
     if params is not None:
         g, b = g.astype(params), b.astype(params)
-    roof_b = dy if pass_ == "backward" else x
+    roof_b = dy if pass_ in ("backward", "fused-backward") else x
+    train = {"mode": "train", "eps": _bench.EPS}
+    fused = {"activation": "relu", "residual": dy}
     fns = {}
     for name, pkg in (("this", bnkernels), ("other", other)):
-        if pass_ == "backward":
-            cache = pkg.forward(x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis)[1]
+        if pass_ in ("backward", "fused-backward"):
+            extra = fused if pass_ == "fused-backward" else {}
+            cache = pkg.forward(x, g, b, dict(train), axis=axis, **extra)[1]
             fns[name] = lambda pkg=pkg, cache=cache: pkg.backward(dy, cache, num_threads=threads)
+        elif pass_ == "fused-forward":
+            fns[name] = lambda pkg=pkg: pkg.forward(x, g, b, dict(train), axis=axis, **fused)
         elif pass_ in ("test", "test-backward"):  # with running statistics
             p = {"mode": "test", "eps": _bench.EPS, "running_mean": g, "running_var": b * b + 1}
             if pass_ == "test":
@@ -66,9 +71,7 @@ def case_fns(data, pass_, threads, other, params=None):
                 cache = pkg.forward(x, g, b, dict(p), axis=axis)[1]
                 fns[name] = lambda pkg=pkg, c=cache: pkg.backward(dy, c, num_threads=threads)
         else:
-            fns[name] = lambda pkg=pkg: pkg.forward(
-                x, g, b, {"mode": "train", "eps": _bench.EPS}, axis=axis
-            )
+            fns[name] = lambda pkg=pkg: pkg.forward(x, g, b, dict(train), axis=axis)
     fns["roofline"] = lambda: _kernels.stream_add(x, roof_b, np.empty_like(x), threads)
     return fns
 
@@ -103,10 +106,18 @@ def main(argv=None):
     p.add_argument(
         "--pass",
         dest="passes",
-        choices=("backward", "forward", "test", "test-backward", "both"),
+        choices=(
+            "backward",
+            "forward",
+            "test",
+            "test-backward",
+            "fused-forward",
+            "fused-backward",
+            "both",
+        ),
         default="backward",
         help="backward and forward in train mode (both: the two); test, test-backward: with "
-        "running statistics",
+        "running statistics; fused-*: with a ReLU and a residual (train mode)",
     )
     p.add_argument(
         "--threads",

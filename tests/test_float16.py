@@ -70,14 +70,16 @@ def test_vector_and_integer_conversions_give_the_same_bits(code):
 
 
 def _passes(x, dy, axis):
-    """Every output of forward and backward, train and test mode, as bit patterns."""
+    """Every output of forward and backward, train and test mode, plain and with the fused
+    ReLU and residual, as bit patterns."""
     C = x.shape[axis]
     g, b = np.linspace(0.5, 2, C).astype(F16), np.linspace(-1, 1, C).astype(F16)
     outs = []
     for mode in ("train", "test"):
-        p = {"mode": mode, "running_mean": np.zeros(C), "running_var": np.ones(C)}
-        out, cache = bnkernels.forward(x, g, b, p, axis=axis)
-        outs += [out, *bnkernels.backward(dy, cache)]
+        for fused in ({}, {"activation": "relu", "residual": dy[::-1]}):
+            p = {"mode": mode, "running_mean": np.zeros(C), "running_var": np.ones(C)}
+            out, cache = bnkernels.forward(x, g, b, p, axis=axis, **fused)
+            outs += [out, *bnkernels.backward(dy, cache)]
     return [bits(o) for o in outs]
 
 
