@@ -944,10 +944,8 @@ def backward(
         The gradient dL/dx.
     dgamma : ndarray, shape (C,)
         The gradient dL/dgamma, in the parameters' dtype: that of the cached gamma
-        when it is floating, else (integers, None) that of dout.  Where that is not
-        dout's dtype, the sums and the write run as two passes
-        (:func:`bnkernels.backward_reduce`, :func:`bnkernels.backward_apply`; the
-        same dx), and dgamma and dbeta are rounded once from float64.
+        when it is floating, else (integers, None) that of dout; rounded once from
+        the float64 sum, whatever that dtype (one pass either way).
     dbeta : ndarray, shape (C,), the dtype of dgamma
         The gradient dL/dbeta.  With gamma and beta None (no affine), dgamma and
         dbeta are the gradients they would have at 1 and 0.
