@@ -187,17 +187,22 @@ BN_INLINE uint16_t bn_d2h(double d)
 }
 
 /* Runs of float16 converted in one call each: the float16 loops widen their inputs into
- * runs of floats in L1 (bn_h2f_run, exact) and compute their outputs as runs of doubles,
- * rounded to float16 once each (bn_d2h_run, bn_d2h's bits).  In 32-bit integer code the
+ * runs of floats in L1 (bn_h2f_run, exact; a signalling NaN may come out quiet, as any
+ * NaN does when widened to double) and compute their outputs as runs of doubles, rounded
+ * to float16 once each (bn_d2h_run, bn_d2h's bits).  In 32-bit integer code the
  * conversions are most of a float16 sweep's work; F16C (on every x86-64-v3 CPU) widens in
  * one instruction, and rounds in a few: to odd by a conversion toward zero with the last
  * bit set where inexact (float keeps more than two bits beyond float16's 11, so this first
  * rounding keeps what the second needs), then VCVTPS2PH to nearest even.  The code is
  * chosen when the module loads (bn_f16_code): AVX-512 (rounding mode per instruction,
  * masks), else AVX2 with F16C (rounding mode in MXCSR, set for the run and restored), else
- * the integer code.  All three give the same bits. */
+ * the integer code.  All three give the same bits.  The vector functions convert the tail
+ * of a run element by element, inline: a call per run to the integer code cost more. */
 #define BN_STAGE 256  /* doubles of one output run: 2 KiB, in L1 */
 #define BN_ISTAGE 512 /* floats of one input run: 2 KiB, in L1 */
+/* an output run's inputs are widened in one run; a planar run's pieces keep the lanes */
+_Static_assert(BN_STAGE <= BN_ISTAGE, "an output run fits an input run");
+_Static_assert(BN_ISTAGE % BN_LANES == 0, "pieces of whole lanes: the same sums");
 enum { BN_F16_INTEGER = 0, BN_F16_F16C = 1, BN_F16_AVX512 = 2 };
 typedef void (*bn_d2h_run_fn)(const double *restrict d, uint16_t *restrict h, Py_ssize_t n);
 typedef void (*bn_h2f_run_fn)(const uint16_t *restrict h, float *restrict f, Py_ssize_t n);

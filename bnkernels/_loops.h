@@ -18,8 +18,8 @@
  */
 
 /* Inputs and outputs as the loops see them.  float16 is converted run by run, in L1, by
- * the run functions of _kernels.h (F16C where the CPU has it); other dtypes are read and
- * written in place, element by element.
+ * the run functions of _kernels.h (AVX-512 or F16C where the CPU has them); other dtypes
+ * are read and written in place, element by element.
  * - BN_IN(name, p, n) declares name, the n <= BN_PIECE elements from p (none when p is
  *   NULL) as the loop reads them (float16: widened to floats), and BN_LDI reads one as a
  *   double.
@@ -34,6 +34,8 @@
 #undef BN_OUT
 #undef BN_PUT
 #undef BN_FLUSH
+#undef BN_GROUP
+#undef BN_OGROUP
 #ifdef BN_F16
 #define BN_PIECE BN_ISTAGE
 #define BN_OPIECE BN_STAGE
@@ -49,7 +51,14 @@
             bn_h2f_run(name##_p, name##_run, (n)); \
     } while (0)
 #define BN_LDI(v) ((double)(v))
+/* rows of n elements that one input run (BN_GROUP) or output run (BN_OGROUP) holds where
+ * the rows are contiguous (contig): short rows are converted many to a call.  The other
+ * dtypes take rows one at a time (the constant 1: their row loops compile as plain ones) */
+#define BN_GROUP(n, contig) ((contig) && (n) <= BN_ISTAGE / 16 ? BN_ISTAGE / (n) : 1)
+#define BN_OGROUP(n, contig) ((contig) && (n) <= BN_STAGE / 8 ? BN_STAGE / (n) : 1)
 #else
+#define BN_GROUP(n, contig) 1
+#define BN_OGROUP(n, contig) 1
 #define BN_PIECE PTRDIFF_MAX
 #define BN_IN(name, p, n) const BN_T *restrict name = (p)
 #define BN_LDI(v) BN_LD(v)
@@ -112,27 +121,43 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     const Py_ssize_t jw, const int prefetch, const int mask, const double *restrict mb,
     double *restrict a, double *restrict c)
 {
-    Py_ssize_t j, r;
-    for (r = 0; r < nrows; r++) {
-        const BN_T *restrict zr = z + r * sz + j0;
-        const BN_T *restrict dyr = dy + r * sdy + j0;
-        const BN_T *restrict yr = mask ? y + r * sy + j0 : NULL;
-        if (prefetch) {
-            BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
-            BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
-            if (mask)
-                BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r);
+    const Py_ssize_t G = BN_GROUP(jw, sz == jw && sdy == jw && (!mask || sy == jw));
+    Py_ssize_t j, r, rr, g;
+/* row r + rr of a run from row r: at k = rr * jw in it (rr > 0: contiguous rows) */
+#define BN_SUMS_ROW(k)                                                                   \
+    do {                                                                                 \
+        BN_SIMD                                                                          \
+        for (j = 0; j < jw; j++) {                                                       \
+            const double v = mask ? bn_masked(BN_LDI(ys[(k) + j]), BN_LDI(dys[(k) + j])) \
+                                  : BN_LDI(dys[(k) + j]);                                \
+            a[j] += v;                                                                   \
+            c[j] += v * (BN_LDI(zs[(k) + j]) - mb[j]);                                   \
+        }                                                                                \
+    } while (0)
+    if (G == 1) { /* a row at a time (every dtype but float16: always) */
+        for (r = 0; r < nrows; r++) {
+            BN_IN(zs, z + r * sz + j0, jw);
+            BN_IN(dys, dy + r * sdy + j0, jw);
+            BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
+            if (prefetch) {
+                BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
+                BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
+                if (mask)
+                    BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r);
+            }
+            BN_SUMS_ROW(0);
         }
-        BN_IN(zs, zr, jw);
-        BN_IN(dys, dyr, jw);
-        BN_IN(ys, yr, jw);
-        BN_SIMD
-        for (j = 0; j < jw; j++) {
-            const double v = mask ? bn_masked(BN_LDI(ys[j]), BN_LDI(dys[j])) : BN_LDI(dys[j]);
-            a[j] += v;
-            c[j] += v * (BN_LDI(zs[j]) - mb[j]);
-        }
+        return;
     }
+    for (r = 0; r < nrows; r += g) { /* short contiguous float16 rows, g to a run */
+        g = nrows - r < G ? nrows - r : G;
+        BN_IN(zs, z + r * sz + j0, g * jw);
+        BN_IN(dys, dy + r * sdy + j0, g * jw);
+        BN_IN(ys, mask ? y + r * sy + j0 : NULL, g * jw);
+        for (rr = 0; rr < g; rr++)
+            BN_SUMS_ROW(rr * jw);
+    }
+#undef BN_SUMS_ROW
 }
 
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
@@ -222,6 +247,32 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
                     EXPR(bn_q + bn_k, BN_LDI(bn_zs[bn_k]), BN_LDI(bn_dys[bn_k]))); \
             BN_FLUSH(bn_w, (o) + bn_q, bn_n);                                      \
         }                                                                          \
+    } while (0)
+
+/* BN_OUT_RUN over g rows of cw, EXPR(j, zj, dyj) with j the column: one row (g 1) as a run,
+ * or g > 1 contiguous rows (o, Z and DY each) of g*cw <= BN_STAGE elements as one run */
+#undef BN_OUT_ROWS
+#define BN_OUT_ROWS(o, g, cw, Z, DY, EXPR)                        \
+    do {                                                          \
+        Py_ssize_t bn_r, bn_j;                                    \
+        if ((g) == 1) {                                           \
+            BN_OUT_RUN(o, 0, cw, Z, DY, EXPR);                    \
+            break;                                                \
+        }                                                         \
+        BN_IN(bn_gzs, (Z), (g) * (cw));                           \
+        BN_IN(bn_gdys, (DY), (DY) == NULL ? 0 : (g) * (cw));      \
+        BN_OUT(bn_gw);                                            \
+        (void)bn_gdys;                                            \
+        for (bn_r = 0; bn_r < (g); bn_r++) {                      \
+            BN_SIMD                                               \
+            for (bn_j = 0; bn_j < (cw); bn_j++)                   \
+                BN_PUT(                                           \
+                    bn_gw, (o), bn_r * (cw) + bn_j,               \
+                    EXPR(                                         \
+                        bn_j, BN_LDI(bn_gzs[bn_r * (cw) + bn_j]), \
+                        BN_LDI(bn_gdys[bn_r * (cw) + bn_j])));    \
+        }                                                         \
+        BN_FLUSH(bn_gw, (o), (g) * (cw));                         \
     } while (0)
 
 #if defined(BN_F64) && defined(__SSE2__)
@@ -398,7 +449,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
     const bn_epi *e)
 {
-    Py_ssize_t r;
+    Py_ssize_t r, g, G;
     if (e != NULL) {
         BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, e);
         return;
@@ -413,17 +464,19 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 #endif
     (void)stream;
-    for (r = 0; r < nrows; r++) {
+    G = BN_OGROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw));
+    for (r = 0; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
+        g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
         if (dy == NULL) {
 #define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], Cc[k])
-            BN_OUT_RUN(outr, 0, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
+            BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
 #undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
 #define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k])
-            BN_OUT_RUN(outr, 0, cw, zr, dyr, BN_ROW_DX);
+            BN_OUT_ROWS(outr, g, cw, zr, dyr, BN_ROW_DX);
 #undef BN_ROW_DX
         }
     }
@@ -435,19 +488,34 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
     const Py_ssize_t jw, const int prefetch, const double *restrict mb, double *restrict a,
     double *restrict b)
 {
-    Py_ssize_t j, r;
-    for (r = 0; r < nrows; r++) {
-        const BN_T *restrict xr = x + r * sx + j0;
-        if (prefetch)
-            BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
-        BN_IN(xs, xr, jw);
-        BN_SIMD
-        for (j = 0; j < jw; j++) {
-            const double e = BN_LDI(xs[j]) - mb[j];
-            a[j] += e;
-            b[j] += e * e;
+    const Py_ssize_t G = BN_GROUP(jw, sx == jw);
+    Py_ssize_t j, r, rr, g;
+/* as BN_SUMS_ROW */
+#define BN_CENTERED_ROW(k)                                \
+    do {                                                  \
+        BN_SIMD                                           \
+        for (j = 0; j < jw; j++) {                        \
+            const double e = BN_LDI(xs[(k) + j]) - mb[j]; \
+            a[j] += e;                                    \
+            b[j] += e * e;                                \
+        }                                                 \
+    } while (0)
+    if (G == 1) {
+        for (r = 0; r < nrows; r++) {
+            BN_IN(xs, x + r * sx + j0, jw);
+            if (prefetch)
+                BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
+            BN_CENTERED_ROW(0);
         }
+        return;
     }
+    for (r = 0; r < nrows; r += g) {
+        g = nrows - r < G ? nrows - r : G;
+        BN_IN(xs, x + r * sx + j0, g * jw);
+        for (rr = 0; rr < g; rr++)
+            BN_CENTERED_ROW(rr * jw);
+    }
+#undef BN_CENTERED_ROW
 }
 
 /* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2, in row order */

@@ -83,28 +83,67 @@ def _passes(x, dy, axis):
     return [bits(o) for o in outs]
 
 
-# rows narrower and wider than a widened run (512), planes shorter and longer than one and
-# not a multiple of any vector width, NCHW planes taken as rows
-_PASS_CASES = [((300, 37), 1), ((40, 1100), 1), ((4, 3, 700, 3), 1), ((6, 5, 7, 7), 1)]
+# rows narrower and wider than a widened run (512), short contiguous rows converted many
+# to a run (also channels-last), planes shorter and longer than one and not a multiple of
+# any vector width, NCHW planes taken as rows
+_PASS_CASES = [
+    ((300, 37), 1),
+    ((40, 1100), 1),
+    ((3000, 3), 1),
+    ((8, 6, 6, 5), -1),
+    ((4, 3, 700, 3), 1),
+    ((6, 5, 7, 7), 1),
+    ((20, 5, 7, 7), 1),
+]
+_PASS_IDS = [str(c[0]) for c in _PASS_CASES]
 
 
-@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
-@pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=[str(c[0]) for c in _PASS_CASES])
-def test_every_pass_gives_the_integer_codes_bits(code, shape, axis):
-    """The widened inputs and rounded outputs of every loop, NaN, infinities and subnormals
-    among them, the same with vector conversions as with the integer code."""
+def _pass_inputs(shape, axis):
+    """x and dy with NaN, infinities, signed zeros and subnormals in channel 0 only, so
+    that the other channels' outputs stay finite and are compared as numbers."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(shape) * 3).astype(F16)
     dy = rng.standard_normal(shape).astype(F16)
+    first = np.moveaxis(dy, axis, 0)[0]
     specials = np.array([np.nan, np.inf, -np.inf, 2.0**-24, -(2.0**-20), 0.0, -0.0], F16)
-    dy.flat[rng.choice(dy.size, 40, replace=False)] = np.resize(specials, 40)
-    x.flat[rng.choice(x.size, 7, replace=False)] = np.array([2.0**-24] * 4 + [-(2.0**-17)] * 3)
+    first.flat[: min(first.size, 21)] = np.resize(specials, min(first.size, 21))
+    tiny = np.moveaxis(x, axis, 0)[1]
+    tiny.flat[: min(tiny.size, 7)] = [2.0**-24] * 4 + [-(2.0**-17)] * 3
+    return x, dy
+
+
+@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
+@pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
+def test_every_pass_gives_the_integer_codes_bits(code, shape, axis):
+    """The widened inputs and rounded outputs of every loop, NaN, infinities and subnormals
+    among them, the same with vector conversions as with the integer code."""
+    x, dy = _pass_inputs(shape, axis)
     with np.errstate(invalid="ignore", over="ignore"):
         vector = _passes(x, dy, axis)
         _kernels.float16_code("integer")
         integer = _passes(x, dy, axis)
     for v, i in zip(vector, integer):
         assert np.array_equal(v, i)
+    assert np.isfinite(np.moveaxis(integer[0].view(F16), axis, 0)[1:]).all()
+
+
+@pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
+def test_sums_are_float32_datas_sums(shape, axis):
+    """The float64 statistics and sums of float16 data, widened in runs, equal bit for bit
+    those of the same values as float32 data, read in place: every element in the same
+    place of the same sum."""
+    x, dy = (a.astype(np.float64) for a in _pass_inputs(shape, axis))
+    x, dy = np.nan_to_num(x, posinf=2.0, neginf=-2.0), np.nan_to_num(dy, posinf=3.0, neginf=-3.0)
+    C = x.shape[axis]
+    sums = {}
+    for dtype in (F16, np.float32):
+        xd, dyd = x.astype(dtype), dy.astype(dtype)
+        out = bnkernels.batch_stats(xd, axis=axis)[1:]
+        p = {"mode": "train"}
+        cache = bnkernels.forward(xd, np.ones(C, dtype), np.zeros(C, dtype), p, axis=axis)[1]
+        sums[dtype] = [bits(v) for v in out + bnkernels.backward_reduce(dyd, cache)]
+    for a, b in zip(sums[F16], sums[np.float32]):
+        assert np.array_equal(a, b)
 
 
 def test_rounding_matches_numpy_on_sums_of_halves():
