@@ -157,9 +157,9 @@ def simd_targets():
     return bn_simd_targets.decode()
 
 
-# the float16 conversion code by name, widest first
-F16_CODES = ("avx512", "f16c", "integer")
-_f16_code = F16_CODES[::-1][bn_f16_code(len(F16_CODES) - 1)]
+# the float16 conversion codes by name, in the order of _kernels.h's BN_F16_* values
+F16_CODES = ("integer", "f16c", "avx512")
+_f16_code = F16_CODES[bn_f16_code(len(F16_CODES) - 1)]
 
 
 def float16_code(kind=None):
@@ -172,7 +172,7 @@ def float16_code(kind=None):
     if kind is not None:
         if kind not in F16_CODES:
             raise ValueError("float16_code: kind must be one of %s, not %r" % (F16_CODES, kind))
-        _f16_code = F16_CODES[::-1][bn_f16_code(F16_CODES[::-1].index(kind))]
+        _f16_code = F16_CODES[bn_f16_code(F16_CODES.index(kind))]
     return _f16_code
 
 

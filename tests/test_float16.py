@@ -28,6 +28,15 @@ def code(request):
     _kernels.float16_code(before)
 
 
+def test_float16_code_names_its_kinds():
+    before = _kernels.float16_code()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        _kernels.float16_code("sse")
+    assert _kernels.float16_code() == before
+    assert _kernels.float16_code("integer") == "integer"
+    _kernels.float16_code(before)
+
+
 def _same_halves(got, want):
     """Bitwise equal float16 arrays, NaNs compared as NaNs."""
     return (bits(got) == bits(want)) | (np.isnan(got) & np.isnan(want))
