@@ -136,6 +136,24 @@ def test_every_pass_gives_the_integer_codes_bits(code, shape, axis):
     assert np.isfinite(np.moveaxis(integer[0].view(F16), axis, 0)[1:]).all()
 
 
+@pytest.mark.parametrize("shape,axis", [c for c in _PASS_CASES if c[1] == -1 or len(c[0]) == 2])
+def test_contiguous_rows_give_strided_rows_bits(shape, axis):
+    """Short contiguous rows are converted many to a run, strided ones a row at a time:
+    the same bits."""
+    x, dy = _pass_inputs(shape, axis)
+
+    def strided(a):  # the same values, rows two elements apart
+        pad = [(0, 0)] * (a.ndim - 1) + [(0, 2)]
+        return np.pad(a, pad)[..., : a.shape[-1]]
+
+    assert not strided(x).flags.c_contiguous
+    with np.errstate(invalid="ignore", over="ignore"):
+        grouped = _passes(x, dy, axis)
+        by_row = _passes(strided(x), strided(dy), axis)
+    for g, r in zip(grouped, by_row):
+        assert np.array_equal(g, r)
+
+
 @pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
 def test_sums_are_float32_datas_sums(shape, axis):
     """The float64 statistics and sums of float16 data, widened in runs, equal bit for bit
