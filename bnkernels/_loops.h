@@ -35,7 +35,7 @@
 #undef BN_PUT
 #undef BN_FLUSH
 #undef BN_GROUP
-#undef BN_OGROUP
+#undef BN_GROUP_MAX
 #ifdef BN_F16
 #define BN_PIECE BN_ISTAGE
 #define BN_OPIECE BN_STAGE
@@ -51,14 +51,14 @@
             bn_h2f_run(name##_p, name##_run, (n)); \
     } while (0)
 #define BN_LDI(v) ((double)(v))
-/* rows of n elements that one input run (BN_GROUP) or output run (BN_OGROUP) holds where
- * the rows are contiguous (contig): short rows are converted many to a call.  The other
- * dtypes take rows one at a time (the constant 1: their row loops compile as plain ones) */
-#define BN_GROUP(n, contig) ((contig) && (n) <= BN_ISTAGE / 16 ? BN_ISTAGE / (n) : 1)
-#define BN_OGROUP(n, contig) ((contig) && (n) <= BN_STAGE / 8 ? BN_STAGE / (n) : 1)
+/* rows of n elements that one run of `run` elements (BN_PIECE in, BN_OPIECE out) holds
+ * where the rows are contiguous (contig) and short (BN_GROUP_MAX elements at most: longer
+ * rows measured slower grouped): those are converted many to a call.  The other dtypes
+ * take rows one at a time (the constant 1: their row loops compile as plain ones) */
+#define BN_GROUP_MAX 32
+#define BN_GROUP(n, contig, run) ((contig) && (n) <= BN_GROUP_MAX ? (run) / (n) : 1)
 #else
-#define BN_GROUP(n, contig) 1
-#define BN_OGROUP(n, contig) 1
+#define BN_GROUP(n, contig, run) 1
 #define BN_PIECE PTRDIFF_MAX
 #define BN_IN(name, p, n) const BN_T *restrict name = (p)
 #define BN_LDI(v) BN_LD(v)
@@ -121,7 +121,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     const Py_ssize_t jw, const int prefetch, const int mask, const double *restrict mb,
     double *restrict a, double *restrict c)
 {
-    const Py_ssize_t G = BN_GROUP(jw, sz == jw && sdy == jw && (!mask || sy == jw));
+    const Py_ssize_t G = BN_GROUP(jw, sz == jw && sdy == jw && (!mask || sy == jw), BN_PIECE);
     Py_ssize_t j, r, rr, g;
 /* row r + rr of a run from row r: at k = rr * jw in it (rr > 0: contiguous rows) */
 #define BN_SUMS_ROW(k)                                                                   \
@@ -464,7 +464,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 #endif
     (void)stream;
-    G = BN_OGROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw));
+    G = BN_GROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw), BN_OPIECE);
     for (r = 0; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
@@ -488,7 +488,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
     const Py_ssize_t jw, const int prefetch, const double *restrict mb, double *restrict a,
     double *restrict b)
 {
-    const Py_ssize_t G = BN_GROUP(jw, sx == jw);
+    const Py_ssize_t G = BN_GROUP(jw, sx == jw, BN_PIECE);
     Py_ssize_t j, r, rr, g;
 /* as BN_SUMS_ROW */
 #define BN_CENTERED_ROW(k)                                \
