@@ -347,6 +347,64 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 }
 #endif
 
+#ifndef BN_F16
+/* float32 and float64 rows a page (4 KiB) apart or more take the output sweep two at a
+ * time (bn_rows_affine_band).  Closer rows keep the plain loop: read as two interleaved
+ * runs within a page they measured slower, and one at a time the band's loop was no
+ * faster than the plain one (docs/performance.md). */
+#define BN_PAGE_APART(s) ((s) * (Py_ssize_t)sizeof(BN_T) >= 4096)
+/* BN_V8(p): the eight elements from p as doubles; BN_V8_ST(p, v): v rounded to BN_T into
+ * them (each element once, to nearest even, as BN_ST) */
+#undef BN_V8
+#undef BN_V8_ST
+#ifdef BN_F64
+#define BN_V8(p) BN_V8D(p)
+#define BN_V8_ST(p, v) (*(bn_v8d_u *)(p) = (v))
+#else
+/* element by element: GCC 12 lowers __builtin_convertvector of eight floats to halves */
+#define BN_V8(p)                                                                        \
+    ((bn_v8d){                                                                          \
+        (double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3], (double)(p)[4], \
+        (double)(p)[5], (double)(p)[6], (double)(p)[7]})
+#define BN_V8_ST(p, v) (*(bn_v8f_u *)(p) = __builtin_convertvector((v), bn_v8f))
+#endif
+
+/* A band of nb rows of bn_rows_affine's plain loop (dy NULL: the forward's), eight
+ * columns at a time: each column's coefficients are loaded once for the whole band, as
+ * loading them per element bounded the row-by-row loop.  The same expressions, so the
+ * same bits. */
+static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nb, Py_ssize_t cw, const double *restrict m,
+    const double *restrict S, const double *restrict A, const double *restrict Cc)
+{
+    Py_ssize_t j, k;
+    if (dy == NULL) {
+        for (j = 0; j + 8 <= cw; j += 8) {
+            const bn_v8d s = BN_V8D(S + j), mj = BN_V8D(m + j), c = BN_V8D(Cc + j);
+            for (k = 0; k < nb; k++)
+                BN_V8_ST(out + k * sout + j, BN_AFFINE_OUT(s, BN_V8(z + k * sz + j), mj, c));
+        }
+        for (; j < cw; j++)
+            for (k = 0; k < nb; k++)
+                out[k * sout + j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], Cc[j]));
+    } else {
+        for (j = 0; j + 8 <= cw; j += 8) {
+            const bn_v8d a = BN_V8D(A + j), c = BN_V8D(Cc + j), s = BN_V8D(S + j),
+                         mj = BN_V8D(m + j);
+            for (k = 0; k < nb; k++)
+                BN_V8_ST(
+                    out + k * sout + j,
+                    BN_AFFINE_DX(a, BN_V8(dy + k * sdy + j), c, s, BN_V8(z + k * sz + j), mj));
+        }
+        for (; j < cw; j++)
+            for (k = 0; k < nb; k++)
+                out[k * sout + j] = BN_ST(BN_AFFINE_DX(
+                    A[j], BN_LD(dy[k * sdy + j]), Cc[j], S[j], BN_LD(z[k * sz + j]), m[j]));
+    }
+}
+#endif
+
 /* A run of n outputs with a fused epilogue (bn_epi), coefficients m, S, A, Cc at [k*cs]
  * (cs 1: per column, rows layout; cs 0: one channel's, planar).  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
@@ -464,8 +522,18 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 #endif
     (void)stream;
+    r = 0;
+#ifndef BN_F16
+    if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
+        for (; r < nrows; r += g) {
+            g = nrows - r < 2 ? nrows - r : 2;
+            BN_FN(bn_rows_affine_band)(
+                z + r * sz, dy == NULL ? NULL : dy + r * sdy, out + r * sout, sz, sdy, sout, g, cw,
+                m, S, A, Cc);
+        }
+#endif
     G = BN_GROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw), BN_OPIECE);
-    for (r = 0; r < nrows; r += g) {
+    for (; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */

@@ -33,6 +33,7 @@ SHAPES = [
     ((300, 70), 1),  # more channels than one block, a partial block
     ((20000, 3), 1),  # many rows: chunked rows layout
     ((64, 1000), 1),
+    ((7, 1030), 1),  # rows a page apart: output rows in pairs, a last one, a column tail
     ((4, 3, 5), 1),
     ((7, 1, 13), 1),  # C = 1, planar
     ((1, 3, 1), 1),  # M = 1, 3D
@@ -95,6 +96,7 @@ TEST_MODE_SHAPES = [
     ((4, 6, 7, 5), -1),
     ((2, 3, 4, 5, 6), 1),
     ((2000, 40), 1),
+    ((7, 1030), 1),
 ]
 
 
