@@ -354,20 +354,24 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
  * faster than the plain one (docs/performance.md). */
 #define BN_PAGE_APART(s) ((s) * (Py_ssize_t)sizeof(BN_T) >= 4096)
 /* BN_V8(p): the eight elements from p as doubles; BN_V8_ST(p, v): v rounded to BN_T into
- * them (each element once, to nearest even, as BN_ST) */
+ * them (each element once, to nearest even, as BN_ST).  Element by element, which GCC
+ * turns into vector loads, conversions and stores: a whole-vector access of a type wider
+ * than the machine's vectors went through the stack in the AVX2 and SSE2 builds, and
+ * GCC 12 lowers __builtin_convertvector of eight floats to halves. */
 #undef BN_V8
 #undef BN_V8_ST
-#ifdef BN_F64
-#define BN_V8(p) BN_V8D(p)
-#define BN_V8_ST(p, v) (*(bn_v8d_u *)(p) = (v))
-#else
-/* element by element: GCC 12 lowers __builtin_convertvector of eight floats to halves */
-#define BN_V8(p)                                                                        \
-    ((bn_v8d){                                                                          \
-        (double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3], (double)(p)[4], \
-        (double)(p)[5], (double)(p)[6], (double)(p)[7]})
-#define BN_V8_ST(p, v) (*(bn_v8f_u *)(p) = __builtin_convertvector((v), bn_v8f))
-#endif
+#define BN_V8(p)                                                                                  \
+    ((bn_v8d){                                                                                    \
+        BN_LD((p)[0]), BN_LD((p)[1]), BN_LD((p)[2]), BN_LD((p)[3]), BN_LD((p)[4]), BN_LD((p)[5]), \
+        BN_LD((p)[6]), BN_LD((p)[7])})
+#define BN_V8_ST(p, v)                          \
+    do {                                        \
+        const bn_v8d bn_v_ = (v);               \
+        BN_T *const bn_p_ = (p);                \
+        int bn_l_;                              \
+        for (bn_l_ = 0; bn_l_ < 8; bn_l_++)     \
+            bn_p_[bn_l_] = BN_ST(bn_v_[bn_l_]); \
+    } while (0)
 
 /* A band of nb rows of bn_rows_affine's plain loop (dy NULL: the forward's), eight
  * columns at a time: each column's coefficients are loaded once for the whole band, as
