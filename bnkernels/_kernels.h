@@ -342,14 +342,12 @@ static inline void bn_store(void *p, Py_ssize_t i, Py_ssize_t isz, double v)
         ((double *)p)[i] = v;
 }
 
-/* Eight elements as one vector, in GCC's generic vectors (one AVX-512 register, two AVX2
+/* Eight doubles as one vector, in GCC's generic vectors (one AVX-512 register, two AVX2
  * or four SSE2 ones): the same IEEE operations, element by element, as the scalar code.
- * Unaligned views (_u) for loads and stores; values are only ever locals, never passed by
- * value (that would change the baseline build's ABI). */
+ * Only ever locals, never passed by value (that would change the baseline build's ABI).
+ * BN_V8D(p): the eight doubles from p (unaligned). */
 typedef double bn_v8d __attribute__((vector_size(64)));
-typedef float bn_v8f __attribute__((vector_size(32)));
 typedef double bn_v8d_u __attribute__((vector_size(64), aligned(8), may_alias));
-typedef float bn_v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
 #define BN_V8D(p) (*(const bn_v8d_u *)(p))
 
 #define BN_T float
