@@ -49,10 +49,12 @@ static const char *bn_simd_targets = "as compiled (no runtime dispatch)";
 /* element-wise helpers are always inlined: a call inside a loop keeps it from vectorizing,
  * and GCC stops inlining plain `static inline` functions into the larger task functions */
 #define BN_INLINE static inline __attribute__((always_inline))
-#define bn_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define bn_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)    /* into L1 */
+#define bn_prefetch_l2(p) __builtin_prefetch((const void *)(p), 0, 2) /* into L2 */
 #else
 #define BN_INLINE static inline
 #define bn_prefetch(p) ((void)(p))
+#define bn_prefetch_l2(p) ((void)(p))
 #endif
 
 /* fixed-order sum of BN_LANES partial sums */

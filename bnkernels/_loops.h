@@ -95,9 +95,14 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
  * block j0, or near the block's end a first row of the next block, so that the stream of
- * requests does not stall at every block boundary. */
+ * requests does not stall at every block boundary.  Into L2 (l2) for the backward's sums,
+ * which read two or three arrays: their lines that far ahead measured faster waiting in L2
+ * than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them into a few of
+ * L1's sets); into L1 for the forward's one array, which measured faster so
+ * (docs/performance.md). */
 static inline void BN_FN(bn_prefetch_ahead)(
-    const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r)
+    const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r,
+    const int l2)
 {
     Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, jw, b;
     if (rr >= nrows) {
@@ -107,8 +112,12 @@ static inline void BN_FN(bn_prefetch_ahead)(
             return;
     }
     jw = cw - jj < BN_RBLOCK ? cw - jj : BN_RBLOCK;
-    for (b = 0; b < jw; b += 64 / (Py_ssize_t)sizeof(BN_T))
-        bn_prefetch(base + rr * s + jj + b);
+    for (b = 0; b < jw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
+        if (l2)
+            bn_prefetch_l2(base + rr * s + jj + b);
+        else
+            bn_prefetch(base + rr * s + jj + b);
+    }
 }
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
@@ -140,10 +149,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             BN_IN(dys, dy + r * sdy + j0, jw);
             BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
             if (prefetch) {
-                BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r);
-                BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r);
+                BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r, 1);
+                BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r, 1);
                 if (mask)
-                    BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r);
+                    BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r, 1);
             }
             BN_SUMS_ROW(0);
         }
@@ -576,7 +585,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         for (r = 0; r < nrows; r++) {
             BN_IN(xs, x + r * sx + j0, jw);
             if (prefetch)
-                BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r);
+                BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r, 0);
             BN_CENTERED_ROW(0);
         }
         return;
