@@ -138,7 +138,14 @@ def test_running_stats_with_momentum_and_existing_values(dtype):
 # memory layouts
 # ---------------------------------------------------------------------------
 
-LAYOUT_SHAPES = [((3, 5, 6, 7), 1), ((37, 11), 1), ((4, 6, 20), 1), ((3, 4, 5, 6), -1)]
+# (7, 1030): rows a page apart, whose output sweep pairs rows, with each array's own strides
+LAYOUT_SHAPES = [
+    ((3, 5, 6, 7), 1),
+    ((37, 11), 1),
+    ((4, 6, 20), 1),
+    ((3, 4, 5, 6), -1),
+    ((7, 1030), 1),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
