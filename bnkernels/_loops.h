@@ -94,24 +94,25 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #endif
 
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
- * block j0, or near the block's end a first row of the next block, so that the stream of
+ * block j0 (jw columns), or near the block's end a first row of the next block (up to
+ * BN_RBLOCK columns: all of the narrower ones that follow), so that the stream of
  * requests does not stall at every block boundary.  Into L2 (l2) for the backward's sums,
  * which read two or three arrays: their lines that far ahead measured faster waiting in L2
  * than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them into a few of
  * L1's sets); into L1 for the forward's one array, which measured faster so
  * (docs/performance.md). */
 static inline void BN_FN(bn_prefetch_ahead)(
-    const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t r,
-    const int l2)
+    const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t jw,
+    Py_ssize_t r, const int l2)
 {
-    Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, jw, b;
+    Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, b;
     if (rr >= nrows) {
         rr -= nrows;
-        jj += BN_RBLOCK;
+        jj += jw;
         if (jj >= cw || rr >= nrows)
             return;
+        jw = cw - jj < BN_RBLOCK ? cw - jj : BN_RBLOCK;
     }
-    jw = cw - jj < BN_RBLOCK ? cw - jj : BN_RBLOCK;
     for (b = 0; b < jw; b += 64 / (Py_ssize_t)sizeof(BN_T)) {
         if (l2)
             bn_prefetch_l2(base + rr * s + jj + b);
@@ -149,10 +150,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             BN_IN(dys, dy + r * sdy + j0, jw);
             BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
             if (prefetch) {
-                BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, r, 1);
-                BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, r, 1);
+                BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, jw, r, 1);
+                BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, jw, r, 1);
                 if (mask)
-                    BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, r, 1);
+                    BN_FN(bn_prefetch_ahead)(y, sy, nrows, cw, j0, jw, r, 1);
             }
             BN_SUMS_ROW(0);
         }
@@ -172,12 +173,16 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
  * BLOCK(j0, jw, prefetch, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
  * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide float64 rows
- * accumulate straight in P and Q; otherwise register blocks, at a constant width when full
- * or half (32 columns, a common channel count), which the compiler unrolls fully. */
+ * accumulate straight in P and Q; otherwise register blocks of BN_RBLOCK columns, then the
+ * rest: in blocks of 32, 16 and 8 when it is a multiple of 8 (24, 40, 48... channels), else
+ * in one.  A block of constant width keeps its accumulators in registers, where one of a
+ * variable width loads and stores them at every row; a rest split down to a few odd
+ * columns would add a sweep down the rows for them.  Each column is summed in row order
+ * whatever its block, so the bits do not depend on the blocks. */
 #ifndef BN_ROWS_SWEEP
 #define BN_ROWS_SWEEP(BLOCK, M, P, Q)                                                            \
     do {                                                                                         \
-        Py_ssize_t j0, j;                                                                        \
+        Py_ssize_t j0, j, jw;                                                                    \
         if (BN_WIDE_ROWS(cw)) {                                                                  \
             for (j = 0; j < cw; j++) {                                                           \
                 P[j] = 0.0;                                                                      \
@@ -187,9 +192,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, M + j0, P + j0, Q + j0); \
             break;                                                                               \
         }                                                                                        \
-        for (j0 = 0; j0 < cw; j0 += BN_RBLOCK) {                                                 \
-            const Py_ssize_t jw = cw - j0 < BN_RBLOCK ? cw - j0 : BN_RBLOCK;                     \
+        for (j0 = 0; j0 < cw; j0 += jw) {                                                        \
             double a[BN_RBLOCK], b[BN_RBLOCK], mb[BN_RBLOCK];                                    \
+            jw = cw - j0;                                                                        \
+            jw = jw >= BN_RBLOCK ? BN_RBLOCK : jw % 8 ? jw : jw >= 32 ? 32 : jw >= 16 ? 16 : jw; \
             for (j = 0; j < jw; j++) {                                                           \
                 a[j] = 0.0;                                                                      \
                 b[j] = 0.0;                                                                      \
@@ -197,8 +203,12 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             }                                                                                    \
             if (jw == BN_RBLOCK)                                                                 \
                 BLOCK(j0, BN_RBLOCK, 1, mb, a, b);                                               \
-            else if (jw == BN_RBLOCK / 2)                                                        \
-                BLOCK(j0, BN_RBLOCK / 2, 1, mb, a, b);                                           \
+            else if (jw == 32)                                                                   \
+                BLOCK(j0, 32, 1, mb, a, b);                                                      \
+            else if (jw == 16)                                                                   \
+                BLOCK(j0, 16, 1, mb, a, b);                                                      \
+            else if (jw == 8)                                                                    \
+                BLOCK(j0, 8, 1, mb, a, b);                                                       \
             else                                                                                 \
                 BLOCK(j0, jw, 1, mb, a, b);                                                      \
             for (j = 0; j < jw; j++) {                                                           \
@@ -207,6 +217,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             }                                                                                    \
         }                                                                                        \
     } while (0)
+_Static_assert(BN_RBLOCK >= 64, "the register blocks' rest goes in blocks of 32, 16 and 8");
 #endif
 
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order;
@@ -585,7 +596,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         for (r = 0; r < nrows; r++) {
             BN_IN(xs, x + r * sx + j0, jw);
             if (prefetch)
-                BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, r, 0);
+                BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, jw, r, 0);
             BN_CENTERED_ROW(0);
         }
         return;
