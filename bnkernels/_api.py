@@ -78,6 +78,8 @@ def _grad_dtype(gamma, z):
 def _channel_axis(axis, ndim, key="axis", array="an array"):
     """The channel axis as a non-negative int; ``key`` names the axis argument in messages,
     ``array`` the array it indexes."""
+    if type(axis) is int and 0 < axis < ndim:  # the common case, as forward caches it
+        return axis
     if ndim < 2:
         raise ValueError(
             "batch norm needs %s with ndim >= 2 (batch, channels, ...), got ndim %d" % (array, ndim)
@@ -295,11 +297,17 @@ def _batches_tracked(v):
     return int(v)
 
 
+def _kernel_vec(v, C, keep=(_F64,)):
+    """Whether v is a per-channel vector the kernels take as it is: a contiguous (C,) array
+    of a dtype in ``keep``, as forward() caches them.  The kernels read gamma in float32
+    too."""
+    return type(v) is np.ndarray and v.shape == (C,) and v.dtype in keep and v.flags.c_contiguous
+
+
 def _vec64(v, C, shape, name, keep=(_F64,)):
-    """A per-channel vector for the kernels: as it is when it already is a contiguous (C,)
-    array of a dtype in ``keep`` (the vectors forward() caches), else validated and
-    converted to contiguous float64.  The kernels read gamma in float32 too."""
-    if type(v) is np.ndarray and v.dtype in keep and v.shape == (C,) and v.flags.c_contiguous:
+    """A per-channel vector for the kernels: v itself if _kernel_vec, else validated and
+    converted to contiguous float64."""
+    if _kernel_vec(v, C, keep):
         return v
     return _f64(_per_channel(name, v, C, shape))
 
@@ -766,9 +774,27 @@ def _forward_cache(cache):
         raise ValueError("cache['eps_mode'] must be 'var' or 'std', got %r" % (eps_mode,))
     _eps("cache['eps']", cache["eps"], z.dtype)
     C = z.shape[ax]
-    vs = [cache[key] for key in _VEC_KEYS]
-    if vs[2] is None:  # no affine
-        vs[2] = np.ones(C, z.dtype)
+    mean, invstd, gamma, var = vs = [cache[key] for key in _VEC_KEYS]
+    if gamma is None:  # no affine
+        vs[2] = gamma = np.ones(C, z.dtype)
+    if (
+        _kernel_vec(mean, C)
+        and _kernel_vec(invstd, C)
+        and _kernel_vec(gamma, C, _VECTOR_DTYPES)
+        and _kernel_vec(var, C)
+    ):  # as forward cached them: nothing to check or convert
+        y, residual = _cached_epilogue(cache, z)
+        return (
+            z,
+            ax,
+            (mean, invstd, gamma, var),
+            False,
+            eps_mode == "std",
+            mode == "train",
+            _grad_dtype(gamma, z),
+            y,
+            residual,
+        )
     for i, name in enumerate(_VEC_NAMES):
         v = vs[i]
         if type(v) is np.ndarray and v.dtype.kind == "f" and v.shape == (C,):

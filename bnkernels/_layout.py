@@ -80,8 +80,10 @@ def choose(arrays, axis):
     """
     a0 = arrays[0]
     C = a0.shape[axis]
-    if all(a.flags.c_contiguous for a in arrays):
-        # the common case, without looking at every stride
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            break
+    else:  # the common case, from the shape alone, without looking at every stride
         L = prod(a0.shape[axis + 1 :])
         N = a0.size // (C * L)
         if L == 1 or small_planes_as_rows(N, L):

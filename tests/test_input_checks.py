@@ -1,5 +1,6 @@
 """Inputs the face accepts and what it makes of them, beyond the error table of test_errors.py:
-integer running statistics, seed-style caches with more keys, the smallest eps, where the
+integer running statistics, seed-style caches with more keys, cached per-channel vectors in
+other forms, the smallest eps, where the
 BNKERNELS_L3_BYTES warning points, and the benchmark's output paths."""
 
 import os
@@ -118,6 +119,34 @@ def test_seed_style_cache_with_more_keys_is_a_seed_style_cache(dtype):
     more = dict(seed, x=x.astype(dtype), invstd=(1 / denom).astype(dtype), var=var)
     dout = _batch(dtype, (5, 3), seed=2)
     for got, want in zip(bnkernels.backward(dout, more), bnkernels.backward(dout, seed)):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("form", ["strided", "float32", "lists"])
+def test_cached_vectors_in_another_form_give_the_same_gradients(dtype, form):
+    """The cache's statistics (mean, invstd, var) as forward made them, or replaced by
+    strided views, float32 arrays (exact for these values) or lists, and gamma by a strided
+    view (its dtype is the gradients'): the same bits.  The kernels take forward's own
+    vectors as they are and convert the others."""
+    x = _batch(dtype, (16, 8))
+    gamma = np.linspace(0.5, 2.0, 8).astype(dtype)
+    out, cache = bnkernels.forward(x, gamma, np.zeros(8, dtype), {"mode": "train"})
+    other = dict(cache, gamma=np.repeat(cache["gamma"], 2)[::2])
+    for key in ("mean", "invstd", "var"):
+        v = np.asarray(cache[key], np.float64)
+        if form == "float32":
+            v = v.astype(np.float32).astype(np.float64)
+            cache[key] = v
+            other[key] = v.astype(np.float32)
+        elif form == "strided":
+            other[key] = np.repeat(v, 2)[::2]
+            assert not other[key].flags.c_contiguous
+        else:
+            other[key] = v.tolist()
+    dout = _batch(dtype, (16, 8), seed=4)
+    for got, want in zip(bnkernels.backward(dout, other), bnkernels.backward(dout, cache)):
+        assert got.dtype == want.dtype
         assert np.array_equal(got, want)
 
 
