@@ -194,6 +194,27 @@ def test_gamma_and_beta_of_different_floating_dtypes_promote():
     assert all(g.dtype == np.float16 for g in bnkernels.backward(dout, cache)[1:])
 
 
+@pytest.mark.parametrize("with_beta", [True, False], ids=["beta", "no_beta"])
+@pytest.mark.parametrize("p_dtype", [np.float32, np.float64])
+def test_byte_swapped_parameters_take_the_native_dtype(p_dtype, with_beta):
+    """gamma (and beta) in the other byte order: the parameters' dtype is the native one
+    (NumPy's promotion), and the results are those of native parameters."""
+    x, dout = inputs((9, 4), 1, np.float64, seed=18)
+    gamma, beta = params(4, p_dtype, seed=19)
+    beta = beta if with_beta else None
+    swapped = [p if p is None else p.astype(p.dtype.newbyteorder()) for p in (gamma, beta)]
+    assert not swapped[0].dtype.isnative and np.array_equal(swapped[0], gamma)
+    p1, p2 = {"mode": "train"}, {"mode": "train"}
+    out, cache = bnkernels.forward(x, *swapped, p1)
+    want_out, want_cache = bnkernels.forward(x, gamma, beta, p2)
+    assert cache["gamma"].dtype == np.dtype(p_dtype) and cache["gamma"].dtype.isnative
+    assert p1["running_mean"].dtype.isnative
+    assert np.array_equal(out, want_out)
+    for got, want in zip(bnkernels.backward(dout, cache), bnkernels.backward(dout, want_cache)):
+        assert got.dtype == want.dtype and got.dtype.isnative
+        assert np.array_equal(got, want)
+
+
 def test_integer_parameters_as_a_list():
     """What NumPy code writes without thinking of dtypes: gamma = [3, 4, 5]."""
     x, dout = inputs((8, 3), 1, np.float32, seed=17)
