@@ -813,7 +813,9 @@ def _busy_processes(n):
 
 def _load_calls(case):
     """{pass: make(nt) -> a call of that pass on nt threads (None: the default)} for case;
-    forward has no num_threads, so its only settings are 1 (set through OpenMP) and None."""
+    forward has no num_threads, so its only settings are 1 (set through OpenMP) and None.
+    'roofline' is the control: the backward's memory traffic on one thread, with no team
+    and no barrier, so what any call of about that length sees on the busy machine."""
     data = CaseData(case)
     x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, case.axis
     param = {"mode": "train", "eps": EPS}
@@ -825,19 +827,26 @@ def _load_calls(case):
     def forward(nt):
         return lambda: bnkernels.forward(x, g, b, param, axis=axis)
 
-    return {"backward": backward, "forward": forward}
+    def roofline(nt):
+        return lambda: _kernels.stream_add(x, dy, np.empty_like(x), 1)
+
+    return {"backward": backward, "forward": forward, "roofline": roofline}
 
 
 def run_load(n_busy, cases, seconds):
     """Per case and pass: the single-thread median on the quiet machine, then p50 and p99
     with n_busy busy processes for one thread, every usable core (backward), and the
-    default, which leaves out the CPUs busy with other tasks."""
+    default, which leaves out the CPUs busy with other tasks; the roofline control on one
+    thread only."""
     cores = usable_cores()
     records = []
     for case in cases:
         for pass_, make in _load_calls(case).items():
-            settings = [("1", 1)] + ([(str(cores), cores)] if pass_ == "backward" else [])
-            settings.append(("default", None))
+            settings = [("1", 1)]
+            if pass_ == "backward":
+                settings.append((str(cores), cores))
+            if pass_ != "roofline":
+                settings.append(("default", None))
             with openmp_limit(1):
                 quiet = _percentiles(make(1), seconds / 2, LOAD_MIN_CALLS // 2)[0]
             busy = _busy_processes(n_busy)
@@ -1017,8 +1026,8 @@ def build_parser():
         type=_positive_int,
         metavar="N",
         help="start N busy processes for the run (stopped after it) and report p50 and p99 "
-        "call times per case and thread setting (cases: %s)"
-        % ", ".join(c.name for c in LOAD_CASES),
+        "call times per case and thread setting, and of the roofline on one thread as the "
+        "control (cases: %s)" % ", ".join(c.name for c in LOAD_CASES),
     )
     p.add_argument(
         "--fused",

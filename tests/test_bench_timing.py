@@ -41,3 +41,26 @@ def test_measure_is_one_implementation_taking_every_turn():
     calls = []
     t = _bench.measure(lambda: calls.append(1), _bench.Budget(0.0, 3, 10))
     assert t.repeats == 3 and len(calls) == 4
+
+
+def test_the_load_report_has_every_pass_and_thread_setting_and_the_control():
+    """run_load on the smallest case without busy processes: per pass the settings it
+    promises (backward: 1 thread, every core, the default; forward: 1 and the default; the
+    roofline control: 1 thread only), each with p50 <= p99 over at least LOAD_MIN_CALLS
+    calls, and format_load has a line for each."""
+    case = _bench.LOAD_CASES[0]
+    records = _bench.run_load(0, [case], 0.01)
+    cores = str(_bench.usable_cores())
+    got = [(r["pass"], r["threads"]) for r in records]
+    want = [("backward", "1")]
+    want += [("backward", cores)] + [("backward", "default"), ("forward", "1")]
+    want += [("forward", "default"), ("roofline", "1")]
+    assert got == want
+    for r in records:
+        assert r["case"] == case.name and r["busy"] == 0
+        assert 0 < r["p50_s"] <= r["p99_s"]
+        assert r["calls"] >= _bench.LOAD_MIN_CALLS
+        assert r["quiet_1_thread_median_s"] > 0
+    table = _bench.format_load(records).splitlines()
+    assert len(table) == 2 + len(records)
+    assert all(line.split()[1:3] == [p, t] for line, (p, t) in zip(table[2:], got))
