@@ -70,10 +70,11 @@ def _param_dtype(x, gamma, beta):
 
 
 def _promote(*dtypes):
-    """np.result_type(*dtypes), at once where they are one native dtype (the common case;
-    result_type costs half a microsecond, and makes a byte-swapped dtype native)."""
+    """np.result_type(*dtypes), at once where they are one native dtype without metadata
+    (the common case; result_type costs half a microsecond, makes a byte-swapped dtype
+    native and drops metadata)."""
     d = dtypes[0]
-    if d.isnative and all(e is d for e in dtypes):
+    if d.isnative and d.metadata is None and all(e is d for e in dtypes):
         return d
     return np.result_type(*dtypes)
 

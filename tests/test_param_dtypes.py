@@ -215,6 +215,15 @@ def test_byte_swapped_parameters_take_the_native_dtype(p_dtype, with_beta):
         assert np.array_equal(got, want)
 
 
+def test_running_statistics_of_data_with_dtype_metadata_drop_it_as_numpy_promotion_does():
+    dm = np.dtype(np.float64, metadata={"unit": "m"})
+    x = np.arange(8.0).reshape(4, 2).astype(dm)
+    param = {"mode": "train", "momentum": None}
+    bnkernels.forward(x, None, None, param)
+    for key in ("running_mean", "running_var"):
+        assert param[key].dtype == np.float64 and param[key].dtype.metadata is None, key
+
+
 def test_integer_parameters_as_a_list():
     """What NumPy code writes without thinking of dtypes: gamma = [3, 4, 5]."""
     x, dout = inputs((8, 3), 1, np.float32, seed=17)
