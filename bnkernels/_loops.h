@@ -93,6 +93,20 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #define BN_WIDE_ROWS(cw) 0
 #endif
 
+/* A wide block (prefetch 0: accumulators in L1) takes two rows per sweep of its
+ * accumulators, which then load and store once per pair, where BN_WIDE_PAIRS(contig) holds:
+ * in float16, whose loops are bound by their conversions, always; otherwise where the
+ * block's rows are not one contiguous run (contig: the row stride is the block's width),
+ * which a pair would split into two interleaved streams (measured slower for rows of 256
+ * to 512 float64 columns; faster where a block is part of longer rows).  Each column still
+ * adds the rows in row order: the same bits. */
+#undef BN_WIDE_PAIRS
+#ifdef BN_F16
+#define BN_WIDE_PAIRS(contig) 1
+#else
+#define BN_WIDE_PAIRS(contig) (!(contig))
+#endif
+
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
  * block j0 (jw columns), or near the block's end a first row of the next block (up to
  * BN_RBLOCK columns: all of the narrower ones that follow), so that the stream of
@@ -145,7 +159,26 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
         }                                                                                \
     } while (0)
     if (G == 1) { /* a row at a time (every dtype but float16: always) */
-        for (r = 0; r < nrows; r++) {
+        r = 0;
+        if (!prefetch && BN_WIDE_PAIRS(sz == jw && sdy == jw))
+            for (; r + 1 < nrows; r += 2) {
+                BN_IN(zs, z + r * sz + j0, jw);
+                BN_IN(dys, dy + r * sdy + j0, jw);
+                BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
+                BN_IN(zt, z + (r + 1) * sz + j0, jw);
+                BN_IN(dyt, dy + (r + 1) * sdy + j0, jw);
+                BN_IN(yt, mask ? y + (r + 1) * sy + j0 : NULL, jw);
+                BN_SIMD
+                for (j = 0; j < jw; j++) {
+                    const double v =
+                        mask ? bn_masked(BN_LDI(ys[j]), BN_LDI(dys[j])) : BN_LDI(dys[j]);
+                    const double w =
+                        mask ? bn_masked(BN_LDI(yt[j]), BN_LDI(dyt[j])) : BN_LDI(dyt[j]);
+                    a[j] = a[j] + v + w;
+                    c[j] = c[j] + v * (BN_LDI(zs[j]) - mb[j]) + w * (BN_LDI(zt[j]) - mb[j]);
+                }
+            }
+        for (; r < nrows; r++) {
             BN_IN(zs, z + r * sz + j0, jw);
             BN_IN(dys, dy + r * sdy + j0, jw);
             BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
@@ -593,7 +626,19 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         }                                                 \
     } while (0)
     if (G == 1) {
-        for (r = 0; r < nrows; r++) {
+        r = 0;
+        if (!prefetch && BN_WIDE_PAIRS(sx == jw))
+            for (; r + 1 < nrows; r += 2) {
+                BN_IN(xs, x + r * sx + j0, jw);
+                BN_IN(xt, x + (r + 1) * sx + j0, jw);
+                BN_SIMD
+                for (j = 0; j < jw; j++) {
+                    const double e = BN_LDI(xs[j]) - mb[j], f = BN_LDI(xt[j]) - mb[j];
+                    a[j] = a[j] + e + f;
+                    b[j] = b[j] + e * e + f * f;
+                }
+            }
+        for (; r < nrows; r++) {
             BN_IN(xs, x + r * sx + j0, jw);
             if (prefetch)
                 BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, jw, r, 0);
