@@ -223,7 +223,8 @@ def _within_half_ulp(got, want, what):
 
 
 # shapes reaching every plan kind: small rows, NCHW planes as rows, channels-last, planar
-# chunks (planes of 64 KiB and more), tall chunked rows, a strided view
+# chunks (planes of 64 KiB and more), tall chunked rows, a strided view; rows a page apart
+# (output rows in pairs, a last one alone, a column tail past the runs)
 CASES = [
     ((64, 32), 1),
     ((8, 16, 10, 10), 1),
@@ -231,6 +232,7 @@ CASES = [
     ((3, 5, 200, 200), 1),
     ((40000, 64), 1),
     ((6, 4, 384, 384), 1),
+    ((7, 2100), 1),
 ]
 
 
