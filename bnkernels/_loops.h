@@ -75,22 +75,28 @@
  * of 256 columns or more are instead swept BN_WBLOCK columns at a time, row by row, with
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
  * best.  So are float16 rows of any width: each row's piece is widened in one run (BN_IN),
- * where a register block would spill its accumulators around every call.  Narrower rows and
- * float32 (whose loops are bound by their conversions) keep the register blocks, which
- * measured faster for them (docs/performance.md). */
+ * where a register block would spill its accumulators around every call.  float32 takes
+ * them for the backward's sums of rows of 512 columns or more (BN_WIDE_SUMS), two rows a
+ * sweep (BN_WIDE_PAIRS), which measured faster there; its forward statistics and narrower
+ * rows, whose loops are bound by their conversions, keep the register blocks, as do
+ * narrower float64 rows (docs/performance.md).  BN_WIDE_ROWS: the forward's statistics. */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
 #define BN_RPREFETCH 16
 #define BN_WBLOCK 512
 #undef BN_WIDE_ROWS
+#undef BN_WIDE_SUMS
 #ifdef BN_F64
 #define BN_WIDE_ROWS(cw) ((cw) >= 256)
+#define BN_WIDE_SUMS(cw) ((cw) >= 256)
 #elif defined(BN_F16)
 #define BN_WIDE_ROWS(cw) 1
+#define BN_WIDE_SUMS(cw) 1
 _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run");
 #else
 #define BN_WIDE_ROWS(cw) 0
+#define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
 /* A wide block (prefetch 0: accumulators in L1) takes two rows per sweep of its
@@ -213,10 +219,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
  * columns would add a sweep down the rows for them.  Each column is summed in row order
  * whatever its block, so the bits do not depend on the blocks. */
 #ifndef BN_ROWS_SWEEP
-#define BN_ROWS_SWEEP(BLOCK, M, P, Q)                                                            \
+#define BN_ROWS_SWEEP(BLOCK, WIDE, M, P, Q)                                                      \
     do {                                                                                         \
         Py_ssize_t j0, j, jw;                                                                    \
-        if (BN_WIDE_ROWS(cw)) {                                                                  \
+        if (WIDE) {                                                                              \
             for (j = 0; j < cw; j++) {                                                           \
                 P[j] = 0.0;                                                                      \
                 Q[j] = 0.0;                                                                      \
@@ -265,9 +271,9 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 #define BN_SUMS_BLOCK_MASKED(j0, jw, pf, mb, p, q) \
     BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, pf, 1, mb, p, q)
     if (y == NULL)
-        BN_ROWS_SWEEP(BN_SUMS_BLOCK, m, s_dy, s_zm);
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
     else
-        BN_ROWS_SWEEP(BN_SUMS_BLOCK_MASKED, m, s_dy, s_zm);
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK_MASKED, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
 #undef BN_SUMS_BLOCK
 #undef BN_SUMS_BLOCK_MASKED
 }
@@ -662,7 +668,7 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
 {
 #define BN_CENTERED_BLOCK(j0, jw, pf, mb, p, q) \
     BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, pf, mb, p, q)
-    BN_ROWS_SWEEP(BN_CENTERED_BLOCK, m0, d1, d2);
+    BN_ROWS_SWEEP(BN_CENTERED_BLOCK, BN_WIDE_ROWS(cw), m0, d1, d2);
 #undef BN_CENTERED_BLOCK
 }
 

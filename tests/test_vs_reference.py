@@ -35,6 +35,7 @@ SHAPES = [
     ((64, 1000), 1),
     ((7, 1030), 1),  # rows a page apart: output rows in pairs, a last one, a column tail
     ((50, 120), 1),  # sums in register blocks of 64, 32, 16 and 8 columns
+    ((600, 1030), 1),  # chunked rows: wide sums, two rows a sweep, an odd chunk's last row
     ((4, 3, 5), 1),
     ((7, 1, 13), 1),  # C = 1, planar
     ((1, 3, 1), 1),  # M = 1, 3D
