@@ -164,7 +164,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             c[j] += v * (BN_LDI(zs[(k) + j]) - mb[j]);                                   \
         }                                                                                \
     } while (0)
-    if (G == 1) { /* a row at a time (every dtype but float16: always) */
+    if (G == 1) { /* one row at a time, or two (BN_WIDE_PAIRS); every dtype but float16: always */
         r = 0;
         if (!prefetch && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
@@ -211,8 +211,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
  * BLOCK(j0, jw, prefetch, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
- * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide float64 rows
- * accumulate straight in P and Q; otherwise register blocks of BN_RBLOCK columns, then the
+ * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide rows (WIDE:
+ * BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q, BN_WBLOCK columns at a
+ * time; otherwise register blocks of BN_RBLOCK columns, then the
  * rest: in blocks of 32, 16 and 8 when it is a multiple of 8 (24, 40, 48... channels), else
  * in one.  A block of constant width keeps its accumulators in registers, where one of a
  * variable width loads and stores them at every row; a rest split down to a few odd
