@@ -75,11 +75,12 @@
  * of 256 columns or more are instead swept BN_WBLOCK columns at a time, row by row, with
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
  * best.  So are float16 rows of any width: each row's piece is widened in one run (BN_IN),
- * where a register block would spill its accumulators around every call.  float32 takes
- * them for the backward's sums of rows of 512 columns or more (BN_WIDE_SUMS), two rows a
- * sweep (BN_WIDE_PAIRS), which measured faster there; its forward statistics and narrower
- * rows, whose loops are bound by their conversions, keep the register blocks, as do
- * narrower float64 rows (docs/performance.md).  BN_WIDE_ROWS: the forward's statistics. */
+ * where a register block would spill its accumulators around every call.  float32 rows of
+ * 512 columns or more take the wide sweep for the backward's sums, which measured faster
+ * there; its forward statistics and narrower rows, whose loops are bound by their
+ * conversions, keep the register blocks, as do narrower float64 rows (docs/performance.md).
+ * BN_WIDE_SUMS(cw) selects the wide sweep for the backward's sums, BN_WIDE_ROWS(cw) for the
+ * forward's statistics. */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
@@ -101,7 +102,8 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 
 /* A wide block (prefetch 0: accumulators in L1) takes two rows per sweep of its
  * accumulators, which then load and store once per pair, where BN_WIDE_PAIRS(contig) holds:
- * in float16, whose loops are bound by their conversions, always; otherwise where the
+ * in float16 (whose loops are bound by their conversions) whenever rows go one at a time,
+ * not grouped (BN_GROUP); otherwise where the
  * block's rows are not one contiguous run (contig: the row stride is the block's width),
  * which a pair would split into two interleaved streams (measured slower for rows of 256
  * to 512 float64 columns; faster where a block is part of longer rows).  Each column still
@@ -115,7 +117,7 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
  * block j0 (jw columns), or near the block's end a first row of the next block (up to
- * BN_RBLOCK columns: all of the narrower ones that follow), so that the stream of
+ * BN_RBLOCK columns, which covers every narrower rest block after it), so that the stream of
  * requests does not stall at every block boundary.  Into L2 (l2) for the backward's sums,
  * which read two or three arrays: their lines that far ahead measured faster waiting in L2
  * than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them into a few of
@@ -164,7 +166,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             c[j] += v * (BN_LDI(zs[(k) + j]) - mb[j]);                                   \
         }                                                                                \
     } while (0)
-    if (G == 1) { /* one row at a time, or two (BN_WIDE_PAIRS); every dtype but float16: always */
+    if (G == 1) { /* G is 1 for every dtype but float16; rows singly, or in pairs (BN_WIDE_PAIRS) */
         r = 0;
         if (!prefetch && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
