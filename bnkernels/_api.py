@@ -795,18 +795,18 @@ def _forward_cache(cache):
         and _kernel_vec(gamma, C, _VECTOR_DTYPES)
         and _kernel_vec(var, C)
     ):  # as forward cached them: nothing to check or convert
-        y, residual = _cached_epilogue(cache, z)
-        return (
-            z,
-            ax,
-            (mean, invstd, gamma, var),
-            False,
-            eps_mode == "std",
-            mode == "train",
-            _grad_dtype(gamma, z),
-            y,
-            residual,
-        )
+        vecs = (mean, invstd, gamma, var)
+    else:
+        vecs = _cached_vectors(cache, vs, z, ax)  # vs[i] as arrays
+    grads = _grad_dtype(vs[2], z)
+    y, residual = _cached_epilogue(cache, z)
+    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads, y, residual
+
+
+def _cached_vectors(cache, vs, z, ax):
+    """The cache's per-channel vectors vs (mean, invstd, gamma, var; replaced by arrays of
+    them in place) for x z with channel axis ax, checked and converted for the kernels."""
+    C = z.shape[ax]
     for i, name in enumerate(_VEC_NAMES):
         v = vs[i]
         if type(v) is np.ndarray and v.dtype.kind == "f" and v.shape == (C,):
@@ -828,15 +828,12 @@ def _forward_cache(cache):
             "cache['x'] has shape %s, %d channels on axis %d, but the cached statistics are "
             "for %d channels: it is not the array forward normalized" % (z.shape, C, ax, n)
         )
-    vecs = (
+    return (
         _vec64(vs[0], C, z.shape, _VEC_NAMES[0]),
         _vec64(vs[1], C, z.shape, _VEC_NAMES[1]),
         _vec64(vs[2], C, z.shape, _VEC_NAMES[2], _VECTOR_DTYPES),
         _vec64(vs[3], C, z.shape, _VEC_NAMES[3]),
     )
-    grads = _grad_dtype(vs[2], z)
-    y, residual = _cached_epilogue(cache, z)
-    return z, ax, vecs, False, eps_mode == "std", mode == "train", grads, y, residual
 
 
 def _cached_epilogue(cache, z):

@@ -68,6 +68,12 @@
 #define BN_FLUSH(w, o, n) (void)0
 #endif
 
+/* dy[i] as a double, masked by the saved output y[i] (bn_masked) where mask is set */
+#ifndef BN_DY
+#define BN_DY(mask, y, dy, i) \
+    ((mask) ? bn_masked(BN_LDI((y)[i]), BN_LDI((dy)[i])) : BN_LDI((dy)[i]))
+#endif
+
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
 
 /* Column blocks of BN_RBLOCK keep their accumulators in registers for a whole sweep down
@@ -100,7 +106,7 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
-/* A wide block (prefetch 0: accumulators in L1) takes two rows per sweep of its
+/* A wide block (wide 1: accumulators in L1) takes two rows per sweep of its
  * accumulators, which then load and store once per pair, where BN_WIDE_PAIRS(contig) holds:
  * in float16 (whose loops are bound by their conversions) whenever rows go one at a time,
  * not grouped (BN_GROUP); otherwise where the
@@ -145,30 +151,29 @@ static inline void BN_FN(bn_prefetch_ahead)(
 
 /* One column block of bn_rows_sums: a[j] += dy, c[j] += dy*(z - mb[j]) down all rows (with
  * mask: dy masked by the saved output y).  Always inlined, so that a block of constant
- * width keeps its accumulators in vector registers.  A wide block (prefetch 0) leaves its
- * sequential runs to the hardware prefetcher. */
+ * width keeps its accumulators in vector registers and prefetches the rows ahead; a wide
+ * block (wide 1) leaves its sequential runs to the hardware prefetcher. */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0,
-    const Py_ssize_t jw, const int prefetch, const int mask, const double *restrict mb,
+    const Py_ssize_t jw, const int wide, const int mask, const double *restrict mb,
     double *restrict a, double *restrict c)
 {
     const Py_ssize_t G = BN_GROUP(jw, sz == jw && sdy == jw && (!mask || sy == jw), BN_PIECE);
     Py_ssize_t j, r, rr, g;
 /* row r + rr of a run from row r: at k = rr * jw in it (rr > 0: contiguous rows) */
-#define BN_SUMS_ROW(k)                                                                   \
-    do {                                                                                 \
-        BN_SIMD                                                                          \
-        for (j = 0; j < jw; j++) {                                                       \
-            const double v = mask ? bn_masked(BN_LDI(ys[(k) + j]), BN_LDI(dys[(k) + j])) \
-                                  : BN_LDI(dys[(k) + j]);                                \
-            a[j] += v;                                                                   \
-            c[j] += v * (BN_LDI(zs[(k) + j]) - mb[j]);                                   \
-        }                                                                                \
+#define BN_SUMS_ROW(k)                                      \
+    do {                                                    \
+        BN_SIMD                                             \
+        for (j = 0; j < jw; j++) {                          \
+            const double v = BN_DY(mask, ys, dys, (k) + j); \
+            a[j] += v;                                      \
+            c[j] += v * (BN_LDI(zs[(k) + j]) - mb[j]);      \
+        }                                                   \
     } while (0)
     if (G == 1) { /* G is 1 for every dtype but float16; rows singly, or in pairs (BN_WIDE_PAIRS) */
         r = 0;
-        if (!prefetch && BN_WIDE_PAIRS(sz == jw && sdy == jw))
+        if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(zs, z + r * sz + j0, jw);
                 BN_IN(dys, dy + r * sdy + j0, jw);
@@ -178,10 +183,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 BN_IN(yt, mask ? y + (r + 1) * sy + j0 : NULL, jw);
                 BN_SIMD
                 for (j = 0; j < jw; j++) {
-                    const double v =
-                        mask ? bn_masked(BN_LDI(ys[j]), BN_LDI(dys[j])) : BN_LDI(dys[j]);
-                    const double w =
-                        mask ? bn_masked(BN_LDI(yt[j]), BN_LDI(dyt[j])) : BN_LDI(dyt[j]);
+                    const double v = BN_DY(mask, ys, dys, j), w = BN_DY(mask, yt, dyt, j);
                     a[j] = a[j] + v + w;
                     c[j] = c[j] + v * (BN_LDI(zs[j]) - mb[j]) + w * (BN_LDI(zt[j]) - mb[j]);
                 }
@@ -190,7 +192,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             BN_IN(zs, z + r * sz + j0, jw);
             BN_IN(dys, dy + r * sdy + j0, jw);
             BN_IN(ys, mask ? y + r * sy + j0 : NULL, jw);
-            if (prefetch) {
+            if (!wide) {
                 BN_FN(bn_prefetch_ahead)(z, sz, nrows, cw, j0, jw, r, 1);
                 BN_FN(bn_prefetch_ahead)(dy, sdy, nrows, cw, j0, jw, r, 1);
                 if (mask)
@@ -212,7 +214,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 }
 
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
- * BLOCK(j0, jw, prefetch, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
+ * BLOCK(j0, jw, wide, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
  * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide rows (WIDE:
  * BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q, BN_WBLOCK columns at a
  * time; otherwise register blocks of BN_RBLOCK columns, then the
@@ -231,7 +233,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 Q[j] = 0.0;                                                                      \
             }                                                                                    \
             for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                               \
-                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 0, M + j0, P + j0, Q + j0); \
+                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 1, M + j0, P + j0, Q + j0); \
             break;                                                                               \
         }                                                                                        \
         for (j0 = 0; j0 < cw; j0 += jw) {                                                        \
@@ -244,15 +246,15 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 mb[j] = M[j0 + j];                                                               \
             }                                                                                    \
             if (jw == BN_RBLOCK)                                                                 \
-                BLOCK(j0, BN_RBLOCK, 1, mb, a, b);                                               \
+                BLOCK(j0, BN_RBLOCK, 0, mb, a, b);                                               \
             else if (jw == 32)                                                                   \
-                BLOCK(j0, 32, 1, mb, a, b);                                                      \
+                BLOCK(j0, 32, 0, mb, a, b);                                                      \
             else if (jw == 16)                                                                   \
-                BLOCK(j0, 16, 1, mb, a, b);                                                      \
+                BLOCK(j0, 16, 0, mb, a, b);                                                      \
             else if (jw == 8)                                                                    \
-                BLOCK(j0, 8, 1, mb, a, b);                                                       \
+                BLOCK(j0, 8, 0, mb, a, b);                                                       \
             else                                                                                 \
-                BLOCK(j0, jw, 1, mb, a, b);                                                      \
+                BLOCK(j0, jw, 0, mb, a, b);                                                      \
             for (j = 0; j < jw; j++) {                                                           \
                 P[j0 + j] = a[j];                                                                \
                 Q[j0 + j] = b[j];                                                                \
@@ -269,10 +271,10 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
     Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
 {
-#define BN_SUMS_BLOCK(j0, jw, pf, mb, p, q) \
-    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, pf, 0, mb, p, q)
-#define BN_SUMS_BLOCK_MASKED(j0, jw, pf, mb, p, q) \
-    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, pf, 1, mb, p, q)
+#define BN_SUMS_BLOCK(j0, jw, wide, mb, p, q) \
+    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, wide, 0, mb, p, q)
+#define BN_SUMS_BLOCK_MASKED(j0, jw, wide, mb, p, q) \
+    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, wide, 1, mb, p, q)
     if (y == NULL)
         BN_ROWS_SWEEP(BN_SUMS_BLOCK, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
     else
@@ -503,8 +505,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
                 if (relu)
                     v = bn_relu(v);
             } else {
-                const double d =
-                    has_aux ? bn_masked(BN_LDI(auxs[k]), BN_LDI(dys[k])) : BN_LDI(dys[k]);
+                const double d = BN_DY(has_aux, auxs, dys, k);
                 if (has_out2)
                     BN_PUT(w2, out2 + q, k, d);
                 v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDI(zs[k]), m[j])
@@ -619,7 +620,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
 /* One column block of bn_rows_centered (inlined as bn_rows_sums_block) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0,
-    const Py_ssize_t jw, const int prefetch, const double *restrict mb, double *restrict a,
+    const Py_ssize_t jw, const int wide, const double *restrict mb, double *restrict a,
     double *restrict b)
 {
     const Py_ssize_t G = BN_GROUP(jw, sx == jw, BN_PIECE);
@@ -636,7 +637,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
     } while (0)
     if (G == 1) {
         r = 0;
-        if (!prefetch && BN_WIDE_PAIRS(sx == jw))
+        if (wide && BN_WIDE_PAIRS(sx == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(xs, x + r * sx + j0, jw);
                 BN_IN(xt, x + (r + 1) * sx + j0, jw);
@@ -649,7 +650,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
             }
         for (; r < nrows; r++) {
             BN_IN(xs, x + r * sx + j0, jw);
-            if (prefetch)
+            if (!wide)
                 BN_FN(bn_prefetch_ahead)(x, sx, nrows, cw, j0, jw, r, 0);
             BN_CENTERED_ROW(0);
         }
@@ -669,8 +670,8 @@ static BN_CLONES void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
-#define BN_CENTERED_BLOCK(j0, jw, pf, mb, p, q) \
-    BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, pf, mb, p, q)
+#define BN_CENTERED_BLOCK(j0, jw, wide, mb, p, q) \
+    BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, wide, mb, p, q)
     BN_ROWS_SWEEP(BN_CENTERED_BLOCK, BN_WIDE_ROWS(cw), m0, d1, d2);
 #undef BN_CENTERED_BLOCK
 }
@@ -693,14 +694,13 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
         for (i = 0; i + BN_LANES <= np; i += BN_LANES) {
             BN_SIMD
             for (j = 0; j < BN_LANES; j++) {
-                double v =
-                    mask ? bn_masked(BN_LDI(ys[i + j]), BN_LDI(dys[i + j])) : BN_LDI(dys[i + j]);
+                double v = BN_DY(mask, ys, dys, i + j);
                 a[j] += v;
                 b[j] += v * (BN_LDI(zs[i + j]) - m);
             }
         }
         for (j = 0; i < np; i++, j++) {
-            double v = mask ? bn_masked(BN_LDI(ys[i]), BN_LDI(dys[i])) : BN_LDI(dys[i]);
+            double v = BN_DY(mask, ys, dys, i);
             a[j] += v;
             b[j] += v * (BN_LDI(zs[i]) - m);
         }
