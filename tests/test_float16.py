@@ -224,7 +224,7 @@ def _within_half_ulp(got, want, what):
 
 # shapes reaching every plan kind: small rows, NCHW planes as rows, channels-last, planar
 # chunks (planes of 64 KiB and more), tall chunked rows, a strided view; rows a page apart
-# (output rows in pairs, a last one alone, a column tail past the runs)
+# (the sums take them in pairs, then a last one alone; a column tail past the runs)
 CASES = [
     ((64, 32), 1),
     ((8, 16, 10, 10), 1),
