@@ -8,6 +8,8 @@
 #ifndef BN_KERNELS_H
 #define BN_KERNELS_H
 
+#include <float.h>
+#include <stdlib.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -124,6 +126,20 @@ BN_INLINE double bn_masked(double y, double dy) { return y <= 0.0 ? 0.0 : dy; }
 
 BN_INLINE double bn_relu(double v) { return bn_masked(v, v); }
 
+/* a coefficient of float16's output arithmetic as a float: a finite value beyond float's
+ * range saturates at +-FLT_MAX (times an exact 0 it still gives 0, as in float64, and
+ * times anything a float16 can hold it still overflows float16) */
+BN_INLINE float bn_coef_f(double v)
+{
+    return (float)(v > FLT_MAX && v <= DBL_MAX ? FLT_MAX
+                                                : (v < -FLT_MAX && v >= -DBL_MAX ? -FLT_MAX : v));
+}
+
+/* the same in float, the output arithmetic of float16 data */
+BN_INLINE float bn_masked_f(float y, float dy) { return y <= 0.0f ? 0.0f : dy; }
+
+BN_INLINE float bn_relu_f(float v) { return bn_masked_f(v, v); }
+
 /* ---- float16 (IEEE binary16), stored as its bits ----
  * Conversions in 32-bit integer and float operations, branch-free (each case computed,
  * the right one selected), so that they vectorize on every x86-64: GCC 12 turns _Float16
@@ -190,34 +206,31 @@ BN_INLINE uint16_t bn_d2h(double d)
 
 /* Runs of float16 converted in one call each: the float16 loops widen their inputs into
  * runs of floats in L1 (bn_h2f_run, exact; a signalling NaN may come out quiet, as any
- * NaN does when widened to double) and compute their outputs as runs of doubles, rounded
- * to float16 once each (bn_d2h_run, bn_d2h's bits).  In 32-bit integer code the
- * conversions are most of a float16 sweep's work; F16C (on every x86-64-v3 CPU) widens in
- * one instruction, and rounds in a few: to odd by a conversion toward zero with the last
- * bit set where inexact (float keeps more than two bits beyond float16's 11, so this first
- * rounding keeps what the second needs), then VCVTPS2PH to nearest even.  The code is
- * chosen when the module loads (bn_f16_code): AVX-512 (rounding mode per instruction,
- * masks), else AVX2 with F16C (rounding mode in MXCSR, set for the run and restored), else
- * the integer code.  All three give the same bits.  The vector functions convert the tail
- * of a run element by element, inline: a call per run to the integer code cost more. */
-#define BN_STAGE 256  /* doubles of one output run: 2 KiB, in L1 */
+ * NaN does when widened), compute their outputs in float arithmetic (_loops.h, BN_OT) as
+ * runs of floats, and round each run to float16, to nearest even (bn_f2h_run, bn_f2h's
+ * bits).  In 32-bit integer code the conversions are most of a float16 sweep's work; F16C
+ * (on every x86-64-v3 CPU) does each in one instruction.  The code is chosen when the
+ * module loads (bn_f16_code): AVX-512 (sixteen at a time), else AVX2 with F16C (eight),
+ * else the integer code.  All three give the same bits.  The vector functions convert
+ * the tail of a run element by element, inline: a call per run to the integer code cost
+ * more. */
+#define BN_STAGE 256  /* floats of one output run: 1 KiB, in L1 */
 #define BN_ISTAGE 512 /* floats of one input run: 2 KiB, in L1 */
 /* an output run's inputs are widened in one run; a planar run's pieces keep the lanes */
 _Static_assert(BN_STAGE <= BN_ISTAGE, "an output run fits an input run");
 _Static_assert(BN_ISTAGE % BN_LANES == 0, "pieces of whole lanes: the same sums");
 enum { BN_F16_INTEGER = 0, BN_F16_F16C = 1, BN_F16_AVX512 = 2 };
-typedef void (*bn_d2h_run_fn)(const double *restrict d, uint16_t *restrict h, Py_ssize_t n);
-typedef void (*bn_h2f_run_fn)(const uint16_t *restrict h, float *restrict f, Py_ssize_t n);
+static int bn_f16_kind = BN_F16_INTEGER; /* the code in use, set by bn_f16_code */
 
-static BN_CLONES void bn_d2h_run_plain(const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+static __attribute__((noinline)) void bn_f2h_run_plain(const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
 {
     Py_ssize_t k;
     BN_SIMD
     for (k = 0; k < n; k++)
-        h[k] = bn_d2h(d[k]);
+        h[k] = bn_f2h(f[k]);
 }
 
-static BN_CLONES void bn_h2f_run_plain(const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+static __attribute__((noinline)) void bn_h2f_run_plain(const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
 {
     Py_ssize_t k;
     BN_SIMD
@@ -228,102 +241,101 @@ static BN_CLONES void bn_h2f_run_plain(const uint16_t *restrict h, float *restri
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define BN_HAVE_F16C 1
-__attribute__((target("avx2,f16c"))) static void bn_d2h_run_f16c(
-    const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+__attribute__((target("avx2,f16c"))) static inline void bn_f2h_run_f16c(
+    const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
 {
-    const unsigned int csr = _mm_getcsr();
-    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), one = _mm256_set1_epi32(1);
     Py_ssize_t k = 0;
-    _mm_setcsr(csr | 0x6000u); /* round toward zero */
-    for (; k + 8 <= n; k += 8) {
-        const __m256d v0 = _mm256_loadu_pd(d + k), v1 = _mm256_loadu_pd(d + k + 4);
-        const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
-        /* inexact (or NaN): all ones in each 64-bit lane; its even 32-bit halves, packed */
-        const __m256d x0 = _mm256_cmp_pd(_mm256_cvtps_pd(f0), v0, _CMP_NEQ_UQ);
-        const __m256d x1 = _mm256_cmp_pd(_mm256_cvtps_pd(f1), v1, _CMP_NEQ_UQ);
-        const __m128i m0 =
-            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(x0), even));
-        const __m128i m1 =
-            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_castpd_si256(x1), even));
-        const __m256i f = _mm256_set_m128i(_mm_castps_si128(f1), _mm_castps_si128(f0));
-        const __m256i odd = _mm256_or_si256(f, _mm256_and_si256(_mm256_set_m128i(m1, m0), one));
+    for (; k + 8 <= n; k += 8)
         _mm_storeu_si128(
-            (__m128i *)(h + k),
-            _mm256_cvtps_ph(_mm256_castsi256_ps(odd), _MM_FROUND_TO_NEAREST_INT));
-    }
-    _mm_setcsr(csr);
+            (__m128i *)(h + k), _mm256_cvtps_ph(_mm256_loadu_ps(f + k), _MM_FROUND_TO_NEAREST_INT));
     for (; k < n; k++)
-        h[k] = bn_d2h(d[k]);
+        h[k] = _cvtss_sh(f[k], _MM_FROUND_TO_NEAREST_INT);
 }
 
-__attribute__((target("avx2,f16c"))) static void bn_h2f_run_f16c(
+__attribute__((target("avx2,f16c"))) static inline void bn_h2f_run_f16c(
     const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
 {
     Py_ssize_t k = 0;
     for (; k + 8 <= n; k += 8)
         _mm256_storeu_ps(f + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
     for (; k < n; k++)
-        f[k] = (float)bn_h2d(h[k]);
+        f[k] = _cvtsh_ss(h[k]);
 }
 
-__attribute__((target("avx512f,avx512vl,f16c"))) static void bn_d2h_run_avx512(
-    const double *restrict d, uint16_t *restrict h, Py_ssize_t n)
+/* AVX-512: the last, partial sixteen under a mask */
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_f2h_run_avx512(
+    const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
 {
-    const __m256i one = _mm256_set1_epi32(1);
     Py_ssize_t k = 0;
-    for (; k + 8 <= n; k += 8) {
-        const __m512d v = _mm512_loadu_pd(d + k);
-        const __m256 f = _mm512_cvt_roundpd_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        /* inexact (or NaN): the last bit set */
-        const __mmask8 x = _mm512_cmp_pd_mask(_mm512_cvtps_pd(f), v, _CMP_NEQ_UQ);
-        const __m256i fi = _mm256_castps_si256(f);
-        const __m256i odd = _mm256_mask_or_epi32(fi, x, fi, one);
-        _mm_storeu_si128(
-            (__m128i *)(h + k),
-            _mm256_cvtps_ph(_mm256_castsi256_ps(odd), _MM_FROUND_TO_NEAREST_INT));
+    for (; k + 16 <= n; k += 16)
+        _mm256_storeu_si256(
+            (__m256i *)(h + k), _mm512_cvtps_ph(_mm512_loadu_ps(f + k), _MM_FROUND_TO_NEAREST_INT));
+    if (k < n) {
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+        _mm256_mask_storeu_epi16(
+            h + k, t, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(t, f + k), _MM_FROUND_TO_NEAREST_INT));
     }
-    for (; k < n; k++)
-        h[k] = bn_d2h(d[k]);
 }
 
-__attribute__((target("avx512f,f16c"))) static void bn_h2f_run_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_h2f_run_avx512(
     const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
 {
     Py_ssize_t k = 0;
     for (; k + 16 <= n; k += 16)
         _mm512_storeu_ps(f + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
-    for (; k < n; k++)
-        f[k] = (float)bn_h2d(h[k]);
+    if (k < n) {
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+        _mm512_mask_storeu_ps(f + k, t, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, h + k)));
+    }
 }
 #endif
 
-static bn_d2h_run_fn bn_d2h_run = bn_d2h_run_plain;
-static bn_h2f_run_fn bn_h2f_run = bn_h2f_run_plain;
+/* A run's conversion with the code in use: a branch per run, not a call through a pointer,
+ * so that the vector code inlines into the loops' clone of its instruction set (a call per
+ * run through a pointer measured twice the time of a float16 output sweep in the caches) */
+static inline __attribute__((always_inline)) void bn_f2h_run(
+    const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512)
+        bn_f2h_run_avx512(f, h, n);
+    else if (bn_f16_kind == BN_F16_F16C)
+        bn_f2h_run_f16c(f, h, n);
+    else
+#endif
+        bn_f2h_run_plain(f, h, n);
+}
+
+static inline __attribute__((always_inline)) void bn_h2f_run(
+    const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512)
+        bn_h2f_run_avx512(h, f, n);
+    else if (bn_f16_kind == BN_F16_F16C)
+        bn_h2f_run_f16c(h, f, n);
+    else
+#endif
+        bn_h2f_run_plain(h, f, n);
+}
 
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
  * returns the kind in use */
 static int bn_f16_code(int kind)
 {
-    bn_d2h_run = bn_d2h_run_plain;
-    bn_h2f_run = bn_h2f_run_plain;
+    bn_f16_kind = BN_F16_INTEGER;
 #ifdef BN_HAVE_F16C
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("avx2"))
-        return BN_F16_INTEGER;
+        return bn_f16_kind;
     if (kind >= BN_F16_AVX512 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl")) {
-        bn_d2h_run = bn_d2h_run_avx512;
-        bn_h2f_run = bn_h2f_run_avx512;
-        return BN_F16_AVX512;
-    }
-    if (kind >= BN_F16_F16C) {
-        bn_d2h_run = bn_d2h_run_f16c;
-        bn_h2f_run = bn_h2f_run_f16c;
-        return BN_F16_F16C;
-    }
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        bn_f16_kind = BN_F16_AVX512;
+    else if (kind >= BN_F16_F16C)
+        bn_f16_kind = BN_F16_F16C;
 #endif
     (void)kind;
-    return BN_F16_INTEGER;
+    return bn_f16_kind;
 }
 
 /* element i of an array of itemsize isz (2, 4 or 8) as a double; and a double rounded into

@@ -18,16 +18,21 @@ from math import prod
 # are adjacent), given enough rows to pay for spreading per-channel vectors over the
 # columns: ROWS_MIN_N, or ROWS_MIN_N_SHORT for planes shorter than ROWS_SHORT_PLANE,
 # whose short runs slow the planar loops most (measured: 14x14 planes with 16-32 images
-# are faster planar, 7x7 planes as rows)
+# are faster planar, 7x7 planes as rows).  float16, whose output sweeps are bound by
+# their arithmetic, not by memory, takes only the short ones as rows: a row's element
+# loads its coefficients where a plane's run holds them in registers (measured: 14x14 and
+# 28x28 planes faster planar, 7x7 as rows).
 ROWS_MAX_PLANE = 512
 ROWS_MIN_N = 64
 ROWS_SHORT_PLANE = 128
 ROWS_MIN_N_SHORT = 16
 
 
-def small_planes_as_rows(N, L):
-    """Whether N planes of L elements run as rows of C*L columns."""
-    return L < ROWS_MAX_PLANE and N >= (ROWS_MIN_N_SHORT if L < ROWS_SHORT_PLANE else ROWS_MIN_N)
+def small_planes_as_rows(N, L, itemsize):
+    """Whether N planes of L elements of itemsize bytes run as rows of C*L columns."""
+    if L < ROWS_SHORT_PLANE:
+        return N >= ROWS_MIN_N_SHORT
+    return itemsize > 2 and L < ROWS_MAX_PLANE and N >= ROWS_MIN_N
 
 
 def _fold(dims):
@@ -86,13 +91,13 @@ def choose(arrays, axis):
     else:  # the common case, from the shape alone, without looking at every stride
         L = prod(a0.shape[axis + 1 :])
         N = a0.size // (C * L)
-        if L == 1 or small_planes_as_rows(N, L):
+        if L == 1 or small_planes_as_rows(N, L, a0.itemsize):
             return ("rows", N, C, L, [C * L] * len(arrays))
         return ("planar", N, C, L, [(C * L, L)] * len(arrays))
     planar = [planar_strides(a, axis) for a in arrays]
     if all(p is not None for p in planar) and all(p[:2] == planar[0][:2] for p in planar):
         N, L = planar[0][0], planar[0][1]
-        if L > 1 and not small_planes_as_rows(N, L):
+        if L > 1 and not small_planes_as_rows(N, L, a0.itemsize):
             return ("planar", N, C, L, [p[2:] for p in planar])
         if all(p[3] == L or C == 1 for p in planar):
             # adjacent planes: each n is one row of C*L contiguous elements

@@ -13,8 +13,9 @@
  * -ffp-contract=off all of them give bitwise the same results.
  *
  * Conventions: z is x (or xhat for a seed-style cache) and m its per-channel shift.
- * Everything is computed in float64 (z - m too) and rounded once when stored.  Pointers are
- * already offset to the task's first channel; strides are in elements.
+ * Sums and moments are computed in float64 (z - m too).  So are the outputs of float32 and
+ * float64 data, rounded once when stored; float16 outputs in float (BN_OT below).  Pointers
+ * are already offset to the task's first channel; strides are in elements.
  */
 
 /* Inputs and outputs as the loops see them.  float16 is converted run by run, in L1, by
@@ -22,11 +23,14 @@
  * are read and written in place, element by element.
  * - BN_IN(name, p, n) declares name, the n <= BN_PIECE elements from p (none when p is
  *   NULL) as the loop reads them (float16: widened to floats), and BN_LDI reads one as a
- *   double.
+ *   double, BN_LDO as a BN_OT.
+ * - The output sweeps compute in BN_OT: double, but float for float16, whose outputs keep
+ *   11 bits, so that float's 24 hold them with room to spare (the bound: design.md,
+ *   float16) at half the vector work.
  * - Outputs go in runs of at most BN_OPIECE: BN_OUT(w) declares a run's buffer,
- *   BN_PUT(w, o, k, v) sets element k of the run starting at o to the double v, and
- *   BN_FLUSH(w, o, n) ends a run of n (float16: rounds the buffer into o, bn_d2h_run).
- *   Each element is rounded once, to nearest even (bn_d2h's bits). */
+ *   BN_PUT(w, o, k, v) sets element k of the run starting at o to the BN_OT v, and
+ *   BN_FLUSH(w, o, n) ends a run of n (float16: rounds the buffer into o, bn_f2h_run).
+ *   Each element is rounded once, to nearest even. */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -36,12 +40,24 @@
 #undef BN_FLUSH
 #undef BN_GROUP
 #undef BN_GROUP_MAX
+#undef BN_OT
+#undef BN_LDO
+#undef BN_MASKED_O
+#undef BN_RELU_O
+#undef BN_COEF
+#undef BN_COEF_LO
 #ifdef BN_F16
+#define BN_OT float
+#define BN_LDO(v) (v)
+#define BN_MASKED_O bn_masked_f
+#define BN_RELU_O bn_relu_f
+#define BN_COEF(v) bn_coef_f(v)
+#define BN_COEF_LO(v, h) ((float)((v) - (double)(h)))
 #define BN_PIECE BN_ISTAGE
 #define BN_OPIECE BN_STAGE
-#define BN_OUT(w) double w[BN_STAGE]
+#define BN_OUT(w) float w[BN_STAGE]
 #define BN_PUT(w, o, k, v) ((w)[k] = (v))
-#define BN_FLUSH(w, o, n) bn_d2h_run((w), (o), (n))
+#define BN_FLUSH(w, o, n) bn_f2h_run((w), (o), (n))
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -58,6 +74,12 @@
 #define BN_GROUP_MAX 32
 #define BN_GROUP(n, contig, run) ((contig) && (n) <= BN_GROUP_MAX ? (run) / (n) : 1)
 #else
+#define BN_OT double
+#define BN_LDO(v) BN_LD(v)
+#define BN_MASKED_O bn_masked
+#define BN_RELU_O bn_relu
+#define BN_COEF(v) (v)
+#define BN_COEF_LO(v, h) 0.0
 #define BN_GROUP(n, contig, run) 1
 #define BN_PIECE PTRDIFF_MAX
 #define BN_IN(name, p, n) const BN_T *restrict name = (p)
@@ -66,6 +88,16 @@
 #define BN_OUT(w) (void)0
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
+#endif
+
+/* The task-level functions (the table's): BN_CLONES; float16's also flatten, inlining every
+ * call they can, so that the vector conversions of bn_h2f_run and bn_f2h_run inline into
+ * the clone of their instruction set (GCC's own inlining left most of them calls) */
+#undef BN_TASK
+#ifdef BN_F16
+#define BN_TASK BN_CLONES __attribute__((flatten))
+#else
+#define BN_TASK BN_CLONES
 #endif
 
 /* dy[i] as a double, masked by the saved output y[i] (bn_masked) where mask is set */
@@ -266,7 +298,7 @@ _Static_assert(BN_RBLOCK >= 64, "the register blocks' rest goes in blocks of 32,
 
 /* s_dy[j] := sum_r dy[r, j];  s_zm[j] := sum_r dy[r, j] * (z[r, j] - m[j]), in row order;
  * y (row stride sy) not NULL: dy masked by it first (bn_masked) */
-static BN_CLONES void BN_FN(bn_rows_sums)(
+static BN_TASK void BN_FN(bn_rows_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
@@ -284,14 +316,23 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
 }
 
 /* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
- * in the forward.  One definition for the plain loops (scalar float64 operands) and the
- * streamed ones (four-wide vectors), so that both give the same bits. */
+ * in the forward.  One definition for the plain loops (scalar operands) and the vector
+ * ones (streamed, bands), so that all give the same bits.  In float (float16's BN_OT) the
+ * mean is two floats, m + ml, and z - m is (z - m) - ml: float's precision relative to
+ * z - m, not to m, which can be far larger (data with an offset); otherwise ml is not
+ * read. */
+#undef BN_ZM
+#ifdef BN_F16
+#define BN_ZM(z, m, ml) (((z) - (m)) - (ml))
+#else
+#define BN_ZM(z, m, ml) ((z) - (m))
+#endif
 #ifndef BN_AFFINE_DX
-#define BN_AFFINE_DX(a, dy, cc, s, z, m) ((a) * ((dy) + (cc)) + (s) * ((z) - (m)))
-#define BN_AFFINE_OUT(s, z, m, cc) ((s) * ((z) - (m)) + (cc))
+#define BN_AFFINE_DX(a, dy, cc, s, z, m, ml) ((a) * ((dy) + (cc)) + (s) * BN_ZM(z, m, ml))
+#define BN_AFFINE_OUT(s, z, m, ml, cc) ((s) * BN_ZM(z, m, ml) + (cc))
 #endif
 
-/* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the doubles of
+/* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the BN_OT of
  * Z[k] and DY[k] (DY a null pointer: none, and EXPR does not use dyk); in runs (BN_IN,
  * BN_OUT) */
 #undef BN_OUT_RUN
@@ -308,7 +349,7 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
             for (bn_k = 0; bn_k < bn_n; bn_k++)                                    \
                 BN_PUT(                                                            \
                     bn_w, (o) + bn_q, bn_k,                                        \
-                    EXPR(bn_q + bn_k, BN_LDI(bn_zs[bn_k]), BN_LDI(bn_dys[bn_k]))); \
+                    EXPR(bn_q + bn_k, BN_LDO(bn_zs[bn_k]), BN_LDO(bn_dys[bn_k]))); \
             BN_FLUSH(bn_w, (o) + bn_q, bn_n);                                      \
         }                                                                          \
     } while (0)
@@ -333,8 +374,8 @@ static BN_CLONES void BN_FN(bn_rows_sums)(
                 BN_PUT(                                           \
                     bn_gw, (o), bn_r * (cw) + bn_j,               \
                     EXPR(                                         \
-                        bn_j, BN_LDI(bn_gzs[bn_r * (cw) + bn_j]), \
-                        BN_LDI(bn_gdys[bn_r * (cw) + bn_j])));    \
+                        bn_j, BN_LDO(bn_gzs[bn_r * (cw) + bn_j]), \
+                        BN_LDO(bn_gdys[bn_r * (cw) + bn_j])));    \
         }                                                         \
         BN_FLUSH(bn_gw, (o), (g) * (cw));                         \
     } while (0)
@@ -361,18 +402,18 @@ typedef double bn_v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
  * part by streaming stores costs a read-modify-write in memory); the elements before the first
  * line boundary and those after the last whole line get plain stores (a misaligned array:
  * all of them) */
-#define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k])
+#define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k], 0)
 #define BN_ROWS_DX4(k)                                                                \
     BN_AFFINE_DX(                                                                     \
         BN_LOAD4(A + (k)), BN_LOAD4(dy + (k)), BN_LOAD4(Cc + (k)), BN_LOAD4(S + (k)), \
-        BN_LOAD4(z + (k)), BN_LOAD4(m + (k)))
-#define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], Cc[k])
+        BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), 0)
+#define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], 0, Cc[k])
 #define BN_ROWS_OUT4(k) \
-    BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), BN_LOAD4(Cc + (k)))
-#define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc)
-#define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc)
-#define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, cc)
-#define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, cc)
+    BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), 0, BN_LOAD4(Cc + (k)))
+#define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc, 0)
+#define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc, 0)
+#define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, 0, cc)
+#define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, 0, cc)
 
 /* out[k] := EXPR(k) for k < n, whole 64-byte lines of out streamed (EXPR4: four at a time) */
 #define BN_STREAM_RUN(EXPR, EXPR4)                             \
@@ -451,11 +492,11 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
         for (j = 0; j + 8 <= cw; j += 8) {
             const bn_v8d s = BN_V8D(S + j), mj = BN_V8D(m + j), c = BN_V8D(Cc + j);
             for (k = 0; k < nb; k++)
-                BN_V8_ST(out + k * sout + j, BN_AFFINE_OUT(s, BN_V8(z + k * sz + j), mj, c));
+                BN_V8_ST(out + k * sout + j, BN_AFFINE_OUT(s, BN_V8(z + k * sz + j), mj, 0, c));
         }
         for (; j < cw; j++)
             for (k = 0; k < nb; k++)
-                out[k * sout + j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], Cc[j]));
+                out[k * sout + j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], 0, Cc[j]));
     } else {
         for (j = 0; j + 8 <= cw; j += 8) {
             const bn_v8d a = BN_V8D(A + j), c = BN_V8D(Cc + j), s = BN_V8D(S + j),
@@ -463,18 +504,18 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
             for (k = 0; k < nb; k++)
                 BN_V8_ST(
                     out + k * sout + j,
-                    BN_AFFINE_DX(a, BN_V8(dy + k * sdy + j), c, s, BN_V8(z + k * sz + j), mj));
+                    BN_AFFINE_DX(a, BN_V8(dy + k * sdy + j), c, s, BN_V8(z + k * sz + j), mj, 0));
         }
         for (; j < cw; j++)
             for (k = 0; k < nb; k++)
                 out[k * sout + j] = BN_ST(BN_AFFINE_DX(
-                    A[j], BN_LD(dy[k * sdy + j]), Cc[j], S[j], BN_LD(z[k * sz + j]), m[j]));
+                    A[j], BN_LD(dy[k * sdy + j]), Cc[j], S[j], BN_LD(z[k * sz + j]), m[j], 0));
     }
 }
 #endif
 
-/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, S, A, Cc at [k*cs]
- * (cs 1: per column, rows layout; cs 0: one channel's, planar).  Forward (fwd): out =
+/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, ml, S, A, Cc at [k*cs]
+ * (cs 1: per column, rows layout; cs 0: one channel's, planar), in BN_OT.  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
  * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (bn_masked), the
  * masked dy stored in out2 with has_out2 (the residual's gradient), then out = dx, without
@@ -482,9 +523,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
  * its own vectorized loop. */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
-    BN_T *restrict out2, Py_ssize_t n, const double *restrict m, const double *restrict S,
-    const double *restrict A, const double *restrict Cc, const Py_ssize_t cs, const int fwd,
-    const int has_aux, const int relu, const int has_out2, const int zterm)
+    BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict ml,
+    const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc,
+    const Py_ssize_t cs, const int fwd, const int has_aux, const int relu, const int has_out2,
+    const int zterm)
 {
     Py_ssize_t q, k, np;
     for (q = 0; q < n; q += np) {
@@ -497,18 +539,19 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
         BN_SIMD
         for (k = 0; k < np; k++) {
             const Py_ssize_t j = (q + k) * cs;
-            double v;
+            BN_OT v;
             if (fwd) {
-                v = BN_AFFINE_OUT(S[j], BN_LDI(zs[k]), m[j], Cc[j]);
+                v = BN_AFFINE_OUT(S[j], BN_LDO(zs[k]), m[j], ml[j], Cc[j]);
                 if (has_aux)
-                    v = v + BN_LDI(auxs[k]);
+                    v = v + BN_LDO(auxs[k]);
                 if (relu)
-                    v = bn_relu(v);
+                    v = BN_RELU_O(v);
             } else {
-                const double d = BN_DY(has_aux, auxs, dys, k);
+                const BN_OT d =
+                    has_aux ? BN_MASKED_O(BN_LDO(auxs[k]), BN_LDO(dys[k])) : BN_LDO(dys[k]);
                 if (has_out2)
                     BN_PUT(w2, out2 + q, k, d);
-                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDI(zs[k]), m[j])
+                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j], ml[j])
                           : A[j] * (d + Cc[j]);
             }
             BN_PUT(w, out + q, k, v);
@@ -522,12 +565,12 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
 /* bn_epi_run with the flags of e, each combination a constant */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
-    const double *m, const double *S, const double *A, const double *Cc, const Py_ssize_t cs,
-    const bn_epi *e)
+    const BN_OT *m, const BN_OT *ml, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
+    const Py_ssize_t cs, const bn_epi *e)
 {
 #define BN_EPI(fwd, has_aux, relu, has_out2, zterm) \
     BN_FN(bn_epi_run)(                              \
-        z, dy, aux, out, out2, n, m, S, A, Cc, cs, fwd, has_aux, relu, has_out2, zterm)
+        z, dy, aux, out, out2, n, m, ml, S, A, Cc, cs, fwd, has_aux, relu, has_out2, zterm)
     if (dy == NULL) {
         if (aux == NULL)
             e->relu ? BN_EPI(1, 0, 1, 0, 1) : BN_EPI(1, 0, 0, 0, 1);
@@ -551,8 +594,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
  * each of its instruction sets) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-    Py_ssize_t nrows, Py_ssize_t cw, const double *m, const double *S, const double *A,
-    const double *Cc, const bn_epi *e)
+    Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *ml, const BN_OT *S,
+    const BN_OT *A, const BN_OT *Cc, const bn_epi *e)
 {
     const BN_T *aux = e->aux;
     BN_T *out2 = e->out2;
@@ -560,23 +603,24 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     for (r = 0; r < nrows; r++)
         BN_FN(bn_epi_any)(
             z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * e->aux_n,
-            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, S, A, Cc, 1, e);
+            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, ml, S, A, Cc, 1,
+            e);
 }
 
-/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j]);  without dy:
- * BN_AFFINE_OUT(S[j], z[r, j], m[j], Cc[j]).  In float64, rounded once at the end: the
- * terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by row
- * over the whole width: every row is one unit-stride run in and out, where column blocks
- * swept down the rows would write each row piecemeal. */
-static BN_CLONES void BN_FN(bn_rows_affine)(
+/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], ml[j]);  without
+ * dy: BN_AFFINE_OUT(S[j], z[r, j], m[j], ml[j], Cc[j]).  In BN_OT, rounded once at the end:
+ * the terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by
+ * row over the whole width: every row is one unit-stride run in and out, where column
+ * blocks swept down the rows would write each row piecemeal. */
+static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
-    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
-    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
-    const bn_epi *e)
+    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *restrict m,
+    const BN_OT *restrict ml, const BN_OT *restrict S, const BN_OT *restrict A,
+    const BN_OT *restrict Cc, int stream, const bn_epi *e)
 {
     Py_ssize_t r, g, G;
     if (e != NULL) {
-        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, e);
+        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, ml, S, A, Cc, e);
         return;
     }
 #if defined(BN_F64) && defined(__SSE2__)
@@ -589,6 +633,7 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
     }
 #endif
     (void)stream;
+    (void)ml;
     r = 0;
 #ifndef BN_F16
     if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
@@ -605,17 +650,67 @@ static BN_CLONES void BN_FN(bn_rows_affine)(
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
         if (dy == NULL) {
-#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], Cc[k])
+#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], ml[k], Cc[k])
             BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
 #undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
-#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k])
+#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k], ml[k])
             BN_OUT_ROWS(outr, g, cw, zr, dyr, BN_ROW_DX);
 #undef BN_ROW_DX
         }
     }
 }
+
+#ifdef BN_F16
+/* float16: the coefficients as floats, for up to BN_FCOLS columns on the stack, for more in
+ * a buffer of the task's width (rows swept whole, as above); should that buffer fail, the
+ * columns go BN_FCOLS at a time, each such block swept over all the rows (the same bits) */
+#define BN_FCOLS 512
+static BN_TASK void BN_FN(bn_rows_affine)(
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
+    const bn_epi *e)
+{
+    float local[5 * BN_FCOLS];
+    float *buf = cw <= BN_FCOLS ? NULL : (float *)malloc(5 * (size_t)cw * sizeof(float));
+    float *cf = buf != NULL ? buf : local;
+    const Py_ssize_t block = buf != NULL ? cw : BN_FCOLS;
+    Py_ssize_t j0, j;
+    for (j0 = 0; j0 < cw; j0 += block) {
+        const Py_ssize_t jw = cw - j0 < block ? cw - j0 : block;
+        float *restrict fm = cf, *restrict fml = cf + jw, *restrict fs = cf + 2 * jw,
+                        *restrict fa = cf + 3 * jw, *restrict fc = cf + 4 * jw;
+        bn_epi eb;
+        for (j = 0; j < jw; j++) {
+            fm[j] = BN_COEF(m[j0 + j]);
+            fml[j] = BN_COEF_LO(m[j0 + j], fm[j]);
+            fs[j] = BN_COEF(S[j0 + j]);
+            fa[j] = dy == NULL ? 0.0f : BN_COEF(A[j0 + j]); /* A is not read without dy */
+            fc[j] = BN_COEF(Cc[j0 + j]);
+        }
+        if (e != NULL) {
+            eb = *e;
+            eb.aux = e->aux == NULL ? NULL : (const BN_T *)e->aux + j0;
+            eb.out2 = e->out2 == NULL ? NULL : (BN_T *)e->out2 + j0;
+        }
+        BN_FN(bn_rows_affine_cols)(
+            z + j0, dy == NULL ? NULL : dy + j0, out + j0, sz, sdy, sout, nrows, jw, fm, fml, fs,
+            fa, fc, stream, e == NULL ? NULL : &eb);
+    }
+    free(buf);
+}
+#else
+static BN_TASK void BN_FN(bn_rows_affine)(
+    const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
+    Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
+    const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
+    const bn_epi *e)
+{
+    BN_FN(bn_rows_affine_cols)(z, dy, out, sz, sdy, sout, nrows, cw, m, m, S, A, Cc, stream, e);
+}
+#endif
 
 /* One column block of bn_rows_centered (inlined as bn_rows_sums_block) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
@@ -666,7 +761,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
 }
 
 /* d1[j] := sum_r (x[r, j] - m0[j]);  d2[j] := sum_r (x[r, j] - m0[j])^2, in row order */
-static BN_CLONES void BN_FN(bn_rows_centered)(
+static BN_TASK void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
@@ -710,7 +805,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
 }
 
 /* *s1 += sum (x - m0);  *s2 += sum (x - m0)^2  over a run of n (pieces as bn_run_sums) */
-static inline void BN_FN(bn_run_moments)(
+static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
     const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
@@ -738,7 +833,7 @@ static inline void BN_FN(bn_run_moments)(
 
 /* s_dy[c] := sum dy;  s_zm[c] := sum dy * (z - m[c])  over elements [e0, e1) of channel c;
  * y (strides syn, syc) not NULL: dy masked by it first (bn_masked) */
-static BN_CLONES void BN_FN(bn_plane_sums)(
+static BN_TASK void BN_FN(bn_plane_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, Py_ssize_t szn,
     Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t syn, Py_ssize_t syc, Py_ssize_t L,
     Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *restrict m, double *restrict s_dy,
@@ -763,8 +858,8 @@ static BN_CLONES void BN_FN(bn_plane_sums)(
 }
 
 /* out := A[c]*(dy + Cc[c]) + S[c]*(z - m[c]) over elements [e0, e1);
- * without dy: out := S[c]*(z - m[c]) + Cc[c]  (float64, as bn_rows_affine) */
-static BN_CLONES void BN_FN(bn_plane_affine)(
+ * without dy: out := S[c]*(z - m[c]) + Cc[c]  (in BN_OT, as bn_rows_affine) */
+static BN_TASK void BN_FN(bn_plane_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t szn,
     Py_ssize_t szc, Py_ssize_t sdyn, Py_ssize_t sdyc, Py_ssize_t soutn, Py_ssize_t soutc,
     Py_ssize_t L, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t cw, const double *restrict m,
@@ -777,13 +872,16 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         BN_T *out2 = e->out2;
         for (n = e0 / L; n * L < e1; n++) {
             bn_span(n, L, e0, e1, &l0, &l1);
-            for (c = 0; c < cw; c++)
+            for (c = 0; c < cw; c++) {
+                const BN_OT mc = BN_COEF(m[c]), mlc = BN_COEF_LO(m[c], mc), sc = BN_COEF(S[c]),
+                            a = dy == NULL ? 0.0 : BN_COEF(A[c]), cc = BN_COEF(Cc[c]);
                 BN_FN(bn_epi_any)(
                     z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
                     aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
                     out + n * soutn + c * soutc + l0,
-                    out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, m + c,
-                    S + c, A + c, Cc + c, 0, e);
+                    out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, &mc,
+                    &mlc, &sc, &a, &cc, 0, e);
+            }
         }
         return;
     }
@@ -807,15 +905,17 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            const double mc = m[c], sc = S[c], cc = Cc[c];
+            const BN_OT mc = BN_COEF(m[c]), mlc = BN_COEF_LO(m[c], mc), sc = BN_COEF(S[c]),
+                        cc = BN_COEF(Cc[c]);
+            (void)mlc;
             if (dy == NULL) {
-#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, cc)
+#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, mlc, cc)
                 BN_OUT_RUN(op, l0, l1, zp, (const BN_T *)NULL, BN_RUN_OUT);
 #undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
-                const double a = A[c];
-#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc)
+                const BN_OT a = BN_COEF(A[c]);
+#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc, mlc)
                 BN_OUT_RUN(op, l0, l1, zp, dyp, BN_RUN_DX);
 #undef BN_RUN_DX
             }
@@ -825,7 +925,7 @@ static BN_CLONES void BN_FN(bn_plane_affine)(
 
 /* Mean and M2 of cw channels over elements [e0, e1) in one pass over x - K, K the
  * channel's first element there (see _rows_task_moments); d1: scratch of cw. */
-static BN_CLONES void BN_FN(bn_plane_moments)(
+static BN_TASK void BN_FN(bn_plane_moments)(
     const BN_T *restrict x, Py_ssize_t sxn, Py_ssize_t sxc, Py_ssize_t L, Py_ssize_t e0,
     Py_ssize_t e1, Py_ssize_t cw, double *restrict mean, double *restrict m2, double *restrict d1)
 {
@@ -850,7 +950,7 @@ static BN_CLONES void BN_FN(bn_plane_moments)(
 }
 
 /* out := a + b: the roofline pass of the benchmark (read two arrays, write one) */
-static BN_CLONES void BN_FN(bn_stream_add)(
+static BN_TASK void BN_FN(bn_stream_add)(
     const BN_T *restrict a, const BN_T *restrict b, BN_T *restrict out, Py_ssize_t n)
 {
     Py_ssize_t i;
