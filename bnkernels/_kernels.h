@@ -9,9 +9,9 @@
 #define BN_KERNELS_H
 
 #include <float.h>
-#include <stdlib.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifndef Py_PYTHON_H
 typedef ptrdiff_t Py_ssize_t;
@@ -132,7 +132,7 @@ BN_INLINE double bn_relu(double v) { return bn_masked(v, v); }
 BN_INLINE float bn_coef_f(double v)
 {
     return (float)(v > FLT_MAX && v <= DBL_MAX ? FLT_MAX
-                                                : (v < -FLT_MAX && v >= -DBL_MAX ? -FLT_MAX : v));
+                                               : (v < -FLT_MAX && v >= -DBL_MAX ? -FLT_MAX : v));
 }
 
 /* the same in float, the output arithmetic of float16 data */
@@ -222,7 +222,8 @@ _Static_assert(BN_ISTAGE % BN_LANES == 0, "pieces of whole lanes: the same sums"
 enum { BN_F16_INTEGER = 0, BN_F16_F16C = 1, BN_F16_AVX512 = 2 };
 static int bn_f16_kind = BN_F16_INTEGER; /* the code in use, set by bn_f16_code */
 
-static __attribute__((noinline)) void bn_f2h_run_plain(const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
+static __attribute__((noinline)) void bn_f2h_run_plain(
+    const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
 {
     Py_ssize_t k;
     BN_SIMD
@@ -230,7 +231,8 @@ static __attribute__((noinline)) void bn_f2h_run_plain(const float *restrict f, 
         h[k] = bn_f2h(f[k]);
 }
 
-static __attribute__((noinline)) void bn_h2f_run_plain(const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
+static __attribute__((noinline)) void bn_h2f_run_plain(
+    const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
 {
     Py_ssize_t k;
     BN_SIMD

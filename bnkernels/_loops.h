@@ -496,7 +496,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
         }
         for (; j < cw; j++)
             for (k = 0; k < nb; k++)
-                out[k * sout + j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], 0, Cc[j]));
+                out[k * sout + j] =
+                    BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], 0, Cc[j]));
     } else {
         for (j = 0; j + 8 <= cw; j += 8) {
             const bn_v8d a = BN_V8D(A + j), c = BN_V8D(Cc + j), s = BN_V8D(S + j),
@@ -524,9 +525,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
     BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict ml,
-    const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc,
-    const Py_ssize_t cs, const int fwd, const int has_aux, const int relu, const int has_out2,
-    const int zterm)
+    const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc, const Py_ssize_t cs,
+    const int fwd, const int has_aux, const int relu, const int has_out2, const int zterm)
 {
     Py_ssize_t q, k, np;
     for (q = 0; q < n; q += np) {
@@ -603,8 +603,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     for (r = 0; r < nrows; r++)
         BN_FN(bn_epi_any)(
             z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * e->aux_n,
-            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, ml, S, A, Cc, 1,
-            e);
+            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, ml, S, A, Cc, 1, e);
 }
 
 /* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], ml[j]);  without
