@@ -247,6 +247,27 @@ def test_small_planes_results_across_chunk_edges(eps_mode):
     _compare(x, 1, dy, eps_mode)
 
 
+@pytest.mark.parametrize(
+    "shape,f16,f32",
+    [
+        ((64, 8, 14, 14), "planar", "rows"),  # float16 keeps planes of 128 or more planar
+        ((64, 8, 7, 7), "rows", "rows"),
+        ((16, 8, 7, 7), "rows", "rows"),
+        ((8, 8, 7, 7), "planar", "planar"),
+        ((64, 8, 24, 24), "planar", "planar"),
+    ],
+)
+def test_small_planes_as_rows_by_dtype(shape, f16, f32):
+    from bnkernels._layout import choose
+
+    for dtype, kind in ((np.float16, f16), (np.float32, f32), (np.float64, f32)):
+        x = np.empty(shape, dtype)
+        assert choose([x, x], 1)[0] == kind, dtype
+        # the same kind from the strides where the arrays are not C-contiguous
+        v = np.empty(shape[:1] + (shape[1] + 1,) + shape[2:], dtype)[:, 1:]
+        assert choose([v, v], 1)[0] == kind, dtype
+
+
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 def test_planar_results_across_chunk_edges(eps_mode):
     L = 43691  # a prime: chunks start in the middle of a plane
