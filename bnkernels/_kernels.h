@@ -204,16 +204,16 @@ BN_INLINE uint16_t bn_d2h(double d)
     return bn_f2h(bn_bits_f((bn_f_bits(f) - away) | inexact));
 }
 
-/* Runs of float16 converted in one call each: the float16 loops widen their inputs into
+/* Runs of float16 converted at once: the float16 loops widen their inputs into
  * runs of floats in L1 (bn_h2f_run, exact; a signalling NaN may come out quiet, as any
  * NaN does when widened), compute their outputs in float arithmetic (_loops.h, BN_OT) as
  * runs of floats, and round each run to float16, to nearest even (bn_f2h_run, bn_f2h's
  * bits).  In 32-bit integer code the conversions are most of a float16 sweep's work; F16C
  * (on every x86-64-v3 CPU) does each in one instruction.  The code is chosen when the
  * module loads (bn_f16_code): AVX-512 (sixteen at a time), else AVX2 with F16C (eight),
- * else the integer code.  All three give the same bits.  The vector functions convert
- * the tail of a run element by element, inline: a call per run to the integer code cost
- * more. */
+ * else the integer code.  All three give the same bits.  The vector code converts a run's
+ * tail with its own instructions (AVX-512 under a mask, F16C one at a time): the integer
+ * code per element cost more. */
 #define BN_STAGE 256  /* floats of one output run: 1 KiB, in L1 */
 #define BN_ISTAGE 512 /* floats of one input run: 2 KiB, in L1 */
 /* an output run's inputs are widened in one run; a planar run's pieces keep the lanes */
