@@ -292,33 +292,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_
 }
 #endif
 
-/* A run's conversion with the code in use: a branch per run, not a call through a pointer,
- * so that the vector code inlines into the loops' clone of its instruction set (a call per
- * run through a pointer measured twice the time of a float16 output sweep in the caches) */
+/* A run's conversion with the code in use, fn##_avx512, fn##_f16c or fn##_plain: a branch
+ * per run, not a call through a pointer, so that the vector code can inline into the loops'
+ * clone of its instruction set */
+#ifdef BN_HAVE_F16C
+#define BN_F16_RUN(fn, src, dst, n)                          \
+    (bn_f16_kind == BN_F16_AVX512 ? fn##_avx512(src, dst, n) \
+     : bn_f16_kind == BN_F16_F16C ? fn##_f16c(src, dst, n)   \
+                                  : fn##_plain(src, dst, n))
+#else
+#define BN_F16_RUN(fn, src, dst, n) fn##_plain(src, dst, n)
+#endif
+
 static inline __attribute__((always_inline)) void bn_f2h_run(
     const float *restrict f, uint16_t *restrict h, Py_ssize_t n)
 {
-#ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512)
-        bn_f2h_run_avx512(f, h, n);
-    else if (bn_f16_kind == BN_F16_F16C)
-        bn_f2h_run_f16c(f, h, n);
-    else
-#endif
-        bn_f2h_run_plain(f, h, n);
+    BN_F16_RUN(bn_f2h_run, f, h, n);
 }
 
 static inline __attribute__((always_inline)) void bn_h2f_run(
     const uint16_t *restrict h, float *restrict f, Py_ssize_t n)
 {
-#ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512)
-        bn_h2f_run_avx512(h, f, n);
-    else if (bn_f16_kind == BN_F16_F16C)
-        bn_h2f_run_f16c(h, f, n);
-    else
-#endif
-        bn_h2f_run_plain(h, f, n);
+    BN_F16_RUN(bn_h2f_run, h, f, n);
 }
 
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;

@@ -100,10 +100,12 @@
 #define BN_TASK BN_CLONES
 #endif
 
-/* dy[i] as a double, masked by the saved output y[i] (bn_masked) where mask is set */
+/* dy[i] read by LD, masked by the saved output y[i] (MASKED) where mask is set; BN_DY: as a
+ * double (bn_masked), for the sums */
 #ifndef BN_DY
-#define BN_DY(mask, y, dy, i) \
-    ((mask) ? bn_masked(BN_LDI((y)[i]), BN_LDI((dy)[i])) : BN_LDI((dy)[i]))
+#define BN_DY_AS(LD, MASKED, mask, y, dy, i) \
+    ((mask) ? MASKED(LD((y)[i]), LD((dy)[i])) : LD((dy)[i]))
+#define BN_DY(mask, y, dy, i) BN_DY_AS(BN_LDI, bn_masked, mask, y, dy, i)
 #endif
 
 /* ---- rows layout: nrows rows of cw contiguous channels ---- */
@@ -547,8 +549,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
                 if (relu)
                     v = BN_RELU_O(v);
             } else {
-                const BN_OT d =
-                    has_aux ? BN_MASKED_O(BN_LDO(auxs[k]), BN_LDO(dys[k])) : BN_LDO(dys[k]);
+                const BN_OT d = BN_DY_AS(BN_LDO, BN_MASKED_O, has_aux, auxs, dys, k);
                 if (has_out2)
                     BN_PUT(w2, out2 + q, k, d);
                 v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j], ml[j])
