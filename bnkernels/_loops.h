@@ -517,6 +517,19 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
 }
 #endif
 
+/* Column or channel k's coefficients as the output sweeps take them, in BN_OT: the mean
+ * as *mk + *mlk (BN_COEF_LO: 0 but in float), A not read where NULL (no dy: *ak 0) */
+static inline __attribute__((always_inline)) void BN_FN(bn_out_coefs)(
+    const double *m, const double *S, const double *A, const double *Cc, Py_ssize_t k, BN_OT *mk,
+    BN_OT *mlk, BN_OT *sk, BN_OT *ak, BN_OT *ck)
+{
+    *mk = BN_COEF(m[k]);
+    *mlk = BN_COEF_LO(m[k], *mk);
+    *sk = BN_COEF(S[k]);
+    *ak = A == NULL ? 0 : BN_COEF(A[k]);
+    *ck = BN_COEF(Cc[k]);
+}
+
 /* A run of n outputs with a fused epilogue (bn_epi), coefficients m, ml, S, A, Cc at [k*cs]
  * (cs 1: per column, rows layout; cs 0: one channel's, planar), in BN_OT.  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
@@ -683,13 +696,9 @@ static BN_TASK void BN_FN(bn_rows_affine)(
         float *restrict fm = cf, *restrict fml = cf + jw, *restrict fs = cf + 2 * jw,
                         *restrict fa = cf + 3 * jw, *restrict fc = cf + 4 * jw;
         bn_epi eb;
-        for (j = 0; j < jw; j++) {
-            fm[j] = BN_COEF(m[j0 + j]);
-            fml[j] = BN_COEF_LO(m[j0 + j], fm[j]);
-            fs[j] = BN_COEF(S[j0 + j]);
-            fa[j] = dy == NULL ? 0.0f : BN_COEF(A[j0 + j]); /* A is not read without dy */
-            fc[j] = BN_COEF(Cc[j0 + j]);
-        }
+        for (j = 0; j < jw; j++)
+            BN_FN(bn_out_coefs)(
+                m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, fml + j, fs + j, fa + j, fc + j);
         if (e != NULL) {
             eb = *e;
             eb.aux = e->aux == NULL ? NULL : (const BN_T *)e->aux + j0;
@@ -873,8 +882,8 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (n = e0 / L; n * L < e1; n++) {
             bn_span(n, L, e0, e1, &l0, &l1);
             for (c = 0; c < cw; c++) {
-                const BN_OT mc = BN_COEF(m[c]), mlc = BN_COEF_LO(m[c], mc), sc = BN_COEF(S[c]),
-                            a = dy == NULL ? 0.0 : BN_COEF(A[c]), cc = BN_COEF(Cc[c]);
+                BN_OT mc, mlc, sc, a, cc;
+                BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
                 BN_FN(bn_epi_any)(
                     z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
                     aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
@@ -905,8 +914,8 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            const BN_OT mc = BN_COEF(m[c]), mlc = BN_COEF_LO(m[c], mc), sc = BN_COEF(S[c]),
-                        cc = BN_COEF(Cc[c]);
+            BN_OT mc, mlc, sc, a, cc;
+            BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
             (void)mlc;
             if (dy == NULL) {
 #define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, mlc, cc)
@@ -914,7 +923,6 @@ static BN_TASK void BN_FN(bn_plane_affine)(
 #undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
-                const BN_OT a = BN_COEF(A[c]);
 #define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc, mlc)
                 BN_OUT_RUN(op, l0, l1, zp, dyp, BN_RUN_DX);
 #undef BN_RUN_DX
