@@ -213,12 +213,17 @@ BN_INLINE uint16_t bn_d2h(double d)
  * module loads (bn_f16_code): AVX-512 (sixteen at a time), else AVX2 with F16C (eight),
  * else the integer code.  All three give the same bits.  The vector code converts a run's
  * tail with its own instructions (AVX-512 under a mask, F16C one at a time): the integer
- * code per element cost more. */
+ * code per element cost more.  bn_h2f_run also sets the floats after the run up to the next
+ * multiple of sixteen (BN_PAD) to 0, so that an output loop may run to that length: its
+ * extra lanes are computed from zeros and never stored, and a run's last elements then
+ * take the vector loop rather than a scalar tail. */
 #define BN_STAGE 256  /* floats of one output run: 1 KiB, in L1 */
 #define BN_ISTAGE 512 /* floats of one input run: 2 KiB, in L1 */
 /* an output run's inputs are widened in one run; a planar run's pieces keep the lanes */
 _Static_assert(BN_STAGE <= BN_ISTAGE, "an output run fits an input run");
 _Static_assert(BN_ISTAGE % BN_LANES == 0, "pieces of whole lanes: the same sums");
+#define BN_PAD(n) (((n) + 15) & ~(Py_ssize_t)15)
+_Static_assert(BN_STAGE % 16 == 0 && BN_ISTAGE % 16 == 0, "a padded run fits its buffer");
 enum { BN_F16_INTEGER = 0, BN_F16_F16C = 1, BN_F16_AVX512 = 2 };
 static int bn_f16_kind = BN_F16_INTEGER; /* the code in use, set by bn_f16_code */
 
@@ -238,6 +243,8 @@ static __attribute__((noinline)) void bn_h2f_run_plain(
     BN_SIMD
     for (k = 0; k < n; k++)
         f[k] = (float)bn_h2d(h[k]);
+    for (k = n; k < BN_PAD(n); k++)
+        f[k] = 0.0f;
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -262,6 +269,8 @@ __attribute__((target("avx2,f16c"))) static inline void bn_h2f_run_f16c(
         _mm256_storeu_ps(f + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
     for (; k < n; k++)
         f[k] = _cvtsh_ss(h[k]);
+    for (; k < BN_PAD(n); k++)
+        f[k] = 0.0f;
 }
 
 /* AVX-512: the last, partial sixteen under a mask */
@@ -287,7 +296,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_
         _mm512_storeu_ps(f + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + k))));
     if (k < n) {
         const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
-        _mm512_mask_storeu_ps(f + k, t, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, h + k)));
+        _mm512_storeu_ps(f + k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, h + k)));
     }
 }
 #endif

@@ -30,7 +30,10 @@
  * - Outputs go in runs of at most BN_OPIECE: BN_OUT(w) declares a run's buffer,
  *   BN_PUT(w, o, k, v) sets element k of the run starting at o to the BN_OT v, and
  *   BN_FLUSH(w, o, n) ends a run of n (float16: rounds the buffer into o, bn_f2h_run).
- *   Each element is rounded once, to nearest even. */
+ *   Each element is rounded once, to nearest even.
+ * - An output run's loop goes to BN_OPAD(n) (float16: n rounded up to sixteen, BN_PAD), its
+ *   inputs' padding being zeros and its coefficient arrays (cs 1) padded as far; the extra
+ *   lanes are never flushed. */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -38,6 +41,7 @@
 #undef BN_OUT
 #undef BN_PUT
 #undef BN_FLUSH
+#undef BN_OPAD
 #undef BN_GROUP
 #undef BN_GROUP_MAX
 #undef BN_OT
@@ -58,6 +62,7 @@
 #define BN_OUT(w) float w[BN_STAGE]
 #define BN_PUT(w, o, k, v) ((w)[k] = (v))
 #define BN_FLUSH(w, o, n) bn_f2h_run((w), (o), (n))
+#define BN_OPAD(n) BN_PAD(n)
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -88,6 +93,7 @@
 #define BN_OUT(w) (void)0
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
+#define BN_OPAD(n) (n)
 #endif
 
 /* The task-level functions (the table's): BN_CLONES; float16's also flatten, inlining every
@@ -348,7 +354,7 @@ static BN_TASK void BN_FN(bn_rows_sums)(
             BN_OUT(bn_w);                                                          \
             (void)bn_dys;                                                          \
             BN_SIMD                                                                \
-            for (bn_k = 0; bn_k < bn_n; bn_k++)                                    \
+            for (bn_k = 0; bn_k < BN_OPAD(bn_n); bn_k++)                           \
                 BN_PUT(                                                            \
                     bn_w, (o) + bn_q, bn_k,                                        \
                     EXPR(bn_q + bn_k, BN_LDO(bn_zs[bn_k]), BN_LDO(bn_dys[bn_k]))); \
@@ -552,7 +558,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
         BN_OUT(w);
         BN_OUT(w2);
         BN_SIMD
-        for (k = 0; k < np; k++) {
+        for (k = 0; k < BN_OPAD(np); k++) {
             const Py_ssize_t j = (q + k) * cs;
             BN_OT v;
             if (fwd) {
@@ -676,10 +682,12 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
 }
 
 #ifdef BN_F16
-/* float16: the coefficients as floats, for up to BN_FCOLS columns on the stack, for more in
- * a buffer of the task's width (rows swept whole, as above); should that buffer fail, the
- * columns go BN_FCOLS at a time, each such block swept over all the rows (the same bits) */
+/* float16: the coefficients as floats (each array padded to BN_PAD), for up to BN_FCOLS
+ * columns on the stack, for more in a buffer of the task's width (rows swept whole, as above);
+ * should that buffer fail, the columns go BN_FCOLS at a time, each such block swept over all the
+ * rows (the same bits) */
 #define BN_FCOLS 512
+_Static_assert(BN_FCOLS % 16 == 0, "a padded block fits the stack's arrays");
 static BN_TASK void BN_FN(bn_rows_affine)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
@@ -687,18 +695,20 @@ static BN_TASK void BN_FN(bn_rows_affine)(
     const bn_epi *e)
 {
     float local[5 * BN_FCOLS];
-    float *buf = cw <= BN_FCOLS ? NULL : (float *)malloc(5 * (size_t)cw * sizeof(float));
+    float *buf = cw <= BN_FCOLS ? NULL : (float *)malloc(5 * (size_t)BN_PAD(cw) * sizeof(float));
     float *cf = buf != NULL ? buf : local;
     const Py_ssize_t block = buf != NULL ? cw : BN_FCOLS;
     Py_ssize_t j0, j;
     for (j0 = 0; j0 < cw; j0 += block) {
-        const Py_ssize_t jw = cw - j0 < block ? cw - j0 : block;
-        float *restrict fm = cf, *restrict fml = cf + jw, *restrict fs = cf + 2 * jw,
-                        *restrict fa = cf + 3 * jw, *restrict fc = cf + 4 * jw;
+        const Py_ssize_t jw = cw - j0 < block ? cw - j0 : block, jp = BN_PAD(jw);
+        float *restrict fm = cf, *restrict fml = cf + jp, *restrict fs = cf + 2 * jp,
+                        *restrict fa = cf + 3 * jp, *restrict fc = cf + 4 * jp;
         bn_epi eb;
         for (j = 0; j < jw; j++)
             BN_FN(bn_out_coefs)(
                 m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, fml + j, fs + j, fa + j, fc + j);
+        for (; j < jp; j++) /* the padding's (BN_OPAD) */
+            fm[j] = fml[j] = fs[j] = fa[j] = fc[j] = 0.0f;
         if (e != NULL) {
             eb = *e;
             eb.aux = e->aux == NULL ? NULL : (const BN_T *)e->aux + j0;
