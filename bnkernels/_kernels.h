@@ -325,6 +325,114 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
     BN_F16_RUN(bn_h2f_run, h, f, n);
 }
 
+/* The float16 output sweeps' plain runs (no epilogue) in one pass over memory, where the
+ * staged loop of _loops.h (BN_OUT_RUN) widens each run into L1, computes it there and rounds
+ * it back: out[k] := s*((z[k] - m) - ml) + c, or with dy a*(dy[k] + c) + s*((z[k] - m) - ml),
+ * in float, rounded once to float16 (to nearest even), for k < n; the coefficients at
+ * [k*cs] (cs 1: arrays per column; cs 0: one channel's).  The operations of BN_AFFINE_OUT
+ * and BN_AFFINE_DX, in their order, so the same bits.  Coefficient arrays (cs 1) are read
+ * up to BN_PAD(n), as _loops.h pads them.  Vector code only (AVX-512, or AVX2 with F16C):
+ * bn_h_affine returns 0 for the integer code, whose callers then take the staged loop. */
+#ifdef BN_HAVE_F16C
+#define BN_H_AFFINE(V, LOADC, SET1, ZM_IN, DY_IN, STORE)                                 \
+    do {                                                                                 \
+        const V vm = cs ? LOADC(m + k) : SET1(*m), vml = cs ? LOADC(ml + k) : SET1(*ml), \
+                vs = cs ? LOADC(s + k) : SET1(*s), vc = cs ? LOADC(c + k) : SET1(*c);    \
+        const V zm = BN_VSUB(BN_VSUB(ZM_IN, vm), vml);                                   \
+        if (dy == NULL)                                                                  \
+            STORE(BN_VADD(BN_VMUL(vs, zm), vc));                                         \
+        else {                                                                           \
+            const V va = cs ? LOADC(a + k) : SET1(*a);                                   \
+            STORE(BN_VADD(BN_VMUL(va, BN_VADD(DY_IN, vc)), BN_VMUL(vs, zm)));            \
+        }                                                                                \
+    } while (0)
+
+#define BN_VSUB _mm512_sub_ps
+#define BN_VADD _mm512_add_ps
+#define BN_VMUL _mm512_mul_ps
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_h_affine_avx512(
+    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
+    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+{
+    Py_ssize_t k = 0;
+#define BN_H_LOADC(p) _mm512_loadu_ps(p)
+#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
+#define BN_H_STORE(v) \
+    _mm256_storeu_si256((__m256i *)(out + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+    for (; k + 16 <= n; k += 16)
+        BN_H_AFFINE(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
+#undef BN_H_LOADC
+#undef BN_H_IN
+#undef BN_H_STORE
+    if (k < n) { /* the last, partial sixteen under a mask */
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+#define BN_H_LOADC(p) _mm512_maskz_loadu_ps(t, p)
+#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, (p) + k))
+#define BN_H_STORE(v) \
+    _mm256_mask_storeu_epi16(out + k, t, _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+        BN_H_AFFINE(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
+#undef BN_H_LOADC
+#undef BN_H_IN
+#undef BN_H_STORE
+    }
+}
+#undef BN_VSUB
+#undef BN_VADD
+#undef BN_VMUL
+
+#define BN_VSUB _mm256_sub_ps
+#define BN_VADD _mm256_add_ps
+#define BN_VMUL _mm256_mul_ps
+__attribute__((target("avx2,f16c"))) static inline void bn_h_affine_f16c(
+    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
+    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+{
+    Py_ssize_t k = 0;
+#define BN_H_IN(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + k)))
+#define BN_H_STORE(v) \
+    _mm_storeu_si128((__m128i *)(out + k), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+    for (; k + 8 <= n; k += 8)
+        BN_H_AFFINE(__m256, _mm256_loadu_ps, _mm256_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
+#undef BN_H_IN
+#undef BN_H_STORE
+    if (k < n) { /* the last, partial eight: as eight, from copies padded with zeros */
+        uint16_t zt[8] = {0}, dyt[8] = {0}, ot[8];
+        const Py_ssize_t r = n - k, o = cs ? k : 0;
+        Py_ssize_t j;
+        for (j = 0; j < r; j++) {
+            zt[j] = z[k + j];
+            dyt[j] = dy == NULL ? 0 : dy[k + j];
+        }
+        bn_h_affine_f16c(
+            zt, dy == NULL ? NULL : dyt, ot, 8, m + o, ml + o, s + o, a + o, c + o, cs);
+        for (j = 0; j < r; j++)
+            out[k + j] = ot[j];
+    }
+}
+#undef BN_VSUB
+#undef BN_VADD
+#undef BN_VMUL
+#undef BN_H_AFFINE
+#endif
+
+static inline __attribute__((always_inline)) int bn_h_affine(
+    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
+    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_affine_avx512(z, dy, out, n, m, ml, s, a, c, cs);
+        return 1;
+    }
+    if (bn_f16_kind == BN_F16_F16C) {
+        bn_h_affine_f16c(z, dy, out, n, m, ml, s, a, c, cs);
+        return 1;
+    }
+#endif
+    (void)z, (void)dy, (void)out, (void)n, (void)m, (void)ml, (void)s, (void)a, (void)c, (void)cs;
+    return 0;
+}
+
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
  * returns the kind in use */
 static int bn_f16_code(int kind)

@@ -33,7 +33,10 @@
  *   Each element is rounded once, to nearest even.
  * - An output run's loop goes to BN_OPAD(n) (float16: n rounded up to sixteen, BN_PAD), its
  *   inputs' padding being zeros and its coefficient arrays (cs 1) padded as far; the extra
- *   lanes are never flushed. */
+ *   lanes are never flushed.
+ * - BN_OUT_DIRECT(z, dy, o, n, m, ml, s, a, c, cs) runs a plain output run (no epilogue)
+ *   without staging and returns 1 where it can (float16 with vector code: bn_h_affine, the
+ *   same bits), else 0, and the caller takes the staged loop. */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -42,6 +45,7 @@
 #undef BN_PUT
 #undef BN_FLUSH
 #undef BN_OPAD
+#undef BN_OUT_DIRECT
 #undef BN_GROUP
 #undef BN_GROUP_MAX
 #undef BN_OT
@@ -63,6 +67,7 @@
 #define BN_PUT(w, o, k, v) ((w)[k] = (v))
 #define BN_FLUSH(w, o, n) bn_f2h_run((w), (o), (n))
 #define BN_OPAD(n) BN_PAD(n)
+#define BN_OUT_DIRECT bn_h_affine
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -94,6 +99,7 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
+#define BN_OUT_DIRECT(z, dy, o, n, m, ml, s, a, c, cs) 0
 #endif
 
 /* The task-level functions (the table's): BN_CLONES; float16's also flatten, inlining every
@@ -668,6 +674,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
+        if (g == 1 &&
+            BN_OUT_DIRECT(zr, dy == NULL ? NULL : dy + r * sdy, outr, cw, m, ml, S, A, Cc, 1))
+            continue;
         if (dy == NULL) {
 #define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], ml[k], Cc[k])
             BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
@@ -927,6 +936,10 @@ static BN_TASK void BN_FN(bn_plane_affine)(
             BN_OT mc, mlc, sc, a, cc;
             BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
             (void)mlc;
+            if (BN_OUT_DIRECT(
+                    zp + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0, op + l0, l1 - l0,
+                    &mc, &mlc, &sc, &a, &cc, 0))
+                continue;
             if (dy == NULL) {
 #define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, mlc, cc)
                 BN_OUT_RUN(op, l0, l1, zp, (const BN_T *)NULL, BN_RUN_OUT);

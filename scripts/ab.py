@@ -2,7 +2,7 @@
 
     python scripts/ab.py OTHER [--cases PATTERN] [--shape LAYOUT:SHAPE:DTYPE ...]
                                [--pass PASS] [--threads N] [--seconds S]
-                               [--params DTYPE]
+                               [--params DTYPE] [--float16-code KIND]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
 after ``python setup.py build_ext --inplace``).  Both packages are imported side by side
@@ -136,8 +136,16 @@ def main(argv=None):
         choices=("float16", "float32", "float64"),
         help="gamma and beta in this dtype (default: the data's)",
     )
+    p.add_argument(
+        "--float16-code",
+        choices=("avx512", "f16c", "integer"),
+        help="float16 conversions of this kind in both builds (default: the widest the CPU has)",
+    )
     args = p.parse_args(argv)
     other = load_other(args.other)
+    if args.float16_code:
+        print("float16 code: %s" % _kernels.float16_code(args.float16_code))
+        other._kernels.float16_code(args.float16_code)
     threads = args.threads or _kernels.max_threads()
     if args.shape:
         cases = args.shape

@@ -127,23 +127,30 @@ def _pass_inputs(shape, axis):
 
 @pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
 @pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
-def test_every_pass_gives_the_integer_codes_bits(code, shape, axis):
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_every_pass_gives_the_integer_codes_bits(code, shape, axis, offset):
     """The widened inputs and rounded outputs of every loop, NaN, infinities and subnormals
-    among them, the same with vector conversions as with the integer code."""
+    among them, the same with the vector code (its output runs computed without staging,
+    bn_h_affine) as with the integer code.  NaN where NaN, but not a NaN's sign and
+    payload: where two NaNs meet (channel 0's coefficients are NaN, of either sign), which
+    one an x86 operation returns follows its operand order, the compiler's choice.  The
+    offset gives means whose float low part (ml) moves outputs across float16 roundings."""
     x, dy = _pass_inputs(shape, axis)
+    x = (x + F16(offset)).astype(F16)
     with np.errstate(invalid="ignore", over="ignore"):
         vector = _passes(x, dy, axis)
         _kernels.float16_code("integer")
         integer = _passes(x, dy, axis)
     for v, i in zip(vector, integer):
-        assert np.array_equal(v, i)
+        assert _same_halves(v.view(F16), i.view(F16)).all()
     assert np.isfinite(np.moveaxis(integer[0].view(F16), axis, 0)[1:]).all()
 
 
 @pytest.mark.parametrize("shape,axis", [c for c in _PASS_CASES if c[1] == -1 or len(c[0]) == 2])
 def test_contiguous_rows_give_strided_rows_bits(shape, axis):
-    """Short contiguous rows are converted many to a run, strided ones a row at a time:
-    the same bits."""
+    """Short contiguous rows are converted many to a run, strided ones a row at a time
+    (with vector code, without staging): the same bits, NaN where NaN (its sign and payload
+    as in test_every_pass_gives_the_integer_codes_bits)."""
     x, dy = _pass_inputs(shape, axis)
 
     def strided(a):  # the same values, rows two elements apart
@@ -155,7 +162,7 @@ def test_contiguous_rows_give_strided_rows_bits(shape, axis):
         grouped = _passes(x, dy, axis)
         by_row = _passes(strided(x), strided(dy), axis)
     for g, r in zip(grouped, by_row):
-        assert np.array_equal(g, r)
+        assert _same_halves(g.view(F16), r.view(F16)).all()
 
 
 @pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
