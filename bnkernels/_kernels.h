@@ -325,111 +325,181 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
     BN_F16_RUN(bn_h2f_run, h, f, n);
 }
 
-/* The float16 output sweeps' plain runs (no epilogue) in one pass over memory, where the
- * staged loop of _loops.h (BN_OUT_RUN) widens each run into L1, computes it there and rounds
- * it back: out[k] := s*((z[k] - m) - ml) + c, or with dy a*(dy[k] + c) + s*((z[k] - m) - ml),
- * in float, rounded once to float16 (to nearest even), for k < n; the coefficients at
- * [k*cs] (cs 1: arrays per column; cs 0: one channel's).  The operations of BN_AFFINE_OUT
- * and BN_AFFINE_DX, in their order, so the same bits.  Coefficient arrays (cs 1) are read
- * up to BN_PAD(n), as _loops.h pads them.  Vector code only (AVX-512, or AVX2 with F16C):
- * bn_h_affine returns 0 for the integer code, whose callers then take the staged loop. */
+/* The float16 output sweeps' runs in one pass over memory, where the staged loops of
+ * _loops.h (BN_OUT_RUN, bn_epi_run) widen each run into L1, compute it there and round it
+ * back.  For k < n, in float, each output rounded once to float16 (to nearest even):
+ * without dy (forward) out[k] := s*((z[k] - m) - ml) + c, plus aux[k] (the residual) with
+ * aux, then max(., 0) with relu (NaN kept, -0 made +0); with dy, d := dy[k], 0 where
+ * aux[k] <= 0 with aux (the saved output of a fused ReLU), stored to out2[k] with out2 (the
+ * residual's gradient), and out[k] := a*(d + c) + s*((z[k] - m) - ml), without its term in
+ * z (not read) unless zterm.  The coefficients at [k*cs] (cs 1: arrays per column, read up
+ * to BN_PAD(n), as _loops.h pads them; cs 0: one channel's).  The operations of
+ * BN_AFFINE_OUT, BN_AFFINE_DX and bn_epi_run in their order, so the same bits.  Vector code
+ * only (AVX-512, or AVX2 with F16C): bn_h_affine returns 0 for the integer code, whose
+ * callers then take the staged loop. */
 #ifdef BN_HAVE_F16C
-#define BN_H_AFFINE(V, LOADC, SET1, ZM_IN, DY_IN, STORE)                                 \
-    do {                                                                                 \
-        const V vm = cs ? LOADC(m + k) : SET1(*m), vml = cs ? LOADC(ml + k) : SET1(*ml), \
-                vs = cs ? LOADC(s + k) : SET1(*s), vc = cs ? LOADC(c + k) : SET1(*c);    \
-        const V zm = BN_VSUB(BN_VSUB(ZM_IN, vm), vml);                                   \
-        if (dy == NULL)                                                                  \
-            STORE(BN_VADD(BN_VMUL(vs, zm), vc));                                         \
-        else {                                                                           \
-            const V va = cs ? LOADC(a + k) : SET1(*a);                                   \
-            STORE(BN_VADD(BN_VMUL(va, BN_VADD(DY_IN, vc)), BN_VMUL(vs, zm)));            \
-        }                                                                                \
+/* one vector of the run at k: LOADC(p) loads coefficients from array p, IN(p) widens the
+ * elements of input p, STORE(p, v) rounds v into those of output p, KEEP(y, v) is v where
+ * y > 0 or NaN and +0 elsewhere (bn_masked_f) */
+#define BN_H_RUN(V, LOADC, SET1, IN, STORE, KEEP)                                \
+    do {                                                                         \
+        const V vm = cs ? LOADC(m) : SET1(*m), vml = cs ? LOADC(ml) : SET1(*ml), \
+                vs = cs ? LOADC(s) : SET1(*s), vc = cs ? LOADC(c) : SET1(*c);    \
+        V v;                                                                     \
+        if (dy == NULL) {                                                        \
+            v = BN_VADD(BN_VMUL(vs, BN_VSUB(BN_VSUB(IN(z), vm), vml)), vc);      \
+            if (aux != NULL)                                                     \
+                v = BN_VADD(v, IN(aux));                                         \
+            if (relu)                                                            \
+                v = KEEP(v, v);                                                  \
+        } else {                                                                 \
+            const V va = cs ? LOADC(a) : SET1(*a);                               \
+            V d = IN(dy);                                                        \
+            if (aux != NULL)                                                     \
+                d = KEEP(IN(aux), d);                                            \
+            if (out2 != NULL)                                                    \
+                STORE(out2, d);                                                  \
+            v = BN_VMUL(va, BN_VADD(d, vc));                                     \
+            if (zterm)                                                           \
+                v = BN_VADD(v, BN_VMUL(vs, BN_VSUB(BN_VSUB(IN(z), vm), vml)));   \
+        }                                                                        \
+        STORE(out, v);                                                           \
     } while (0)
+/* a run's arguments, and the rows' (nrows runs, each array's rows its stride apart) */
+#define BN_H_ARGS                                                                          \
+    const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux, \
+        uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m,     \
+        const float *ml, const float *s, const float *a, const float *c, const int cs,     \
+        const int relu, const int zterm
+#define BN_H_ROWS_ARGS                                                                            \
+    BN_H_ARGS, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, \
+        Py_ssize_t sout2
+#define BN_H_ROWS(RUN)                                                                             \
+    do {                                                                                           \
+        Py_ssize_t r;                                                                              \
+        for (r = 0; r < nrows; r++)                                                                \
+            RUN(z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * saux, \
+                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, ml, s, a, c, cs,     \
+                relu, zterm);                                                                      \
+    } while (0)
+#define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+#define BN_H_TARGET_F16C __attribute__((target("avx2,f16c")))
 
 #define BN_VSUB _mm512_sub_ps
 #define BN_VADD _mm512_add_ps
 #define BN_VMUL _mm512_mul_ps
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static inline void bn_h_affine_avx512(
-    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
-    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+#define BN_H_KEEP(y, v)   \
+    _mm512_mask_blend_ps( \
+        _mm512_cmp_ps_mask((y), _mm512_setzero_ps(), _CMP_LE_OQ), (v), _mm512_setzero_ps())
+BN_H_TARGET_AVX512 static inline __attribute__((always_inline)) void bn_h_run_avx512(BN_H_ARGS)
 {
     Py_ssize_t k = 0;
-#define BN_H_LOADC(p) _mm512_loadu_ps(p)
+#define BN_H_LOADC(p) _mm512_loadu_ps((p) + k)
 #define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
-#define BN_H_STORE(v) \
-    _mm256_storeu_si256((__m256i *)(out + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+#define BN_H_STORE(p, v) \
+    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
     for (; k + 16 <= n; k += 16)
-        BN_H_AFFINE(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
+        BN_H_RUN(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN, BN_H_STORE, BN_H_KEEP);
 #undef BN_H_LOADC
 #undef BN_H_IN
 #undef BN_H_STORE
     if (k < n) { /* the last, partial sixteen under a mask */
         const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
-#define BN_H_LOADC(p) _mm512_maskz_loadu_ps(t, p)
+#define BN_H_LOADC(p) _mm512_maskz_loadu_ps(t, (p) + k)
 #define BN_H_IN(p) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, (p) + k))
-#define BN_H_STORE(v) \
-    _mm256_mask_storeu_epi16(out + k, t, _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
-        BN_H_AFFINE(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
+#define BN_H_STORE(p, v) \
+    _mm256_mask_storeu_epi16((p) + k, t, _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+        BN_H_RUN(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN, BN_H_STORE, BN_H_KEEP);
 #undef BN_H_LOADC
 #undef BN_H_IN
 #undef BN_H_STORE
     }
 }
-#undef BN_VSUB
-#undef BN_VADD
-#undef BN_VMUL
-
-#define BN_VSUB _mm256_sub_ps
-#define BN_VADD _mm256_add_ps
-#define BN_VMUL _mm256_mul_ps
-__attribute__((target("avx2,f16c"))) static inline void bn_h_affine_f16c(
-    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
-    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
 {
-    Py_ssize_t k = 0;
-#define BN_H_IN(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + k)))
-#define BN_H_STORE(v) \
-    _mm_storeu_si128((__m128i *)(out + k), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
-    for (; k + 8 <= n; k += 8)
-        BN_H_AFFINE(__m256, _mm256_loadu_ps, _mm256_set1_ps, BN_H_IN(z), BN_H_IN(dy), BN_H_STORE);
-#undef BN_H_IN
-#undef BN_H_STORE
-    if (k < n) { /* the last, partial eight: as eight, from copies padded with zeros */
-        uint16_t zt[8] = {0}, dyt[8] = {0}, ot[8];
-        const Py_ssize_t r = n - k, o = cs ? k : 0;
-        Py_ssize_t j;
-        for (j = 0; j < r; j++) {
-            zt[j] = z[k + j];
-            dyt[j] = dy == NULL ? 0 : dy[k + j];
-        }
-        bn_h_affine_f16c(
-            zt, dy == NULL ? NULL : dyt, ot, 8, m + o, ml + o, s + o, a + o, c + o, cs);
-        for (j = 0; j < r; j++)
-            out[k + j] = ot[j];
-    }
+    BN_H_ROWS(bn_h_run_avx512);
 }
 #undef BN_VSUB
 #undef BN_VADD
 #undef BN_VMUL
-#undef BN_H_AFFINE
+#undef BN_H_KEEP
+
+#define BN_VSUB _mm256_sub_ps
+#define BN_VADD _mm256_add_ps
+#define BN_VMUL _mm256_mul_ps
+#define BN_H_KEEP(y, v) \
+    _mm256_blendv_ps((v), _mm256_setzero_ps(), _mm256_cmp_ps((y), _mm256_setzero_ps(), _CMP_LE_OQ))
+#define BN_H_LOADC(p) _mm256_loadu_ps((p) + k)
+BN_H_TARGET_F16C static inline __attribute__((always_inline)) void bn_h_run_f16c(BN_H_ARGS)
+{
+    Py_ssize_t k = 0;
+#define BN_H_IN(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + k)))
+#define BN_H_STORE(p, v) \
+    _mm_storeu_si128((__m128i *)((p) + k), _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+    for (; k + 8 <= n; k += 8)
+        BN_H_RUN(__m256, BN_H_LOADC, _mm256_set1_ps, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+#undef BN_H_IN
+#undef BN_H_STORE
+    if (k < n) { /* the last, partial eight, through copies padded with zeros (p##_t) */
+        uint16_t z_t[8] = {0}, dy_t[8] = {0}, aux_t[8] = {0}, out_t[8], out2_t[8];
+        const Py_ssize_t rest = n - k;
+        Py_ssize_t j;
+        for (j = 0; j < rest; j++) {
+            z_t[j] = dy == NULL || zterm ? z[k + j] : 0;
+            dy_t[j] = dy == NULL ? 0 : dy[k + j];
+            aux_t[j] = aux == NULL ? 0 : aux[k + j];
+        }
+#define BN_H_IN(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p##_t))
+#define BN_H_STORE(p, v) \
+    _mm_storeu_si128((__m128i *)p##_t, _mm256_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+        BN_H_RUN(__m256, BN_H_LOADC, _mm256_set1_ps, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+#undef BN_H_IN
+#undef BN_H_STORE
+        for (j = 0; j < rest; j++) {
+            out[k + j] = out_t[j];
+            if (out2 != NULL)
+                out2[k + j] = out2_t[j];
+        }
+    }
+}
+BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS(bn_h_run_f16c); }
+#undef BN_H_LOADC
+#undef BN_VSUB
+#undef BN_VADD
+#undef BN_VMUL
+#undef BN_H_KEEP
+#undef BN_H_RUN
+#undef BN_H_ROWS
+#undef BN_H_TARGET_AVX512
+#undef BN_H_TARGET_F16C
+#undef BN_H_ARGS
+#undef BN_H_ROWS_ARGS
 #endif
 
+/* bn_h_affine over nrows rows (each array's rows its stride apart; one run: nrows 1) */
 static inline __attribute__((always_inline)) int bn_h_affine(
-    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t n,
-    const float *m, const float *ml, const float *s, const float *a, const float *c, const int cs)
+    const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux,
+    uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m, const float *ml,
+    const float *s, const float *a, const float *c, const int cs, const int relu, const int zterm,
+    Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout,
+    Py_ssize_t sout2)
 {
 #ifdef BN_HAVE_F16C
+#define BN_H_CALL(fn) \
+    fn(z, dy, aux, out, out2, n, m, ml, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
     if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_affine_avx512(z, dy, out, n, m, ml, s, a, c, cs);
+        BN_H_CALL(bn_h_affine_avx512);
         return 1;
     }
     if (bn_f16_kind == BN_F16_F16C) {
-        bn_h_affine_f16c(z, dy, out, n, m, ml, s, a, c, cs);
+        BN_H_CALL(bn_h_affine_f16c);
         return 1;
     }
+#undef BN_H_CALL
 #endif
-    (void)z, (void)dy, (void)out, (void)n, (void)m, (void)ml, (void)s, (void)a, (void)c, (void)cs;
+    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)ml, (void)s;
+    (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
+    (void)saux, (void)sout, (void)sout2;
     return 0;
 }
 

@@ -34,9 +34,11 @@
  * - An output run's loop goes to BN_OPAD(n) (float16: n rounded up to sixteen, BN_PAD), its
  *   inputs' padding being zeros and its coefficient arrays (cs 1) padded as far; the extra
  *   lanes are never flushed.
- * - BN_OUT_DIRECT(z, dy, o, n, m, ml, s, a, c, cs) runs a plain output run (no epilogue)
- *   without staging and returns 1 where it can (float16 with vector code: bn_h_affine, the
- *   same bits), else 0, and the caller takes the staged loop. */
+ * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nrows, sz, sdy,
+ *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
+ *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
+ *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
+ *   loop. */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -99,7 +101,9 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
-#define BN_OUT_DIRECT(z, dy, o, n, m, ml, s, a, c, cs) 0
+#define BN_OUT_DIRECT(                                                             \
+    z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
+    0
 #endif
 
 /* The task-level functions (the table's): BN_CLONES; float16's also flatten, inlining every
@@ -588,15 +592,41 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     }
 }
 
-/* bn_epi_run with the flags of e, each combination a constant */
+/* bn_epi_run over nrows runs of n (rows: each array's runs its row stride apart, aux's and
+ * out2's those of e), first as one BN_OUT_DIRECT call; the flags constants, the pointers
+ * they say are there not NULL */
+static inline __attribute__((always_inline)) void BN_FN(bn_epi_rows)(
+    const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
+    const BN_OT *m, const BN_OT *ml, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
+    const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
+    const bn_epi *e, const int fwd, const int has_aux, const int relu, const int has_out2,
+    const int zterm)
+{
+    Py_ssize_t r;
+    if ((!fwd && dy == NULL) || (has_aux && aux == NULL) || (has_out2 && out2 == NULL))
+        __builtin_unreachable();
+    if (BN_OUT_DIRECT(
+            z, fwd ? NULL : dy, has_aux ? aux : NULL, out, has_out2 ? out2 : NULL, n, m, ml, S, A,
+            Cc, cs, relu, zterm, nrows, sz, sdy, e->aux_n, sout, e->out2_n))
+        return;
+    for (r = 0; r < nrows; r++)
+        BN_FN(bn_epi_run)(
+            z + r * sz, fwd ? NULL : dy + r * sdy, has_aux ? aux + r * e->aux_n : NULL,
+            out + r * sout, has_out2 ? out2 + r * e->out2_n : NULL, n, m, ml, S, A, Cc, cs, fwd,
+            has_aux, relu, has_out2, zterm);
+}
+
+/* bn_epi_rows with the flags of e, each combination a constant */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
     const BN_OT *m, const BN_OT *ml, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
-    const Py_ssize_t cs, const bn_epi *e)
+    const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
+    const bn_epi *e)
 {
-#define BN_EPI(fwd, has_aux, relu, has_out2, zterm) \
-    BN_FN(bn_epi_run)(                              \
-        z, dy, aux, out, out2, n, m, ml, S, A, Cc, cs, fwd, has_aux, relu, has_out2, zterm)
+#define BN_EPI(fwd, has_aux, relu, has_out2, zterm)                                           \
+    BN_FN(bn_epi_rows)(                                                                       \
+        z, dy, aux, out, out2, n, m, ml, S, A, Cc, cs, nrows, sz, sdy, sout, e, fwd, has_aux, \
+        relu, has_out2, zterm)
     if (dy == NULL) {
         if (aux == NULL)
             e->relu ? BN_EPI(1, 0, 1, 0, 1) : BN_EPI(1, 0, 0, 0, 1);
@@ -616,20 +646,16 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
 #undef BN_EPI
 }
 
-/* bn_rows_affine with a fused epilogue: row by row, as it (inlined into it, so compiled for
- * each of its instruction sets) */
+/* bn_rows_affine with a fused epilogue (inlined into it, so compiled for each of its
+ * instruction sets) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
     Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *ml, const BN_OT *S,
     const BN_OT *A, const BN_OT *Cc, const bn_epi *e)
 {
-    const BN_T *aux = e->aux;
-    BN_T *out2 = e->out2;
-    Py_ssize_t r;
-    for (r = 0; r < nrows; r++)
-        BN_FN(bn_epi_any)(
-            z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * e->aux_n,
-            out + r * sout, out2 == NULL ? NULL : out2 + r * e->out2_n, cw, m, ml, S, A, Cc, 1, e);
+    BN_FN(bn_epi_any)(
+        z, dy, (const BN_T *)e->aux, out, (BN_T *)e->out2, cw, m, ml, S, A, Cc, 1, nrows, sz, sdy,
+        sout, e);
 }
 
 /* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], ml[j]);  without
@@ -670,13 +696,14 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
         }
 #endif
     G = BN_GROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw), BN_OPIECE);
+    if (G == 1 && BN_OUT_DIRECT(
+                      z + r * sz, dy == NULL ? NULL : dy + r * sdy, NULL, out + r * sout, NULL, cw,
+                      m, ml, S, A, Cc, 1, 0, 1, nrows - r, sz, sdy, 0, sout, 0))
+        return;
     for (; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
-        if (g == 1 &&
-            BN_OUT_DIRECT(zr, dy == NULL ? NULL : dy + r * sdy, outr, cw, m, ml, S, A, Cc, 1))
-            continue;
         if (dy == NULL) {
 #define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], ml[k], Cc[k])
             BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
@@ -908,7 +935,7 @@ static BN_TASK void BN_FN(bn_plane_affine)(
                     aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
                     out + n * soutn + c * soutc + l0,
                     out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, &mc,
-                    &mlc, &sc, &a, &cc, 0, e);
+                    &mlc, &sc, &a, &cc, 0, 1, 0, 0, 0, e);
             }
         }
         return;
@@ -937,8 +964,8 @@ static BN_TASK void BN_FN(bn_plane_affine)(
             BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
             (void)mlc;
             if (BN_OUT_DIRECT(
-                    zp + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0, op + l0, l1 - l0,
-                    &mc, &mlc, &sc, &a, &cc, 0))
+                    zp + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0, NULL, op + l0, NULL,
+                    l1 - l0, &mc, &mlc, &sc, &a, &cc, 0, 0, 1, 1, 0, 0, 0, 0, 0))
                 continue;
             if (dy == NULL) {
 #define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, mlc, cc)
