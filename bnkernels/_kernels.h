@@ -341,13 +341,14 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
 /* one vector of the run at k: LOADC(p) loads coefficients from array p, IN(p) widens the
  * elements of input p, STORE(p, v) rounds v into those of output p, KEEP(y, v) is v where
  * y > 0 or NaN and +0 elsewhere (bn_masked_f) */
+#define BN_H_ZM(IN) BN_VSUB(BN_VSUB(IN(z), vm), vml) /* (z - m) - ml, as BN_ZM */
 #define BN_H_RUN(V, LOADC, SET1, IN, STORE, KEEP)                                \
     do {                                                                         \
         const V vm = cs ? LOADC(m) : SET1(*m), vml = cs ? LOADC(ml) : SET1(*ml), \
                 vs = cs ? LOADC(s) : SET1(*s), vc = cs ? LOADC(c) : SET1(*c);    \
         V v;                                                                     \
         if (dy == NULL) {                                                        \
-            v = BN_VADD(BN_VMUL(vs, BN_VSUB(BN_VSUB(IN(z), vm), vml)), vc);      \
+            v = BN_VADD(BN_VMUL(vs, BN_H_ZM(IN)), vc);                           \
             if (aux != NULL)                                                     \
                 v = BN_VADD(v, IN(aux));                                         \
             if (relu)                                                            \
@@ -361,7 +362,7 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
                 STORE(out2, d);                                                  \
             v = BN_VMUL(va, BN_VADD(d, vc));                                     \
             if (zterm)                                                           \
-                v = BN_VADD(v, BN_VMUL(vs, BN_VSUB(BN_VSUB(IN(z), vm), vml)));   \
+                v = BN_VADD(v, BN_VMUL(vs, BN_H_ZM(IN)));                        \
         }                                                                        \
         STORE(out, v);                                                           \
     } while (0)
@@ -469,6 +470,7 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 #undef BN_VMUL
 #undef BN_H_KEEP
 #undef BN_H_RUN
+#undef BN_H_ZM
 #undef BN_H_ROWS
 #undef BN_H_TARGET_AVX512
 #undef BN_H_TARGET_F16C
