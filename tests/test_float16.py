@@ -84,12 +84,13 @@ def test_vector_and_integer_conversions_give_the_same_bits(code):
 
 def _passes(x, dy, axis):
     """Every output of forward and backward, train and test mode, plain and with the fused
-    ReLU and residual, as bit patterns."""
+    ReLU, the residual and both, as bit patterns."""
     C = x.shape[axis]
     g, b = np.linspace(0.5, 2, C).astype(F16), np.linspace(-1, 1, C).astype(F16)
+    relu, residual = {"activation": "relu"}, {"residual": dy[::-1]}
     outs = []
     for mode in ("train", "test"):
-        for fused in ({}, {"activation": "relu", "residual": dy[::-1]}):
+        for fused in ({}, relu, residual, {**relu, **residual}):
             p = {"mode": mode, "running_mean": np.zeros(C), "running_var": np.ones(C)}
             out, cache = bnkernels.forward(x, g, b, p, axis=axis, **fused)
             outs += [out, *bnkernels.backward(dy, cache)]
@@ -144,6 +145,33 @@ def test_every_pass_gives_the_integer_codes_bits(code, shape, axis, offset):
     for v, i in zip(vector, integer):
         assert _same_halves(v.view(F16), i.view(F16)).all()
     assert np.isfinite(np.moveaxis(integer[0].view(F16), axis, 0)[1:]).all()
+
+
+@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
+@pytest.mark.parametrize("shape,axis", _PASS_CASES, ids=_PASS_IDS)
+def test_test_mode_dx_does_not_read_x(code, shape, axis):
+    """With running statistics dx = gamma*invstd*dy (masked by a fused ReLU's output): no
+    term in x, so NaN and Inf in x stay out of it, with each code as with the integer code."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(F16)
+    x.flat[::7], x.flat[3::11] = np.nan, np.inf
+    dy = rng.standard_normal(shape).astype(F16)
+    C = x.shape[axis]
+    p = {"mode": "test", "running_mean": np.zeros(C), "running_var": np.ones(C)}
+    g, b = np.linspace(0.5, 2, C).astype(F16), np.zeros(C, F16)
+
+    def dxs():
+        with np.errstate(invalid="ignore"):
+            return [
+                bnkernels.backward(dy, bnkernels.forward(x, g, b, dict(p), axis=axis, **f)[1])[0]
+                for f in ({}, {"activation": "relu"}, {"residual": dy})
+            ]
+
+    vector = dxs()
+    _kernels.float16_code("integer")
+    for v, i in zip(vector, dxs()):
+        assert np.isfinite(v).all()
+        assert np.array_equal(bits(v), bits(i))
 
 
 @pytest.mark.parametrize("shape,axis", [c for c in _PASS_CASES if c[1] == -1 or len(c[0]) == 2])
