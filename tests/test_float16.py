@@ -97,12 +97,14 @@ def _passes(x, dy, axis):
     return [bits(o) for o in outs]
 
 
-# rows narrower and wider than a widened run (512), short contiguous rows converted many
-# to a run (also channels-last), planes shorter and longer than one and not a multiple of
-# any vector width, NCHW planes taken as rows
+# rows narrower and wider than a widened run (512), tasks of rows wider than 512 (their
+# float coefficients in a heap buffer), short contiguous rows converted many to a run (also
+# channels-last), planes shorter and longer than one and not a multiple of any vector
+# width, NCHW planes taken as rows
 _PASS_CASES = [
     ((300, 37), 1),
     ((40, 1100), 1),
+    ((2, 9000), 1),
     ((3000, 3), 1),
     ((8, 6, 6, 5), -1),
     ((4, 3, 700, 3), 1),
