@@ -10,6 +10,11 @@ far below a float16 ulp of the terms (2**-11).  dgamma and dbeta, float64 sums, 
 once: within half a float16 ulp of the float64 result.
 """
 
+import os
+import subprocess
+import sys
+import sysconfig
+
 import numpy as np
 import pytest
 
@@ -383,3 +388,72 @@ def test_split_batch_passes_take_float16():
     got = bnkernels.backward_apply(dout, cache, s1, s2, count)
     for a, b in zip(got, bnkernels.backward(dout, cache)):
         assert np.array_equal(bits(a), bits(b))
+
+
+# malloc, except for blocks of exactly bn_fail_size bytes while it is not 0 (counted in
+# bn_failures): preloaded into a child, it fails one allocation of the kernels on purpose
+_FAILING_MALLOC = r"""
+#include <stddef.h>
+extern void *__libc_malloc(size_t);
+size_t bn_fail_size = 0;
+long bn_failures = 0;
+void *malloc(size_t n)
+{
+    if (n != 0 && n == bn_fail_size) {
+        __atomic_fetch_add(&bn_failures, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return __libc_malloc(n);
+}
+"""
+
+_FALLBACK_CHILD = r"""
+import ctypes, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_float16 as t
+from bnkernels import _kernels
+shim = ctypes.CDLL(sys.argv[2])
+fail_size = ctypes.c_size_t.in_dll(shim, "bn_fail_size")
+failures = ctypes.c_long.in_dll(shim, "bn_failures")
+assert _kernels.float16_code(sys.argv[3]) == sys.argv[3]
+x, dy = t._pass_inputs((2, 9000), 1)
+with np.errstate(invalid="ignore", over="ignore"):
+    fine = t._passes(x, dy, 1)
+    fail_size.value = int(sys.argv[4])
+    failing = t._passes(x, dy, 1)
+    fail_size.value = 0
+print(failures.value, all(np.array_equal(a, b) for a, b in zip(fine, failing)))
+"""
+
+
+def test_rows_wider_than_the_stack_give_the_same_bits_when_their_buffer_fails(code, tmp_path):
+    """A float16 rows task of more than 512 columns takes its float coefficients from a
+    heap buffer; should that malloc fail, its columns go 512 at a time over the rows, with
+    the same bits.  A child with a malloc that fails exactly that buffer's size runs every
+    pass of (2, 9000), whose tasks are 576 columns wide, both ways."""
+    if os.environ.get("LD_PRELOAD"):  # the address sanitizer's runtime, say: it owns malloc
+        pytest.skip("LD_PRELOAD is set already (%s)" % os.environ["LD_PRELOAD"])
+    cb = _kernels.rows_plan(2, 9000, 2, 1)[0]
+    assert cb > 512 and all(_kernels.rows_plan(2, 9000, 2, n)[0] == cb for n in (2, 3, 4))
+    size = 5 * (-(-cb // 16) * 16) * 4  # 5 float arrays of the task's width padded to 16
+    src, lib = tmp_path / "failing_malloc.c", tmp_path / "failing_malloc.so"
+    src.write_text(_FAILING_MALLOC)
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    try:
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", str(src), "-o", str(lib)], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip("no C compiler to build the failing malloc: %s" % exc)
+    env = dict(os.environ, LD_PRELOAD=str(lib))
+    args = [os.path.dirname(os.path.abspath(__file__)), str(lib), code, str(size)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_CHILD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    n_failed, same = proc.stdout.split()
+    assert int(n_failed) > 0  # the buffer was asked for, and refused
+    assert same == "True"
