@@ -196,6 +196,20 @@ cdef inline Py_ssize_t _clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexce
     return lo if v < lo else (hi if v > hi else v)
 
 
+cdef inline Py_ssize_t _even_chunks(Py_ssize_t n, Py_ssize_t most) noexcept nogil:
+    """The length of chunks of at most `most` that split n into an even number of chunks
+    (or one) of one length, the last shorter by less than their number: two threads then
+    share a pass's chunks evenly, where a short last chunk or an odd count would leave one
+    of them waiting at the end.  The count goes up by one at most, so a chunk keeps at
+    least half of `most`.  (Chunks of fewer elements than their number can come out fewer
+    than asked, an odd count: the length is rounded up.)"""
+    cdef Py_ssize_t k = _cdiv(n, most)
+    if k <= 1:
+        return n
+    k += k & 1
+    return _cdiv(n, k)
+
+
 cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                      Py_ssize_t n_arrays) noexcept nogil:
     """Rows of C channels of L contiguous columns each (L = 1 but for small NCHW planes)."""
@@ -226,7 +240,7 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
         # VM does not reliably give, and their far-apart short runs alias in the caches
         # (slower on every machine measured; docs/performance.md)
         p.cb = min(C, max(1, WIDE_BLOCK_BYTES // width))
-        p.chunk = max(1, TASK_INPUT_BYTES // (p.cb * width * n_arrays))
+        p.chunk = _even_chunks(R, max(1, TASK_INPUT_BYTES // (p.cb * width * n_arrays)))
     p.n_blocks = _cdiv(C, p.cb)
     p.n_chunks = _cdiv(R, p.chunk)
     p.n_tasks = p.n_blocks * p.n_chunks
@@ -243,7 +257,7 @@ cdef Plan _planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
         p.chunk = E
     else:
         p.cb = 1
-        p.chunk = TASK_INPUT_BYTES // (isz * n_arrays)
+        p.chunk = _even_chunks(E, TASK_INPUT_BYTES // (isz * n_arrays))
     p.n_blocks = _cdiv(C, p.cb)
     p.n_chunks = _cdiv(E, p.chunk)
     p.n_tasks = p.n_blocks * p.n_chunks

@@ -43,6 +43,9 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     assert 1 <= chunk <= R
     assert n_chunks == -(-R // chunk)
     assert (n_chunks - 1) * chunk < R <= n_chunks * chunk
+    # chunks longer than their count: an even count, the last shorter by less than the count
+    if 1 < n_chunks < chunk:
+        assert n_chunks % 2 == 0 and R - (n_chunks - 1) * chunk > chunk - n_chunks
     # sensible sizes: a block is at least MIN_BLOCK bytes wide (or all channels) and its task's
     # input stays within TASK bytes (unless one row of a block is more); else a split channel
     # gets chunks of at least half a task, not slivers
@@ -77,6 +80,8 @@ def check_planar_plan(N, C, L, itemsize, n_arrays):
     assert 1 <= chunk <= E
     assert n_chunks == -(-E // chunk)
     assert (n_chunks - 1) * chunk < E <= n_chunks * chunk
+    if 1 < n_chunks < chunk:
+        assert n_chunks % 2 == 0 and E - (n_chunks - 1) * chunk > chunk - n_chunks
     task_bytes = chunk * cb * itemsize * n_arrays
     assert task_bytes <= TASK
     if n_chunks > 1:
@@ -205,20 +210,26 @@ def _compare(x, axis, dy, eps_mode):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+def _ragged(extents, plan, L=1):
+    """The first of extents (rows, or samples of L elements) that plan(extent, n_arrays)
+    splits into chunks with a shorter last one, for the forward's one array and the
+    backward's two; planar (L > 1) chunks must also start inside a plane."""
+    for e in extents:
+        plans = [plan(e, n_arrays) for n_arrays in (1, 2)]
+        if all(n > 1 and (e * L) % c != 0 and (L == 1 or c % L != 0) for _, _, c, n in plans):
+            return e
+    raise AssertionError("no extent gives ragged chunks")
+
+
 @pytest.mark.parametrize("eps_mode", ["var", "std"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rows_results_across_chunk_edges(dtype, eps_mode):
     isz = np.dtype(dtype).itemsize
     C = MIN_BLOCK // isz + 3  # wider than the narrowest block
     chunk = _kernels.rows_plan(10**9, C, isz, 1)[2]
-    # the fewest rows past a whole number of chunks that the forward plan splits: full
-    # chunks and a ragged last one of 3 rows
-    R = next(
-        k * chunk + 3 for k in range(1, 64) if _kernels.rows_plan(k * chunk + 3, C, isz, 1)[3] > 1
+    R = _ragged(
+        (k * chunk + 3 for k in range(1, 64)), lambda R, n: _kernels.rows_plan(R, C, isz, n)
     )
-    for n_arrays in (1, 2):
-        _, _, c, n = _kernels.rows_plan(R, C, isz, n_arrays)
-        assert n > 1 and R % c != 0
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((R, C)) * 2 + 5).astype(dtype)
     dy = rng.standard_normal((R, C)).astype(dtype)
@@ -233,12 +244,9 @@ def test_small_planes_results_across_chunk_edges(eps_mode):
     C, H, W = 3, 8, 8
     L = H * W
     chunk = _kernels.rows_plan(10**9, C, 4, 1, L)[2]
-    N = next(
-        k * chunk + 3 for k in range(1, 64) if _kernels.rows_plan(k * chunk + 3, C, 4, 1, L)[3] > 1
+    N = _ragged(
+        (k * chunk + 3 for k in range(1, 64)), lambda N, n: _kernels.rows_plan(N, C, 4, n, L)
     )
-    for n_arrays in (1, 2):
-        _, _, c, n = _kernels.rows_plan(N, C, 4, n_arrays, L)
-        assert n > 1 and N % c != 0
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((N, C, H, W)) * 2 + 3).astype(np.float32)
     dy = rng.standard_normal((N, C, H, W)).astype(np.float32)
@@ -273,10 +281,7 @@ def test_planar_results_across_chunk_edges(eps_mode):
     L = 43691  # a prime: chunks start in the middle of a plane
     C = 2
     chunk = _kernels.planar_plan(10**6, C, L, 8, 1)[2]
-    N = chunk // L + 1
-    for n_arrays in (1, 2):
-        _, _, c, n = _kernels.planar_plan(N, C, L, 8, n_arrays)
-        assert n > 1 and (N * L) % c != 0 and c % L != 0
+    N = _ragged(range(chunk // L + 1, 64), lambda N, n: _kernels.planar_plan(N, C, L, 8, n), L)
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((N, C, L)) * 3 - 1).astype(np.float64)
     dy = rng.standard_normal((N, C, L)).astype(np.float64)
