@@ -844,11 +844,16 @@ cdef void _rows_reduce_moments(const Job *j, Span sp, double *mean, double *m2,
     cdef double d1
     for c in range(cw):
         mean[c] = bn_load(x, c * L, j.isz)
-    _spread(mean, cw, L, scratch)
-    j.loops.rows_centered(x, j.x_n, sp.i1 - sp.i0, cols, scratch, scratch + cols,
-                          scratch + 2 * cols)
-    _fold(scratch + 2 * cols, cw, L, m2)
-    _fold(scratch + cols, cw, L, scratch)
+    if L == 1:
+        # a channel is a column: its sums straight into place (a fold of one would add
+        # them to 0.0, which changes nothing: sums that start at 0.0 are never -0.0)
+        j.loops.rows_centered(x, j.x_n, sp.i1 - sp.i0, cw, mean, scratch, m2)
+    else:
+        _spread(mean, cw, L, scratch)
+        j.loops.rows_centered(x, j.x_n, sp.i1 - sp.i0, cols, scratch, scratch + cols,
+                              scratch + 2 * cols)
+        _fold(scratch + 2 * cols, cw, L, m2)
+        _fold(scratch + cols, cw, L, scratch)
     for c in range(cw):
         d1 = scratch[c]
         mean[c] = mean[c] + d1 / n
