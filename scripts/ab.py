@@ -2,7 +2,7 @@
 
     python scripts/ab.py OTHER [--cases PATTERN] [--shape LAYOUT:SHAPE:DTYPE ...]
                                [--pass PASS] [--threads N] [--seconds S]
-                               [--params DTYPE] [--float16-code KIND]
+                               [--params DTYPE] [--float16-code KIND] [--other-l3 BYTES]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
 after ``python setup.py build_ext --inplace``).  Both packages are imported side by side
@@ -11,6 +11,8 @@ benchmark cases, and called in turns with the roofline pass, the first place rot
 as ``python -m bnkernels bench`` does; the shared machine's drift then hits all of them
 alike.  Printed per case: the median times and this/other (below 1: this tree is faster).
 This tree's package is the one Python imports (run from the checkout, or installed).
+``--other-l3 BYTES`` loads the other build with its plans pinned to that L3 size, so that a
+build of this same commit shows what the L3-dependent plans change.
 ``--shape`` times shapes outside the grid instead, e.g. ``--shape 2d:512x256:float32
 nhwc:8x28x28x96:float64`` (layouts as in the grid: 2d, nchw, nhwc).  ``--params``
 gives gamma and beta another dtype than the data's (mixed precision).
@@ -30,8 +32,9 @@ import bnkernels  # noqa: E402
 from bnkernels import _bench, _kernels  # noqa: E402
 
 
-def load_other(directory):
-    """The bnkernels package found in ``directory``, imported as ``bnkernels_other``."""
+def load_other(directory, l3=None):
+    """The bnkernels package found in ``directory``, imported as ``bnkernels_other``; with
+    l3, its plans assume an L3 of l3 bytes."""
     init = os.path.join(directory, "bnkernels", "__init__.py")
     if not os.path.exists(init):
         sys.exit("no bnkernels package in %s" % directory)
@@ -40,7 +43,16 @@ def load_other(directory):
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules["bnkernels_other"] = module
-    spec.loader.exec_module(module)
+    saved = os.environ.get("BNKERNELS_L3_BYTES")
+    if l3 is not None:
+        os.environ["BNKERNELS_L3_BYTES"] = str(l3)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("BNKERNELS_L3_BYTES", None)
+        else:
+            os.environ["BNKERNELS_L3_BYTES"] = saved
     if os.path.realpath(module.__file__) == os.path.realpath(bnkernels.__file__):
         sys.exit("%s is this tree's package" % directory)
     return module
@@ -141,8 +153,17 @@ def main(argv=None):
         choices=("avx512", "f16c", "integer"),
         help="float16 conversions of this kind in both builds (default: the widest the CPU has)",
     )
+    p.add_argument(
+        "--other-l3",
+        type=int,
+        metavar="BYTES",
+        help="the L3 size the other build's plans assume (BNKERNELS_L3_BYTES while it loads; "
+        "this tree's keeps its own): a build of this very commit then shows what the "
+        "L3-dependent plans change",
+    )
     args = p.parse_args(argv)
-    other = load_other(args.other)
+    other = load_other(args.other, args.other_l3)
+    print("L3 the plans assume: this %d, other %d" % (_kernels.L3_BYTES, other._kernels.L3_BYTES))
     if args.float16_code:
         print("float16 code: %s" % _kernels.float16_code(args.float16_code))
         other._kernels.float16_code(args.float16_code)
