@@ -13,8 +13,10 @@ WIDE_BLOCK_BYTES: int  # channel block of a chunked rows task: full rows up to t
 PARALLEL_MIN_ELEMS: int  # elements from which a call may use several threads
 # the L3 size the plans assume: BNKERNELS_L3_BYTES, else sysfs, else sysconf; 0: unknown
 L3_BYTES: int
-# float64 outputs of at least this many bytes are written with streaming stores: L3_BYTES,
-# or 32 MiB where that is 0 (unknown); the results are the same either way
+# float64 outputs of at least this many bytes are written with streaming stores:
+# STREAM_CAP_BYTES (16 MiB), or L3_BYTES where that is known and smaller; the results are the
+# same either way
+STREAM_CAP_BYTES: int
 STREAM_OUTPUT_BYTES: int
 
 def openmp_enabled() -> bool: ...

@@ -46,7 +46,7 @@ PLAN = """
 @pytest.mark.parametrize("l3", [0, 8 * MiB, 32 * MiB - 1, 32 * MiB, 64 * MiB])
 def test_tall_rows_are_chunked_full_rows_whatever_the_l3(l3):
     got_l3, stream, bwd, fwd = json.loads(_child(PLAN, l3).stdout)
-    assert got_l3 == l3 and stream == (l3 or 32 * MiB)
+    assert got_l3 == l3 and stream == min(l3 or 16 * MiB, 16 * MiB)
     for cb, n_blocks, _chunk, n_chunks in (bwd, fwd):
         assert cb == 1024 and n_blocks == 1 and n_chunks > 1
 
@@ -239,7 +239,12 @@ def test_streaming_stores_give_the_same_bits():
     assert d_on == d_off
 
 
-def test_stream_threshold_is_the_l3_size():
+@pytest.mark.parametrize(
+    "l3, threshold",
+    # 16 MiB, or a smaller L3; a larger reported L3 (a shared VM's) or an unknown one: 16 MiB
+    [(8 * MiB, 8 * MiB), (16 * MiB, 16 * MiB), (32 * MiB, 16 * MiB), (0, 16 * MiB)],
+)
+def test_stream_threshold_is_16_mib_or_a_smaller_l3(l3, threshold):
     code = "from bnkernels import _kernels; print(_kernels.STREAM_OUTPUT_BYTES)"
-    assert int(_child(code, 8 * MiB).stdout) == 8 * MiB
-    assert int(_child(code, 0).stdout) == 32 * MiB  # unknown L3
+    assert _kernels.STREAM_CAP_BYTES == 16 * MiB
+    assert int(_child(code, l3).stdout) == threshold
