@@ -639,6 +639,20 @@ def format_markdown(doc):
     return "\n".join(out)
 
 
+def format_run(doc):
+    """The tables of a run recorded with ``--json``, whichever kind: the grid's
+    (format_markdown), a --load run's (format_load) or a --fused run's (format_fused)."""
+    if isinstance(doc, dict):
+        for key, fmt in (
+            ("results", format_markdown),
+            ("load", format_load),
+            ("fused", format_fused),
+        ):
+            if key in doc:
+                return fmt(doc if key == "results" else doc[key])
+    raise ValueError("not a run recorded by python -m bnkernels bench --json")
+
+
 _COLORS = {
     "alt": "#999999",
     "bnkernels": "#d62728",
@@ -1040,7 +1054,8 @@ def build_parser():
     p.add_argument(
         "--markdown",
         metavar="JSON",
-        help="print the Markdown tables of a run recorded with --json, run nothing",
+        help="print the tables of a run recorded with --json, run nothing: the grid's in "
+        "Markdown, those of --load and --fused runs as the runs printed them",
     )
     return p
 
@@ -1049,8 +1064,12 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.markdown:
-        with open(args.markdown) as f:
-            print(format_markdown(json.load(f)), end="")
+        try:
+            with open(args.markdown) as f:
+                text = format_run(json.load(f))
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            parser.error("--markdown %s: %s" % (args.markdown, e))
+        print(text, end="")
         return 0
     # the output paths are checked now, not after a run of many minutes
     for option, path in (("--json", args.json), ("--plot", args.plot)):

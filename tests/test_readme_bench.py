@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from bnkernels import _bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,6 +109,52 @@ def test_markdown_tables_of_a_small_run(tmp_path, capsys):
     path.write_text(json.dumps(doc))
     assert _bench.main(["--markdown", str(path)]) == 0
     assert capsys.readouterr().out.splitlines() == lines
+
+
+def _printed_markdown(tmp_path, capsys, doc):
+    """What ``python -m bnkernels bench --markdown RUN`` prints for the run doc."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    assert _bench.main(["--markdown", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_markdown_prints_load_and_fused_runs_as_they_printed(tmp_path, capsys):
+    load = {
+        "case": "2d-50x100-f64",
+        "shape": [50, 100],
+        "dtype": "float64",
+        "pass": "backward",
+        "threads": "default",
+        "busy": 2,
+        "quiet_1_thread_median_s": 1e-5,
+        "p50_s": 1.5e-5,
+        "p99_s": 4e-5,
+        "calls": 100,
+    }
+    out = _printed_markdown(tmp_path, capsys, {"date": "2026-01-01", "machine": {}, "load": [load]})
+    assert out == _bench.format_load([load])
+    row = ["2d-50x100-f64", "backward", "default", "0.010", "0.015", "0.040", "4.0"]
+    assert out.splitlines()[-1].split() == row
+    fused = [
+        {"case": "a", "pass": "forward", "impl": impl, "median_s": t}
+        for impl, t in (("unfused", 3e-3), ("fused", 2e-3))
+    ]
+    doc = {"date": "2026-01-01", "machine": {}, "threads": 2, "fused": fused}
+    out = _printed_markdown(tmp_path, capsys, doc)
+    assert out == _bench.format_fused(fused)
+    assert out.splitlines()[-1].split() == ["a", "forward", "3", "2", "1.50"]
+
+
+def test_markdown_of_something_else_is_a_usage_error(tmp_path, capsys):
+    for name, content in (("missing.json", None), ("bad.json", "{"), ("other.json", "[1, 2]")):
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(SystemExit) as exc:
+            _bench.main(["--markdown", str(path)])
+        assert exc.value.code == 2
+        assert "--markdown %s" % path in capsys.readouterr().err
 
 
 def test_summary_of_a_small_run():
