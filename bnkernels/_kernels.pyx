@@ -218,6 +218,7 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                      Py_ssize_t n_arrays) noexcept nogil:
     """Rows of C channels of L contiguous columns each (L = 1 but for small NCHW planes)."""
     cdef Plan p
+    cdef Py_ssize_t step, odd
     cdef Py_ssize_t width = L * isz                    # bytes of one channel in a row
     cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
     cdef Py_ssize_t min_cb = max(1, CHANNEL_BLOCK_BYTES // width)
@@ -225,8 +226,17 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     if fit >= min(C, min_cb):
         if n_arrays > 1 and L > 1:
             # backward over NCHW planes taken as rows: the narrowest block, so that more
-            # tasks share the work (docs/performance.md)
+            # tasks share the work (docs/performance.md), of a multiple of 8 columns where
+            # the budget allows: the sums' register blocks then end in one of constant width
+            # (8, 16 or 32), not in a rest that keeps its accumulators in memory
             p.cb = min(C, min_cb)
+            step = 8  # channels whose L columns make a multiple of 8: 8 / gcd(L, 8)
+            odd = L
+            while step > 1 and odd % 2 == 0:
+                step //= 2
+                odd //= 2
+            if _cdiv(p.cb, step) * step <= min(C, fit):
+                p.cb = _cdiv(p.cb, step) * step
         else:
             # wide enough for long unit-stride runs (short runs of rows far apart alias in
             # the caches), narrow enough for PAR_TASKS tasks and the task budget

@@ -6,6 +6,7 @@ against exact Python-integer arithmetic, for sizes up to where the input of one
 call would no longer have a byte count in a signed 64-bit integer.
 """
 
+import math
 import subprocess
 import sys
 
@@ -67,6 +68,13 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
         assert task_bytes >= TASK // 2
     else:
         assert cb >= min(C, max(1, MIN_BLOCK // width))
+        if n_arrays > 1 and L > 1:
+            # the backward over NCHW planes as rows: the narrowest block, widened to a
+            # multiple of 8 columns where the task budget allows
+            narrowest = min(C, max(1, MIN_BLOCK // width))
+            step = 8 // math.gcd(L, 8)
+            wider = -(-narrowest // step) * step
+            assert cb == (wider if wider <= min(C, TASK // (R * width * n_arrays)) else narrowest)
     assert task_bytes <= max(TASK, cb * width * n_arrays)
     return cb, n_blocks, chunk, n_chunks
 
