@@ -226,23 +226,28 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     if fit >= min(C, min_cb):
         if n_arrays > 1 and L > 1:
             # backward over NCHW planes taken as rows: the narrowest block, so that more
-            # tasks share the work (docs/performance.md), of a multiple of 8 columns where
-            # the budget allows: the sums' register blocks then end in one of constant width
-            # (8, 16 or 32), not in a rest that keeps its accumulators in memory
+            # tasks share the work (docs/performance.md)
             p.cb = min(C, min_cb)
-            step = 8  # channels whose L columns make a multiple of 8: 8 / gcd(L, 8)
-            odd = L
-            while step > 1 and odd % 2 == 0:
-                step //= 2
-                odd //= 2
-            if _cdiv(p.cb, step) * step <= min(C, fit):
-                p.cb = _cdiv(p.cb, step) * step
         else:
             # wide enough for long unit-stride runs (short runs of rows far apart alias in
             # the caches), narrow enough for PAR_TASKS tasks and the task budget
             p.cb = max(_cdiv(_cdiv(C, PAR_TASKS), line) * line, _cdiv(SEGMENT_BYTES, width))
             p.cb = _clamp(p.cb, min_cb, max(min_cb, fit // line * line))
             p.cb = min(p.cb, C)
+        if L > 1:
+            # NCHW planes: blocks of a multiple of 8 columns (rounded up, or down where the
+            # budget does not allow more and the block stays as wide as min_cb), so that the
+            # sums' register blocks end in one of constant width (8, 16 or 32), not in a rest
+            # that loads and stores its accumulators at every row
+            step = 8  # the channels whose L columns make a multiple of 8: 8 / gcd(L, 8)
+            odd = L
+            while step > 1 and odd % 2 == 0:
+                step //= 2
+                odd //= 2
+            if _cdiv(p.cb, step) * step <= min(C, fit):
+                p.cb = _cdiv(p.cb, step) * step
+            elif p.cb // step * step >= min(C, min_cb):
+                p.cb = p.cb // step * step
         if p.cb == C and C >= 4 * line and R * C * L >= PARALLEL_MIN_ELEMS:
             # one block would leave the other cores idle: two, each of at least two cache
             # lines per row (single-line runs were erratic; docs/performance.md)

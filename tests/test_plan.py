@@ -68,13 +68,18 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
         assert task_bytes >= TASK // 2
     else:
         assert cb >= min(C, max(1, MIN_BLOCK // width))
-        if n_arrays > 1 and L > 1:
-            # the backward over NCHW planes as rows: the narrowest block, widened to a
-            # multiple of 8 columns where the task budget allows
-            narrowest = min(C, max(1, MIN_BLOCK // width))
+        if L > 1:
+            # NCHW planes as rows: blocks of a multiple of 8 columns, rounded up where the task
+            # budget allows, else down where that keeps the narrowest width; the backward's
+            # from the narrowest block
             step = 8 // math.gcd(L, 8)
-            wider = -(-narrowest // step) * step
-            assert cb == (wider if wider <= min(C, TASK // (R * width * n_arrays)) else narrowest)
+            fit = min(C, TASK // (R * width * n_arrays))
+            narrowest = min(C, max(1, MIN_BLOCK // width))
+            up, down = -(-cb // step) * step, cb // step * step
+            assert cb % step == 0 or (up > fit and down < narrowest)
+            if n_arrays > 1:
+                up = -(-narrowest // step) * step
+                assert cb == (up if up <= fit else narrowest)
     assert task_bytes <= max(TASK, cb * width * n_arrays)
     return cb, n_blocks, chunk, n_chunks
 
