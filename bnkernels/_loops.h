@@ -471,11 +471,14 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
 #endif
 
 #ifndef BN_F16
-/* float32 and float64 rows a page (4 KiB) apart or more take the output sweep two at a
- * time (bn_rows_affine_band).  Closer rows keep the plain loop: read as two interleaved
- * runs within a page they measured slower, and one at a time the band's loop was no
- * faster than the plain one (docs/performance.md). */
+/* float32 and float64 rows a page (4 KiB) apart or more take the output sweep in bands
+ * (bn_rows_affine_band): of BN_BAND_ROWS(dy) rows, four in the forward (two arrays: eight
+ * lines a column step, the ways of one L1 set when the rows are a multiple of 4 KiB apart),
+ * two in the backward (three arrays: four rows measured slower).  Closer rows keep the
+ * plain loop: read as two interleaved runs within a page they measured slower, and one at
+ * a time the band's loop was no faster than the plain one (docs/performance.md). */
 #define BN_PAGE_APART(s) ((s) * (Py_ssize_t)sizeof(BN_T) >= 4096)
+#define BN_BAND_ROWS(dy) ((dy) == NULL ? 4 : 2)
 /* BN_V8(p): the eight elements from p as doubles; BN_V8_ST(p, v): v rounded to BN_T into
  * them (each element once, to nearest even, as BN_ST).  Element by element, which GCC
  * turns into vector loads, conversions and stores: a whole-vector access of a type wider
@@ -689,7 +692,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
 #ifndef BN_F16
     if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
         for (; r < nrows; r += g) {
-            g = nrows - r < 2 ? nrows - r : 2;
+            g = nrows - r < BN_BAND_ROWS(dy) ? nrows - r : BN_BAND_ROWS(dy);
             BN_FN(bn_rows_affine_band)(
                 z + r * sz, dy == NULL ? NULL : dy + r * sdy, out + r * sout, sz, sdy, sout, g, cw,
                 m, S, A, Cc);
