@@ -643,13 +643,12 @@ def format_run(doc):
     """The tables of a run recorded with ``--json``, whichever kind: the grid's
     (format_markdown), a --load run's (format_load) or a --fused run's (format_fused)."""
     if isinstance(doc, dict):
-        for key, fmt in (
-            ("results", format_markdown),
-            ("load", format_load),
-            ("fused", format_fused),
-        ):
-            if key in doc:
-                return fmt(doc if key == "results" else doc[key])
+        if "results" in doc:
+            return format_markdown(doc)
+        if "load" in doc:
+            return format_load(doc["load"])
+        if "fused" in doc:
+            return format_fused(doc["fused"])
     raise ValueError("not a run recorded by python -m bnkernels bench --json")
 
 

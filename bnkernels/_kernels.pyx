@@ -218,7 +218,7 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                      Py_ssize_t n_arrays) noexcept nogil:
     """Rows of C channels of L contiguous columns each (L = 1 but for small NCHW planes)."""
     cdef Plan p
-    cdef Py_ssize_t step, odd
+    cdef Py_ssize_t step
     cdef Py_ssize_t width = L * isz                    # bytes of one channel in a row
     cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
     cdef Py_ssize_t min_cb = max(1, CHANNEL_BLOCK_BYTES // width)
@@ -239,11 +239,9 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
             # budget does not allow more and the block stays as wide as min_cb), so that the
             # sums' register blocks end in one of constant width (8, 16 or 32), not in a rest
             # that loads and stores its accumulators at every row
-            step = 8  # the channels whose L columns make a multiple of 8: 8 / gcd(L, 8)
-            odd = L
-            while step > 1 and odd % 2 == 0:
-                step //= 2
-                odd //= 2
+            # the channels whose L columns make a multiple of 8: 8 / gcd(L, 8), gcd(L, 8)
+            # being L's lowest set bit up to 8
+            step = 8 // min(L & -L, 8)
             if _cdiv(p.cb, step) * step <= min(C, fit):
                 p.cb = _cdiv(p.cb, step) * step
             elif p.cb // step * step >= min(C, min_cb):

@@ -692,7 +692,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
 #ifndef BN_F16
     if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
         for (; r < nrows; r += g) {
-            g = nrows - r < BN_BAND_ROWS(dy) ? nrows - r : BN_BAND_ROWS(dy);
+            const Py_ssize_t band = BN_BAND_ROWS(dy);
+            g = nrows - r < band ? nrows - r : band;
             BN_FN(bn_rows_affine_band)(
                 z + r * sz, dy == NULL ? NULL : dy + r * sdy, out + r * sout, sz, sdy, sout, g, cw,
                 m, S, A, Cc);
