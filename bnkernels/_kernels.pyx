@@ -246,11 +246,12 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                 p.cb = _cdiv(p.cb, step) * step
             elif p.cb // step * step >= min(C, min_cb):
                 p.cb = p.cb // step * step
-        if p.cb == C and C >= 4 * line and R * C * L >= PARALLEL_MIN_ELEMS:
-            # one block would leave the other cores idle: two, each of at least two cache
-            # lines per row (single-line runs were erratic; docs/performance.md)
-            p.cb = _cdiv(_cdiv(C, 2), line) * line
         p.chunk = R
+        if p.cb == C and R * C * L >= PARALLEL_MIN_ELEMS:
+            # one task would leave the other cores idle: two, each of half the rows.  Not
+            # two blocks of columns: each core would then write pieces of every row a few
+            # lines long, next to the other's (slower; docs/performance.md)
+            p.chunk = _cdiv(R, 2)
     else:
         # tall: chunks of full rows (up to WIDE_BLOCK_BYTES of each), not narrow blocks of
         # all rows: those would keep their second sweep in a share of the L3, which a shared

@@ -51,16 +51,9 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     # input stays within TASK bytes (unless one row of a block is more); else a split channel
     # gets chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
-    line = max(1, 64 // width)
-    if (
-        n_chunks == 1
-        and n_blocks == 2
-        and cb == -(-C // 2 // line) * line
-        and C >= 4 * line
-        and R * C * L >= PARALLEL
-        and C * width * R * n_arrays <= TASK
-    ):
-        # all channels would fit one task: split in two, for two threads
+    if n_blocks == 1 and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK:
+        # all the data would fit one task: its rows split in two, for two threads
+        assert (n_chunks, chunk) == (2, -(-R // 2))
         return cb, n_blocks, chunk, n_chunks
     if n_chunks > 1:
         # full rows of a block of up to WIDE_BLOCK bytes, as many rows as fit a task
@@ -185,12 +178,14 @@ def test_planar_plan_any_size(N, C, L, itemsize, n_arrays):
 @pytest.mark.parametrize("itemsize", ITEMSIZES)
 @pytest.mark.parametrize("n_arrays", N_ARRAYS)
 def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
-    # all channels fit one task; a call that may run threads gets two blocks of them, a
-    # smaller one (one thread) a single block
+    # all the data fits one task; a call that may run threads gets two chunks of half the
+    # rows each (an odd count: the first has the extra row), a smaller one (one thread) a
+    # single task
     C = 1024 // itemsize
     R = PARALLEL // C
     assert C * R * itemsize * n_arrays <= TASK
-    assert _kernels.rows_plan(R, C, itemsize, n_arrays) == (C // 2, 2, R, 1)
+    assert _kernels.rows_plan(R, C, itemsize, n_arrays) == (C, 1, R // 2, 2)
+    assert _kernels.rows_plan(R + 1, C, itemsize, n_arrays) == (C, 1, R // 2 + 1, 2)
     assert _kernels.rows_plan(R - 1, C, itemsize, n_arrays) == (C, 1, R - 1, 1)
 
 

@@ -22,7 +22,7 @@ CASES = [
     ((2048, 600), 1, np.float64),  # chunked float64 rows swept in wide blocks (512 + 88)
     ((1024, 2048), 1, np.float32),  # 8 MiB of rows, several blocks: output faulted in first
     ((8, 40, 40, 96), -1, np.float32),  # channels-last, chunked rows
-    ((600, 200), 1, np.float32),  # one task of all channels, split in two (112 + 88)
+    ((601, 200), 1, np.float32),  # one task of all the data, split in two chunks (301 + 300)
 ]
 IDS = ["%s-axis%d-%s" % ("x".join(map(str, s)), a, np.dtype(d).name) for s, a, d in CASES]
 
