@@ -123,7 +123,7 @@ def _usable_cpus():
         n = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, n // _local_ranks())
+    return max(1, n // _LOCAL_RANKS)
 
 
 # what MPI launchers say of the ranks they started on this machine: MPICH and Intel MPI,
@@ -140,6 +140,9 @@ def _local_ranks():
     return 1
 
 
+# read once: a launcher sets these before the process starts, and looking them up in the
+# environment at every call cost more than the rest of choosing its thread count
+_LOCAL_RANKS = _local_ranks()
 _cpus = _usable_cpus()  # read again whenever a call asks for more threads than this
 _PARALLEL_MIN_ELEMS = int(_kernels.PARALLEL_MIN_ELEMS)
 _forked = False  # this process was made by os.fork() (or is a descendant of one)
@@ -177,7 +180,7 @@ def _n_threads(num_threads, load=True, size=None):
         _cpus = _usable_cpus()
         n = min(n, _cpus)
     # (ranks of an MPI job already share the CPUs, and the others' busy-polling is load)
-    if num_threads is None and load and n > 1 and _local_ranks() == 1:
+    if num_threads is None and load and n > 1 and _LOCAL_RANKS == 1:
         n = max(1, min(n, _cpus - _busy_cpus()))
     return n
 
