@@ -56,6 +56,8 @@ def _param(name, v, C, shape):
     """gamma or beta: None (no affine: 1 and 0), else a (C,) array of a real dtype."""
     if v is None:
         return None
+    if type(v) is np.ndarray and v.shape == (C,) and v.dtype.kind in "fiu":
+        return v  # the common case, checked at once
     v = _per_channel(name, _array(name, v), C, shape)
     _real_dtype(name, v)
     return v
@@ -65,6 +67,8 @@ def _param_dtype(x, gamma, beta):
     """The parameters' dtype: the floating dtypes among gamma and beta, promoted; x's when
     neither is floating (integers, None).  forward caches gamma in it, and dgamma and dbeta
     come out in it."""
+    if gamma is not None and beta is not None and gamma.dtype is beta.dtype:
+        return _promote(gamma.dtype) if gamma.dtype.kind == "f" else x.dtype  # the common case
     floating = [p.dtype for p in (gamma, beta) if p is not None and p.dtype.kind == "f"]
     return _promote(*floating) if floating else x.dtype
 
