@@ -282,15 +282,24 @@ cdef Plan _planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
     return p
 
 
+def _positive(**sizes):
+    """A ValueError unless every size is positive: the plans divide by them."""
+    for name, n in sizes.items():
+        if n <= 0:
+            raise ValueError("%s must be positive, got %d" % (name, n))
+
+
 def rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t itemsize, Py_ssize_t n_arrays,
               Py_ssize_t L=1):
     """(channels_per_block, n_blocks, rows_per_chunk, n_chunks) of the rows layout."""
+    _positive(R=R, C=C, itemsize=itemsize, n_arrays=n_arrays, L=L)
     cdef Plan p = _rows_plan(R, C, L, itemsize, n_arrays)
     return p.cb, p.n_blocks, p.chunk, p.n_chunks
 
 
 def planar_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t itemsize, Py_ssize_t n_arrays):
     """(channels_per_block, n_blocks, elements_per_chunk, n_chunks) of the planar layout."""
+    _positive(N=N, C=C, L=L, itemsize=itemsize, n_arrays=n_arrays)
     cdef Plan p = _planar_plan(N, C, L, itemsize, n_arrays)
     return p.cb, p.n_blocks, p.chunk, p.n_chunks
 

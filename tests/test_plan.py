@@ -175,6 +175,18 @@ def test_planar_plan_any_size(N, C, L, itemsize, n_arrays):
         check_planar_plan(N, C, L, itemsize, n_arrays)
 
 
+@pytest.mark.parametrize("which", range(5))
+def test_plans_refuse_sizes_that_are_not_positive(which):
+    # (the face never asks for an empty plan; these would divide by zero)
+    rows = [8, 4, 4, 1, 1]  # R, C, itemsize, n_arrays, L
+    planar = [8, 4, 16, 4, 1]  # N, C, L, itemsize, n_arrays
+    rows[which] = planar[which] = 0
+    with pytest.raises(ValueError, match="must be positive, got 0"):
+        _kernels.rows_plan(*rows)
+    with pytest.raises(ValueError, match="must be positive, got 0"):
+        _kernels.planar_plan(*planar)
+
+
 @pytest.mark.parametrize("itemsize", ITEMSIZES)
 @pytest.mark.parametrize("n_arrays", N_ARRAYS)
 def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
