@@ -52,8 +52,9 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     # gets chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
     if n_blocks == 1 and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK:
-        # all the data would fit one task: its rows split in two, for two threads
-        assert (n_chunks, chunk) == (2, -(-R // 2))
+        # all the data would fit one task: its rows split in two, for two threads (one row
+        # stays one task)
+        assert (n_chunks, chunk) == (min(R, 2), -(-R // 2))
         return cb, n_blocks, chunk, n_chunks
     if n_chunks > 1:
         # full rows of a block of up to WIDE_BLOCK bytes, as many rows as fit a task
@@ -199,6 +200,8 @@ def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
     assert _kernels.rows_plan(R, C, itemsize, n_arrays) == (C, 1, R // 2, 2)
     assert _kernels.rows_plan(R + 1, C, itemsize, n_arrays) == (C, 1, R // 2 + 1, 2)
     assert _kernels.rows_plan(R - 1, C, itemsize, n_arrays) == (C, 1, R - 1, 1)
+    # a single row (one NCHW sample of one channel taken as a row) cannot be split
+    assert check_rows_plan(1, 1, itemsize, n_arrays, PARALLEL) == (1, 1, 1, 1)
 
 
 # ---------------------------------------------------------------------------
