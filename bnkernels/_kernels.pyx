@@ -218,7 +218,7 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
                      Py_ssize_t n_arrays) noexcept nogil:
     """Rows of C channels of L contiguous columns each (L = 1 but for small NCHW planes)."""
     cdef Plan p
-    cdef Py_ssize_t step
+    cdef Py_ssize_t step, half
     cdef Py_ssize_t width = L * isz                    # bytes of one channel in a row
     cdef Py_ssize_t line = max(1, LINE_BYTES // width)  # channels per cache line
     cdef Py_ssize_t min_cb = max(1, CHANNEL_BLOCK_BYTES // width)
@@ -247,6 +247,14 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
             elif p.cb // step * step >= min(C, min_cb):
                 p.cb = p.cb // step * step
         p.chunk = R
+        if (p.cb < C and R * C * width * n_arrays <= TASK_INPUT_BYTES
+                and R * C * L >= PARALLEL_MIN_ELEMS):
+            # all the data fits one task, but two threads taking half the blocks each would
+            # get shares that differ by more than a quarter of the channels (a narrow last
+            # block, an odd count): one block, split by rows below
+            half = _cdiv(C, p.cb) // 2 * p.cb
+            if 4 * (C - 2 * half) > C or 4 * (2 * half - C) > C:
+                p.cb = C
         if p.cb == C and R * C * L >= PARALLEL_MIN_ELEMS:
             # one task would leave the other cores idle: two, each of half the rows.  Not
             # two blocks of columns: each core would then write pieces of every row a few

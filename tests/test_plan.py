@@ -51,11 +51,16 @@ def check_rows_plan(R, C, itemsize, n_arrays, L=1):
     # input stays within TASK bytes (unless one row of a block is more); else a split channel
     # gets chunks of at least half a task, not slivers
     task_bytes = chunk * cb * width * n_arrays
-    if n_blocks == 1 and R * C * L >= PARALLEL and C * width * R * n_arrays <= TASK:
-        # all the data would fit one task: its rows split in two, for two threads (one row
-        # stays one task)
-        assert (n_chunks, chunk) == (min(R, 2), -(-R // 2))
-        return cb, n_blocks, chunk, n_chunks
+    if C * width * R * n_arrays <= TASK and R * C * L >= PARALLEL:
+        # all the data would fit one task, and the call may run threads: blocks that two
+        # threads share evenly (their two halves differ by a quarter of the channels at
+        # most), else one block whose rows split in two (one row stays one task)
+        if n_blocks > 1:
+            half = n_blocks // 2 * cb
+            assert n_chunks == 1 and 4 * abs(C - 2 * half) <= C
+        else:
+            assert (n_chunks, chunk) == (min(R, 2), -(-R // 2))
+            return cb, n_blocks, chunk, n_chunks
     if n_chunks > 1:
         # full rows of a block of up to WIDE_BLOCK bytes, as many rows as fit a task
         assert cb == min(C, max(1, WIDE_BLOCK // width))
@@ -202,6 +207,15 @@ def test_rows_plan_splits_one_task_for_threads(itemsize, n_arrays):
     assert _kernels.rows_plan(R - 1, C, itemsize, n_arrays) == (C, 1, R - 1, 1)
     # a single row (one NCHW sample of one channel taken as a row) cannot be split
     assert check_rows_plan(1, 1, itemsize, n_arrays, PARALLEL) == (1, 1, 1, 1)
+    # blocks that two threads would share unevenly: a full block and a narrow last one, or
+    # three of one width; even ones stay
+    for blocks in ((1, 1 / 2), (1, 1 / 8), (1, 1, 1)):
+        C = int(sum(blocks) * 1024 // itemsize)
+        R = TASK // (C * itemsize * n_arrays)
+        assert check_rows_plan(R, C, itemsize, n_arrays) == (C, 1, -(-R // 2), 2), blocks
+    C = 2048 // itemsize
+    R = TASK // (C * itemsize * n_arrays)
+    assert check_rows_plan(R, C, itemsize, n_arrays) == (C // 2, 2, R, 1)
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ CASES = [
     ((1024, 2048), 1, np.float32),  # 8 MiB of rows, several blocks: output faulted in first
     ((8, 40, 40, 96), -1, np.float32),  # channels-last, chunked rows
     ((601, 200), 1, np.float32),  # one task of all the data, split in two chunks (301 + 300)
+    ((500, 384), 1, np.float32),  # forward: blocks 256 + 128 would be uneven, so two chunks
 ]
 IDS = ["%s-axis%d-%s" % ("x".join(map(str, s)), a, np.dtype(d).name) for s, a, d in CASES]
 
