@@ -247,19 +247,17 @@ cdef Plan _rows_plan(Py_ssize_t R, Py_ssize_t C, Py_ssize_t L, Py_ssize_t isz,
             elif p.cb // step * step >= min(C, min_cb):
                 p.cb = p.cb // step * step
         p.chunk = R
-        if (p.cb < C and R * C * width * n_arrays <= TASK_INPUT_BYTES
-                and R * C * L >= PARALLEL_MIN_ELEMS):
-            # all the data fits one task, but two threads taking half the blocks each would
-            # get shares that differ by more than a quarter of the channels (a narrow last
-            # block, an odd count): one block, split by rows below
+        if R * C * width * n_arrays <= TASK_INPUT_BYTES and R * C * L >= PARALLEL_MIN_ELEMS:
+            # all the data fits one task and the call may run threads.  Two threads taking
+            # half the blocks each must get shares within a quarter of the channels of each
+            # other; else (one block, a narrow last block, an odd count) one block of two
+            # chunks of half the rows.  Not two blocks of columns cut for the purpose: each
+            # core would then write pieces of every row a few lines long, next to the
+            # other's (slower; docs/performance.md)
             half = _cdiv(C, p.cb) // 2 * p.cb
-            if 4 * (C - 2 * half) > C or 4 * (2 * half - C) > C:
+            if 4 * max(C - 2 * half, 2 * half - C) > C:
                 p.cb = C
-        if p.cb == C and R * C * L >= PARALLEL_MIN_ELEMS:
-            # one task would leave the other cores idle: two, each of half the rows.  Not
-            # two blocks of columns: each core would then write pieces of every row a few
-            # lines long, next to the other's (slower; docs/performance.md)
-            p.chunk = _cdiv(R, 2)
+                p.chunk = _cdiv(R, 2)
     else:
         # tall: chunks of full rows (up to WIDE_BLOCK_BYTES of each), not narrow blocks of
         # all rows: those would keep their second sweep in a share of the L3, which a shared
