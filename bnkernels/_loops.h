@@ -264,10 +264,14 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 }
 
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
- * BLOCK(j0, jw, wide, mb, p, q) adds one block's rows into p[0..jw) and q[0..jw) with
- * shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide rows (WIDE:
- * BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q, BN_WBLOCK columns at a
- * time; otherwise register blocks of BN_RBLOCK columns, then the
+ * BLOCK(r0, nr, j0, jw, wide, mb, p, q) adds rows r0..r0+nr-1 of one block into p[0..jw)
+ * and q[0..jw) with shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.
+ * Wide rows (WIDE: BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q; rows of
+ * more than one BN_WBLOCK-column block go two rows at a time across all of their blocks,
+ * so that each row is read from its start to its end, not a block's piece of every row
+ * and then the next block's (pieces of 1-4 KiB a row stride apart, which memory served
+ * slower: docs/performance.md).  Otherwise
+ * register blocks of BN_RBLOCK columns down all the rows, then the
  * rest: in blocks of 32, 16 and 8 when it is a multiple of 8 (24, 40, 48... channels), else
  * in one.  A block of constant width keeps its accumulators in registers, where one of a
  * variable width loads and stores them at every row; a rest split down to a few odd
@@ -276,14 +280,18 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 #ifndef BN_ROWS_SWEEP
 #define BN_ROWS_SWEEP(BLOCK, WIDE, M, P, Q)                                                      \
     do {                                                                                         \
-        Py_ssize_t j0, j, jw;                                                                    \
+        Py_ssize_t r0, rstep, j0, j, jw;                                                         \
         if (WIDE) {                                                                              \
             for (j = 0; j < cw; j++) {                                                           \
                 P[j] = 0.0;                                                                      \
                 Q[j] = 0.0;                                                                      \
             }                                                                                    \
-            for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                               \
-                BLOCK(j0, cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 1, M + j0, P + j0, Q + j0); \
+            rstep = cw <= BN_WBLOCK ? nrows : 2;                                                 \
+            for (r0 = 0; r0 < nrows; r0 += rstep)                                                \
+                for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                           \
+                    BLOCK(                                                                       \
+                        r0, nrows - r0 < rstep ? nrows - r0 : rstep, j0,                         \
+                        cw - j0 < BN_WBLOCK ? cw - j0 : BN_WBLOCK, 1, M + j0, P + j0, Q + j0);   \
             break;                                                                               \
         }                                                                                        \
         for (j0 = 0; j0 < cw; j0 += jw) {                                                        \
@@ -296,15 +304,15 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 mb[j] = M[j0 + j];                                                               \
             }                                                                                    \
             if (jw == BN_RBLOCK)                                                                 \
-                BLOCK(j0, BN_RBLOCK, 0, mb, a, b);                                               \
+                BLOCK(0, nrows, j0, BN_RBLOCK, 0, mb, a, b);                                     \
             else if (jw == 32)                                                                   \
-                BLOCK(j0, 32, 0, mb, a, b);                                                      \
+                BLOCK(0, nrows, j0, 32, 0, mb, a, b);                                            \
             else if (jw == 16)                                                                   \
-                BLOCK(j0, 16, 0, mb, a, b);                                                      \
+                BLOCK(0, nrows, j0, 16, 0, mb, a, b);                                            \
             else if (jw == 8)                                                                    \
-                BLOCK(j0, 8, 0, mb, a, b);                                                       \
+                BLOCK(0, nrows, j0, 8, 0, mb, a, b);                                             \
             else                                                                                 \
-                BLOCK(j0, jw, 0, mb, a, b);                                                      \
+                BLOCK(0, nrows, j0, jw, 0, mb, a, b);                                            \
             for (j = 0; j < jw; j++) {                                                           \
                 P[j0 + j] = a[j];                                                                \
                 Q[j0 + j] = b[j];                                                                \
@@ -321,10 +329,13 @@ static BN_TASK void BN_FN(bn_rows_sums)(
     Py_ssize_t sdy, Py_ssize_t sy, Py_ssize_t nrows, Py_ssize_t cw, const double *restrict m,
     double *restrict s_dy, double *restrict s_zm)
 {
-#define BN_SUMS_BLOCK(j0, jw, wide, mb, p, q) \
-    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, wide, 0, mb, p, q)
-#define BN_SUMS_BLOCK_MASKED(j0, jw, wide, mb, p, q) \
-    BN_FN(bn_rows_sums_block)(z, dy, y, sz, sdy, sy, nrows, cw, j0, jw, wide, 1, mb, p, q)
+#define BN_SUMS_BLOCK(r0, nr, j0, jw, wide, mb, p, q) \
+    BN_FN(bn_rows_sums_block)(                        \
+        z + (r0) * sz, dy + (r0) * sdy, y, sz, sdy, sy, nr, cw, j0, jw, wide, 0, mb, p, q)
+#define BN_SUMS_BLOCK_MASKED(r0, nr, j0, jw, wide, mb, p, q)                                     \
+    BN_FN(bn_rows_sums_block)(                                                                   \
+        z + (r0) * sz, dy + (r0) * sdy, y + (r0) * sy, sz, sdy, sy, nr, cw, j0, jw, wide, 1, mb, \
+        p, q)
     if (y == NULL)
         BN_ROWS_SWEEP(BN_SUMS_BLOCK, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
     else
@@ -824,8 +835,8 @@ static BN_TASK void BN_FN(bn_rows_centered)(
     const BN_T *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t cw,
     const double *restrict m0, double *restrict d1, double *restrict d2)
 {
-#define BN_CENTERED_BLOCK(j0, jw, wide, mb, p, q) \
-    BN_FN(bn_rows_centered_block)(x, sx, nrows, cw, j0, jw, wide, mb, p, q)
+#define BN_CENTERED_BLOCK(r0, nr, j0, jw, wide, mb, p, q) \
+    BN_FN(bn_rows_centered_block)(x + (r0) * sx, sx, nr, cw, j0, jw, wide, mb, p, q)
     BN_ROWS_SWEEP(BN_CENTERED_BLOCK, BN_WIDE_ROWS(cw), m0, d1, d2);
 #undef BN_CENTERED_BLOCK
 }
