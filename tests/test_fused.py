@@ -254,6 +254,18 @@ def test_kernels_match_the_oracle(
     _check_against_oracle(x, gamma, beta, bn_param, dout, axis, activation, residual)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_relu_backward_of_rows_wider_than_a_block(dtype):
+    # tall rows of 1100 channels: a chunked plan whose tasks hold whole rows, wider than the
+    # 512 columns of one wide block, in chunks of an odd number of rows; their sums, masked
+    # by the ReLU here, go a pair of rows at a time across the blocks
+    shape = (2001, 1100)
+    cb, _, chunk, n_chunks = bnkernels._kernels.rows_plan(*shape, np.dtype(dtype).itemsize, 3)
+    assert cb == shape[1] and n_chunks > 1 and chunk % 2 == 1, "not the plan this test is for"
+    x, gamma, beta, dout = make_inputs(shape, 1, dtype, seed=7)
+    _check_against_oracle(x, gamma, beta, {"mode": "train"}, dout, 1, "relu", None)
+
+
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("none", ["gamma", "beta", "both"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
