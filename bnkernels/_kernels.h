@@ -505,6 +505,116 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     return 0;
 }
 
+/* The float16 planar runs' sums and moments in one pass over memory, where bn_run_sums and
+ * bn_run_moments (_loops.h) widen each piece into L1 first: the lane sums a[0..BN_LANES) and
+ * b[0..BN_LANES) of n elements, element k in lane k % BN_LANES (a piece holds whole lanes),
+ * each lane's operations those of the staged loop in their order; the tail under a mask,
+ * which leaves the other lanes as they are (adding 0 would turn a -0 into +0).  So the same
+ * bits.  AVX-512 only: bn_h_sums and bn_h_moments return 0 otherwise, and the caller takes
+ * the staged loop. */
+#ifdef BN_HAVE_F16C
+#define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+/* the sixteen float16 at p + k (under mask t) as two vectors of eight doubles, lo and hi */
+#define BN_H_WIDEN16(p, t, lo, hi)                                                                 \
+    do {                                                                                           \
+        const __m512 bn_f_ = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((t), (p) + k));              \
+        lo = _mm512_cvtps_pd(_mm512_castps512_ps256(bn_f_));                                       \
+        hi =                                                                                       \
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(bn_f_), 1))); \
+    } while (0)
+BN_H_TARGET_AVX512 static inline void bn_h_sums_avx512(
+    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
+    double *restrict a, double *restrict b)
+{
+    const __m512d vm = _mm512_set1_pd(m);
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, v0, v1, z0, z1;
+    Py_ssize_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        BN_H_WIDEN16(dy, 0xffff, v0, v1);
+        BN_H_WIDEN16(z, 0xffff, z0, z1);
+        a0 = _mm512_add_pd(a0, v0);
+        a1 = _mm512_add_pd(a1, v1);
+        b0 = _mm512_add_pd(b0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, vm)));
+        b1 = _mm512_add_pd(b1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, vm)));
+    }
+    if (k < n) {
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+        const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8);
+        BN_H_WIDEN16(dy, t, v0, v1);
+        BN_H_WIDEN16(z, t, z0, z1);
+        a0 = _mm512_mask_add_pd(a0, t0, a0, v0);
+        a1 = _mm512_mask_add_pd(a1, t1, a1, v1);
+        b0 = _mm512_mask_add_pd(b0, t0, b0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, vm)));
+        b1 = _mm512_mask_add_pd(b1, t1, b1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, vm)));
+    }
+    _mm512_storeu_pd(a, a0);
+    _mm512_storeu_pd(a + 8, a1);
+    _mm512_storeu_pd(b, b0);
+    _mm512_storeu_pd(b + 8, b1);
+}
+BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
+    const uint16_t *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+{
+    const __m512d vm = _mm512_set1_pd(m0);
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, d0, d1;
+    Py_ssize_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        BN_H_WIDEN16(x, 0xffff, d0, d1);
+        d0 = _mm512_sub_pd(d0, vm);
+        d1 = _mm512_sub_pd(d1, vm);
+        a0 = _mm512_add_pd(a0, d0);
+        a1 = _mm512_add_pd(a1, d1);
+        b0 = _mm512_add_pd(b0, _mm512_mul_pd(d0, d0));
+        b1 = _mm512_add_pd(b1, _mm512_mul_pd(d1, d1));
+    }
+    if (k < n) {
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+        const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8);
+        BN_H_WIDEN16(x, t, d0, d1);
+        d0 = _mm512_sub_pd(d0, vm);
+        d1 = _mm512_sub_pd(d1, vm);
+        a0 = _mm512_mask_add_pd(a0, t0, a0, d0);
+        a1 = _mm512_mask_add_pd(a1, t1, a1, d1);
+        b0 = _mm512_mask_add_pd(b0, t0, b0, _mm512_mul_pd(d0, d0));
+        b1 = _mm512_mask_add_pd(b1, t1, b1, _mm512_mul_pd(d1, d1));
+    }
+    _mm512_storeu_pd(a, a0);
+    _mm512_storeu_pd(a + 8, a1);
+    _mm512_storeu_pd(b, b0);
+    _mm512_storeu_pd(b + 8, b1);
+}
+#undef BN_H_WIDEN16
+#undef BN_H_TARGET_AVX512
+#endif
+_Static_assert(BN_LANES == 16, "bn_h_sums and bn_h_moments keep sixteen lanes");
+
+static inline __attribute__((always_inline)) int bn_h_sums(
+    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
+    double *restrict a, double *restrict b)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_sums_avx512(z, dy, n, m, a, b);
+        return 1;
+    }
+#endif
+    (void)z, (void)dy, (void)n, (void)m, (void)a, (void)b;
+    return 0;
+}
+
+static inline __attribute__((always_inline)) int bn_h_moments(
+    const uint16_t *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_moments_avx512(x, n, m0, a, b);
+        return 1;
+    }
+#endif
+    (void)x, (void)n, (void)m0, (void)a, (void)b;
+    return 0;
+}
+
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
  * returns the kind in use */
 static int bn_f16_code(int kind)

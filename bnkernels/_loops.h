@@ -38,7 +38,9 @@
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
- *   loop. */
+ *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
+ *   set the lane sums of a planar run, unmasked, in one pass (float16 with AVX-512:
+ *   bn_h_sums, bn_h_moments). */
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -48,6 +50,8 @@
 #undef BN_FLUSH
 #undef BN_OPAD
 #undef BN_OUT_DIRECT
+#undef BN_SUMS_DIRECT
+#undef BN_MOMENTS_DIRECT
 #undef BN_GROUP
 #undef BN_GROUP_MAX
 #undef BN_OT
@@ -70,6 +74,8 @@
 #define BN_FLUSH(w, o, n) bn_f2h_run((w), (o), (n))
 #define BN_OPAD(n) BN_PAD(n)
 #define BN_OUT_DIRECT bn_h_affine
+#define BN_SUMS_DIRECT bn_h_sums
+#define BN_MOMENTS_DIRECT bn_h_moments
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -101,6 +107,8 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
+#define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
+#define BN_MOMENTS_DIRECT(x, n, m0, a, b) 0
 #define BN_OUT_DIRECT(                                                             \
     z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
     0
@@ -844,13 +852,19 @@ static BN_TASK void BN_FN(bn_rows_centered)(
 /* ---- planar layout: runs of contiguous elements ---- */
 
 /* *s_dy += sum dy;  *s_zm += sum dy * (z - m)  over a run of n (mask: dy masked by y), in
- * BN_LANES lanes; float16 in pieces of BN_ISTAGE (a multiple of the lanes: the same sums) */
+ * BN_LANES lanes; float16 in pieces of BN_ISTAGE (a multiple of the lanes: the same sums),
+ * or unmasked in one pass where BN_SUMS_DIRECT can */
 static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, const int mask,
     Py_ssize_t n, double m, double *restrict s_dy, double *restrict s_zm)
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
+    if (!mask && BN_SUMS_DIRECT(z, dy, n, m, a, b)) {
+        *s_dy += bn_tree(a);
+        *s_zm += bn_tree(b);
+        return;
+    }
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(zs, z + i0, np);
@@ -880,6 +894,12 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
+    /* a run of a piece or more: shorter ones measured slower unstaged (docs/performance.md) */
+    if (n >= BN_ISTAGE && BN_MOMENTS_DIRECT(x, n, m0, a, b)) {
+        *s1 += bn_tree(a);
+        *s2 += bn_tree(b);
+        return;
+    }
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(xs, x + i0, np);
