@@ -583,6 +583,131 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
     _mm512_storeu_pd(b, b0);
     _mm512_storeu_pd(b + 8, b1);
 }
+/* the rows' columns k..k+15 of an accumulator (under mask t: t0 the low eight, t1 the high) */
+/* the rows' columns k..k+15 of an accumulator or coefficient array: whole vectors where the
+ * sixteen are there (t0 and t1 all ones), else under the masks t0 (the low eight) and t1
+ * (the high): a masked store is not forwarded to the next row's load, which narrow rows
+ * make soon */
+#define BN_H_ACC_LOAD(p, lo, hi)                                                                  \
+    do {                                                                                          \
+        lo = t == 0xffff ? _mm512_loadu_pd((p) + k) : _mm512_maskz_loadu_pd(t0, (p) + k);         \
+        hi = t == 0xffff ? _mm512_loadu_pd((p) + k + 8) : _mm512_maskz_loadu_pd(t1, (p) + k + 8); \
+    } while (0)
+#define BN_H_ACC_STORE(p, lo, hi)                       \
+    do {                                                \
+        if (t == 0xffff) {                              \
+            _mm512_storeu_pd((p) + k, lo);              \
+            _mm512_storeu_pd((p) + k + 8, hi);          \
+        } else {                                        \
+            _mm512_mask_storeu_pd((p) + k, t0, lo);     \
+            _mm512_mask_storeu_pd((p) + k + 8, t1, hi); \
+        }                                               \
+    } while (0)
+#define BN_H_COLS_MASKS                                                                      \
+    const __mmask16 t = k + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u); \
+    const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8)
+/* The wide rows' sums (bn_rows_sums_block, unmasked) without staging: nrows rows of n
+ * columns, a[j] += dy, c[j] += dy*(z - mb[j]), two rows at a time (a[j] + v + w, in that
+ * order), the last one alone; the accumulators in memory, as the staged loop keeps them */
+BN_H_TARGET_AVX512 static inline void bn_h_rows_sums_avx512(
+    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+    Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
+    double *restrict c)
+{
+    __m512d v0, v1, w0, w1, z0, z1, y0, y1, m0, m1, a0, a1, c0, c1;
+    Py_ssize_t r = 0, k;
+    for (; r + 1 < nrows; r += 2) {
+        const uint16_t *zr = z + r * sz, *zt = zr + sz, *dr = dy + r * sdy, *dt = dr + sdy;
+        for (k = 0; k < n; k += 16) {
+            BN_H_COLS_MASKS;
+            BN_H_WIDEN16(dr, t, v0, v1);
+            BN_H_WIDEN16(dt, t, w0, w1);
+            BN_H_WIDEN16(zr, t, z0, z1);
+            BN_H_WIDEN16(zt, t, y0, y1);
+            BN_H_ACC_LOAD(mb, m0, m1);
+            BN_H_ACC_LOAD(a, a0, a1);
+            BN_H_ACC_LOAD(c, c0, c1);
+            a0 = _mm512_add_pd(_mm512_add_pd(a0, v0), w0);
+            a1 = _mm512_add_pd(_mm512_add_pd(a1, v1), w1);
+            c0 = _mm512_add_pd(
+                _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0))),
+                _mm512_mul_pd(w0, _mm512_sub_pd(y0, m0)));
+            c1 = _mm512_add_pd(
+                _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1))),
+                _mm512_mul_pd(w1, _mm512_sub_pd(y1, m1)));
+            BN_H_ACC_STORE(a, a0, a1);
+            BN_H_ACC_STORE(c, c0, c1);
+        }
+    }
+    for (; r < nrows; r++) {
+        const uint16_t *zr = z + r * sz, *dr = dy + r * sdy;
+        for (k = 0; k < n; k += 16) {
+            BN_H_COLS_MASKS;
+            BN_H_WIDEN16(dr, t, v0, v1);
+            BN_H_WIDEN16(zr, t, z0, z1);
+            BN_H_ACC_LOAD(mb, m0, m1);
+            BN_H_ACC_LOAD(a, a0, a1);
+            BN_H_ACC_LOAD(c, c0, c1);
+            a0 = _mm512_add_pd(a0, v0);
+            a1 = _mm512_add_pd(a1, v1);
+            c0 = _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0)));
+            c1 = _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1)));
+            BN_H_ACC_STORE(a, a0, a1);
+            BN_H_ACC_STORE(c, c0, c1);
+        }
+    }
+}
+/* The wide rows' moments (bn_rows_centered_block) likewise: a[j] += x - mb[j],
+ * b[j] += (x - mb[j])^2, two rows at a time (a[j] + e + f, b[j] + e*e + f*f) */
+BN_H_TARGET_AVX512 static inline void bn_h_rows_moments_avx512(
+    const uint16_t *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
+    const double *restrict mb, double *restrict a, double *restrict b)
+{
+    __m512d e0, e1, f0, f1, m0, m1, a0, a1, b0, b1;
+    Py_ssize_t r = 0, k;
+    for (; r + 1 < nrows; r += 2) {
+        const uint16_t *xr = x + r * sx, *xt = xr + sx;
+        for (k = 0; k < n; k += 16) {
+            BN_H_COLS_MASKS;
+            BN_H_WIDEN16(xr, t, e0, e1);
+            BN_H_WIDEN16(xt, t, f0, f1);
+            BN_H_ACC_LOAD(mb, m0, m1);
+            BN_H_ACC_LOAD(a, a0, a1);
+            BN_H_ACC_LOAD(b, b0, b1);
+            e0 = _mm512_sub_pd(e0, m0);
+            e1 = _mm512_sub_pd(e1, m1);
+            f0 = _mm512_sub_pd(f0, m0);
+            f1 = _mm512_sub_pd(f1, m1);
+            a0 = _mm512_add_pd(_mm512_add_pd(a0, e0), f0);
+            a1 = _mm512_add_pd(_mm512_add_pd(a1, e1), f1);
+            b0 = _mm512_add_pd(_mm512_add_pd(b0, _mm512_mul_pd(e0, e0)), _mm512_mul_pd(f0, f0));
+            b1 = _mm512_add_pd(_mm512_add_pd(b1, _mm512_mul_pd(e1, e1)), _mm512_mul_pd(f1, f1));
+            BN_H_ACC_STORE(a, a0, a1);
+            BN_H_ACC_STORE(b, b0, b1);
+        }
+    }
+    for (; r < nrows; r++) {
+        const uint16_t *xr = x + r * sx;
+        for (k = 0; k < n; k += 16) {
+            BN_H_COLS_MASKS;
+            BN_H_WIDEN16(xr, t, e0, e1);
+            BN_H_ACC_LOAD(mb, m0, m1);
+            BN_H_ACC_LOAD(a, a0, a1);
+            BN_H_ACC_LOAD(b, b0, b1);
+            e0 = _mm512_sub_pd(e0, m0);
+            e1 = _mm512_sub_pd(e1, m1);
+            a0 = _mm512_add_pd(a0, e0);
+            a1 = _mm512_add_pd(a1, e1);
+            b0 = _mm512_add_pd(b0, _mm512_mul_pd(e0, e0));
+            b1 = _mm512_add_pd(b1, _mm512_mul_pd(e1, e1));
+            BN_H_ACC_STORE(a, a0, a1);
+            BN_H_ACC_STORE(b, b0, b1);
+        }
+    }
+}
+#undef BN_H_ACC_LOAD
+#undef BN_H_ACC_STORE
+#undef BN_H_COLS_MASKS
 #undef BN_H_WIDEN16
 #undef BN_H_TARGET_AVX512
 #endif
@@ -612,6 +737,35 @@ static inline __attribute__((always_inline)) int bn_h_moments(
     }
 #endif
     (void)x, (void)n, (void)m0, (void)a, (void)b;
+    return 0;
+}
+
+static inline __attribute__((always_inline)) int bn_h_rows_sums(
+    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+    Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
+    double *restrict c)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_rows_sums_avx512(z, dy, sz, sdy, nrows, n, mb, a, c);
+        return 1;
+    }
+#endif
+    (void)z, (void)dy, (void)sz, (void)sdy, (void)nrows, (void)n, (void)mb, (void)a, (void)c;
+    return 0;
+}
+
+static inline __attribute__((always_inline)) int bn_h_rows_moments(
+    const uint16_t *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
+    const double *restrict mb, double *restrict a, double *restrict b)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_rows_moments_avx512(x, sx, nrows, n, mb, a, b);
+        return 1;
+    }
+#endif
+    (void)x, (void)sx, (void)nrows, (void)n, (void)mb, (void)a, (void)b;
     return 0;
 }
 

@@ -40,7 +40,12 @@
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
  *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
  *   set the lane sums of a planar run, unmasked, in one pass (float16 with AVX-512:
- *   bn_h_sums, bn_h_moments). */
+ *   bn_h_sums, bn_h_moments), and BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide
+ *   block's rows into its accumulators (bn_h_rows_sums, bn_h_rows_moments), for blocks of
+ *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
+ *   (docs/performance.md). */
+#undef BN_DIRECT_COLS
+#define BN_DIRECT_COLS 256
 #undef BN_IN
 #undef BN_LDI
 #undef BN_PIECE
@@ -52,6 +57,8 @@
 #undef BN_OUT_DIRECT
 #undef BN_SUMS_DIRECT
 #undef BN_MOMENTS_DIRECT
+#undef BN_ROWS_SUMS_DIRECT
+#undef BN_ROWS_MOMENTS_DIRECT
 #undef BN_GROUP
 #undef BN_GROUP_MAX
 #undef BN_OT
@@ -76,6 +83,8 @@
 #define BN_OUT_DIRECT bn_h_affine
 #define BN_SUMS_DIRECT bn_h_sums
 #define BN_MOMENTS_DIRECT bn_h_moments
+#define BN_ROWS_SUMS_DIRECT bn_h_rows_sums
+#define BN_ROWS_MOMENTS_DIRECT bn_h_rows_moments
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -109,6 +118,8 @@
 #define BN_OPAD(n) (n)
 #define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
 #define BN_MOMENTS_DIRECT(x, n, m0, a, b) 0
+#define BN_ROWS_SUMS_DIRECT(z, dy, sz, sdy, nrows, n, mb, a, c) 0
+#define BN_ROWS_MOMENTS_DIRECT(x, sx, nrows, n, mb, a, b) 0
 #define BN_OUT_DIRECT(                                                             \
     z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
     0
@@ -230,6 +241,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
         }                                                   \
     } while (0)
     if (G == 1) { /* G is 1 for every dtype but float16; rows singly, or in pairs (BN_WIDE_PAIRS) */
+        if (wide && !mask && jw >= BN_DIRECT_COLS && BN_WIDE_PAIRS(sz == jw && sdy == jw) &&
+            BN_ROWS_SUMS_DIRECT(z + j0, dy + j0, sz, sdy, nrows, jw, mb, a, c))
+            return;
         r = 0;
         if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
@@ -809,6 +823,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         }                                                 \
     } while (0)
     if (G == 1) {
+        if (wide && jw >= BN_DIRECT_COLS && BN_WIDE_PAIRS(sx == jw) &&
+            BN_ROWS_MOMENTS_DIRECT(x + j0, sx, nrows, jw, mb, a, b))
+            return;
         r = 0;
         if (wide && BN_WIDE_PAIRS(sx == jw))
             for (; r + 1 < nrows; r += 2) {

@@ -103,11 +103,13 @@ def _passes(x, dy, axis):
 
 
 # rows narrower and wider than a widened run (512), tasks of rows wider than 512 (their
-# float coefficients in a heap buffer), short contiguous rows converted many to a run (also
-# channels-last), planes shorter and longer than one and not a multiple of any vector
+# float coefficients in a heap buffer), an odd number of rows of a width the sums take
+# unstaged that is not a multiple of sixteen, short contiguous rows converted many to a run
+# (also channels-last), planes shorter and longer than one and not a multiple of any vector
 # width, NCHW planes taken as rows
 _PASS_CASES = [
     ((300, 37), 1),
+    ((41, 300), 1),
     ((40, 1100), 1),
     ((2, 9000), 1),
     ((3000, 3), 1),
