@@ -586,8 +586,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
 /* the rows' columns k..k+15 of an accumulator (under mask t: t0 the low eight, t1 the high) */
 /* the rows' columns k..k+15 of an accumulator or coefficient array: whole vectors where the
  * sixteen are there (t0 and t1 all ones), else under the masks t0 (the low eight) and t1
- * (the high): a masked store is not forwarded to the next row's load, which narrow rows
- * make soon */
+ * (the high); every access masked measured slower */
 #define BN_H_ACC_LOAD(p, lo, hi)                                                                  \
     do {                                                                                          \
         lo = t == 0xffff ? _mm512_loadu_pd((p) + k) : _mm512_maskz_loadu_pd(t0, (p) + k);         \
