@@ -522,6 +522,10 @@ static inline __attribute__((always_inline)) int bn_h_affine(
         hi =                                                                                       \
             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(bn_f_), 1))); \
     } while (0)
+/* the masks of columns or elements k..k+15 of n: t, and t0 and t1 for its low and high eight */
+#define BN_H_COLS_MASKS                                                                      \
+    const __mmask16 t = k + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u); \
+    const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8)
 BN_H_TARGET_AVX512 static inline void bn_h_sums_avx512(
     const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
     double *restrict a, double *restrict b)
@@ -538,8 +542,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_sums_avx512(
         b1 = _mm512_add_pd(b1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, vm)));
     }
     if (k < n) {
-        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
-        const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8);
+        BN_H_COLS_MASKS;
         BN_H_WIDEN16(dy, t, v0, v1);
         BN_H_WIDEN16(z, t, z0, z1);
         a0 = _mm512_mask_add_pd(a0, t0, a0, v0);
@@ -568,8 +571,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
         b1 = _mm512_add_pd(b1, _mm512_mul_pd(d1, d1));
     }
     if (k < n) {
-        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
-        const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8);
+        BN_H_COLS_MASKS;
         BN_H_WIDEN16(x, t, d0, d1);
         d0 = _mm512_sub_pd(d0, vm);
         d1 = _mm512_sub_pd(d1, vm);
@@ -583,7 +585,6 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
     _mm512_storeu_pd(b, b0);
     _mm512_storeu_pd(b + 8, b1);
 }
-/* the rows' columns k..k+15 of an accumulator (under mask t: t0 the low eight, t1 the high) */
 /* the rows' columns k..k+15 of an accumulator or coefficient array: whole vectors where the
  * sixteen are there (t0 and t1 all ones), else under the masks t0 (the low eight) and t1
  * (the high); every access masked measured slower */
@@ -602,59 +603,49 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
             _mm512_mask_storeu_pd((p) + k + 8, t1, hi); \
         }                                               \
     } while (0)
-#define BN_H_COLS_MASKS                                                                      \
-    const __mmask16 t = k + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u); \
-    const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8)
 /* The wide rows' sums (bn_rows_sums_block, unmasked) without staging: nrows rows of n
- * columns, a[j] += dy, c[j] += dy*(z - mb[j]), two rows at a time (a[j] + v + w, in that
- * order), the last one alone; the accumulators in memory, as the staged loop keeps them */
+ * columns, a[j] += dy, c[j] += dy*(z - mb[j]), sixteen columns of two rows at a time (a[j] +
+ * v + w, in that order), the last row alone; the accumulators in memory, as the staged loop
+ * keeps them */
 BN_H_TARGET_AVX512 static inline void bn_h_rows_sums_avx512(
     const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
     double *restrict c)
 {
-    __m512d v0, v1, w0, w1, z0, z1, y0, y1, m0, m1, a0, a1, c0, c1;
-    Py_ssize_t r = 0, k;
-    for (; r + 1 < nrows; r += 2) {
-        const uint16_t *zr = z + r * sz, *zt = zr + sz, *dr = dy + r * sdy, *dt = dr + sdy;
+    __m512d v0, v1, z0, z1, m0, m1, a0, a1, c0, c1;
+    Py_ssize_t r, k;
+/* row rr's sixteen columns at k added into a0, a1 and c0, c1 */
+#define BN_H_ROW_SUMS(rr)                                                 \
+    do {                                                                  \
+        BN_H_WIDEN16(dy + (rr) * sdy, t, v0, v1);                         \
+        BN_H_WIDEN16(z + (rr) * sz, t, z0, z1);                           \
+        a0 = _mm512_add_pd(a0, v0);                                       \
+        a1 = _mm512_add_pd(a1, v1);                                       \
+        c0 = _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0))); \
+        c1 = _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1))); \
+    } while (0)
+    for (r = 0; r + 1 < nrows; r += 2)
         for (k = 0; k < n; k += 16) {
             BN_H_COLS_MASKS;
-            BN_H_WIDEN16(dr, t, v0, v1);
-            BN_H_WIDEN16(dt, t, w0, w1);
-            BN_H_WIDEN16(zr, t, z0, z1);
-            BN_H_WIDEN16(zt, t, y0, y1);
             BN_H_ACC_LOAD(mb, m0, m1);
             BN_H_ACC_LOAD(a, a0, a1);
             BN_H_ACC_LOAD(c, c0, c1);
-            a0 = _mm512_add_pd(_mm512_add_pd(a0, v0), w0);
-            a1 = _mm512_add_pd(_mm512_add_pd(a1, v1), w1);
-            c0 = _mm512_add_pd(
-                _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0))),
-                _mm512_mul_pd(w0, _mm512_sub_pd(y0, m0)));
-            c1 = _mm512_add_pd(
-                _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1))),
-                _mm512_mul_pd(w1, _mm512_sub_pd(y1, m1)));
+            BN_H_ROW_SUMS(r);
+            BN_H_ROW_SUMS(r + 1);
             BN_H_ACC_STORE(a, a0, a1);
             BN_H_ACC_STORE(c, c0, c1);
         }
-    }
-    for (; r < nrows; r++) {
-        const uint16_t *zr = z + r * sz, *dr = dy + r * sdy;
+    if (r < nrows)
         for (k = 0; k < n; k += 16) {
             BN_H_COLS_MASKS;
-            BN_H_WIDEN16(dr, t, v0, v1);
-            BN_H_WIDEN16(zr, t, z0, z1);
             BN_H_ACC_LOAD(mb, m0, m1);
             BN_H_ACC_LOAD(a, a0, a1);
             BN_H_ACC_LOAD(c, c0, c1);
-            a0 = _mm512_add_pd(a0, v0);
-            a1 = _mm512_add_pd(a1, v1);
-            c0 = _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0)));
-            c1 = _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1)));
+            BN_H_ROW_SUMS(r);
             BN_H_ACC_STORE(a, a0, a1);
             BN_H_ACC_STORE(c, c0, c1);
         }
-    }
+#undef BN_H_ROW_SUMS
 }
 /* The wide rows' moments (bn_rows_centered_block) likewise: a[j] += x - mb[j],
  * b[j] += (x - mb[j])^2, two rows at a time (a[j] + e + f, b[j] + e*e + f*f) */
@@ -662,47 +653,41 @@ BN_H_TARGET_AVX512 static inline void bn_h_rows_moments_avx512(
     const uint16_t *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
     const double *restrict mb, double *restrict a, double *restrict b)
 {
-    __m512d e0, e1, f0, f1, m0, m1, a0, a1, b0, b1;
-    Py_ssize_t r = 0, k;
-    for (; r + 1 < nrows; r += 2) {
-        const uint16_t *xr = x + r * sx, *xt = xr + sx;
+    __m512d e0, e1, m0, m1, a0, a1, b0, b1;
+    Py_ssize_t r, k;
+/* row rr's sixteen columns at k added into a0, a1 and b0, b1 */
+#define BN_H_ROW_MOMENTS(rr)                           \
+    do {                                               \
+        BN_H_WIDEN16(x + (rr) * sx, t, e0, e1);        \
+        e0 = _mm512_sub_pd(e0, m0);                    \
+        e1 = _mm512_sub_pd(e1, m1);                    \
+        a0 = _mm512_add_pd(a0, e0);                    \
+        a1 = _mm512_add_pd(a1, e1);                    \
+        b0 = _mm512_add_pd(b0, _mm512_mul_pd(e0, e0)); \
+        b1 = _mm512_add_pd(b1, _mm512_mul_pd(e1, e1)); \
+    } while (0)
+    for (r = 0; r + 1 < nrows; r += 2)
         for (k = 0; k < n; k += 16) {
             BN_H_COLS_MASKS;
-            BN_H_WIDEN16(xr, t, e0, e1);
-            BN_H_WIDEN16(xt, t, f0, f1);
             BN_H_ACC_LOAD(mb, m0, m1);
             BN_H_ACC_LOAD(a, a0, a1);
             BN_H_ACC_LOAD(b, b0, b1);
-            e0 = _mm512_sub_pd(e0, m0);
-            e1 = _mm512_sub_pd(e1, m1);
-            f0 = _mm512_sub_pd(f0, m0);
-            f1 = _mm512_sub_pd(f1, m1);
-            a0 = _mm512_add_pd(_mm512_add_pd(a0, e0), f0);
-            a1 = _mm512_add_pd(_mm512_add_pd(a1, e1), f1);
-            b0 = _mm512_add_pd(_mm512_add_pd(b0, _mm512_mul_pd(e0, e0)), _mm512_mul_pd(f0, f0));
-            b1 = _mm512_add_pd(_mm512_add_pd(b1, _mm512_mul_pd(e1, e1)), _mm512_mul_pd(f1, f1));
+            BN_H_ROW_MOMENTS(r);
+            BN_H_ROW_MOMENTS(r + 1);
             BN_H_ACC_STORE(a, a0, a1);
             BN_H_ACC_STORE(b, b0, b1);
         }
-    }
-    for (; r < nrows; r++) {
-        const uint16_t *xr = x + r * sx;
+    if (r < nrows)
         for (k = 0; k < n; k += 16) {
             BN_H_COLS_MASKS;
-            BN_H_WIDEN16(xr, t, e0, e1);
             BN_H_ACC_LOAD(mb, m0, m1);
             BN_H_ACC_LOAD(a, a0, a1);
             BN_H_ACC_LOAD(b, b0, b1);
-            e0 = _mm512_sub_pd(e0, m0);
-            e1 = _mm512_sub_pd(e1, m1);
-            a0 = _mm512_add_pd(a0, e0);
-            a1 = _mm512_add_pd(a1, e1);
-            b0 = _mm512_add_pd(b0, _mm512_mul_pd(e0, e0));
-            b1 = _mm512_add_pd(b1, _mm512_mul_pd(e1, e1));
+            BN_H_ROW_MOMENTS(r);
             BN_H_ACC_STORE(a, a0, a1);
             BN_H_ACC_STORE(b, b0, b1);
         }
-    }
+#undef BN_H_ROW_MOMENTS
 }
 #undef BN_H_ACC_LOAD
 #undef BN_H_ACC_STORE

@@ -241,7 +241,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
         }                                                   \
     } while (0)
     if (G == 1) { /* G is 1 for every dtype but float16; rows singly, or in pairs (BN_WIDE_PAIRS) */
-        if (wide && !mask && jw >= BN_DIRECT_COLS && BN_WIDE_PAIRS(sz == jw && sdy == jw) &&
+        if (wide && !mask && jw >= BN_DIRECT_COLS &&
             BN_ROWS_SUMS_DIRECT(z + j0, dy + j0, sz, sdy, nrows, jw, mb, a, c))
             return;
         r = 0;
@@ -823,8 +823,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         }                                                 \
     } while (0)
     if (G == 1) {
-        if (wide && jw >= BN_DIRECT_COLS && BN_WIDE_PAIRS(sx == jw) &&
-            BN_ROWS_MOMENTS_DIRECT(x + j0, sx, nrows, jw, mb, a, b))
+        if (wide && jw >= BN_DIRECT_COLS && BN_ROWS_MOMENTS_DIRECT(x + j0, sx, nrows, jw, mb, a, b))
             return;
         r = 0;
         if (wide && BN_WIDE_PAIRS(sx == jw))
