@@ -505,46 +505,54 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     return 0;
 }
 
-/* The float16 planar runs' sums and moments in one pass over memory, where bn_run_sums and
- * bn_run_moments (_loops.h) widen each piece into L1 first: the lane sums a[0..BN_LANES) and
- * b[0..BN_LANES) of n elements, element k in lane k % BN_LANES (a piece holds whole lanes),
- * each lane's operations those of the staged loop in their order; the tail under a mask,
- * which leaves the other lanes as they are (adding 0 would turn a -0 into +0).  So the same
- * bits.  AVX-512 only: bn_h_sums and bn_h_moments return 0 otherwise, and the caller takes
- * the staged loop. */
+/* Sums and moments in AVX-512, in one pass over memory: float16 planar runs and wide rows,
+ * where the loops of _loops.h widen each piece into L1 first, and float32 planar runs,
+ * where GCC's vector code of those loops loads sixteen floats and splits them in two (one
+ * more operation per sixteen, on the ports the conversions use).  Here each eight elements
+ * are loaded and widened on their own.  The lane sums a[0..BN_LANES) and b[0..BN_LANES) of
+ * a run of n, element k in lane k % BN_LANES (a piece holds whole lanes), each lane's
+ * operations those of the loop in _loops.h in their order; the tail under a mask, so that
+ * lanes past the run add nothing.  So the same bits.  Only where the code in use
+ * (bn_f16_kind) is BN_F16_AVX512: the dispatchers below return 0 otherwise, and the caller
+ * takes its loop.  Each function takes its data as `const void *` and half (1: float16, 0:
+ * float32), a constant in the typed entry points (BN_X_ENTRY) that inline it. */
 #ifdef BN_HAVE_F16C
-#define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
-/* the sixteen float16 at p + k (under mask t) as two vectors of eight doubles, lo and hi */
-#define BN_H_WIDEN16(p, t, lo, hi)                                                                 \
-    do {                                                                                           \
-        const __m512 bn_f_ = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((t), (p) + k));              \
-        lo = _mm512_cvtps_pd(_mm512_castps512_ps256(bn_f_));                                       \
-        hi =                                                                                       \
-            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(bn_f_), 1))); \
+#define BN_X_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+/* the eight elements at p + i (under mask t8) as eight doubles */
+#define BN_X_WIDEN8(p, i, t8)                                                              \
+    (half ? _mm512_cvtps_pd(                                                               \
+                _mm256_cvtph_ps(_mm_maskz_loadu_epi16((t8), (const uint16_t *)(p) + (i)))) \
+          : _mm512_cvtps_pd(_mm256_maskz_loadu_ps((t8), (const float *)(p) + (i))))
+/* the sixteen at p + i + k (under mask t) as two vectors of eight doubles, lo and hi */
+#define BN_X_WIDEN16(p, i, t, lo, hi)                           \
+    do {                                                        \
+        lo = BN_X_WIDEN8(p, (i) + k, (__mmask8)(t));            \
+        hi = BN_X_WIDEN8(p, (i) + k + 8, (__mmask8)((t) >> 8)); \
     } while (0)
 /* the masks of columns or elements k..k+15 of n: t, and t0 and t1 for its low and high eight */
-#define BN_H_COLS_MASKS                                                                      \
+#define BN_X_COLS_MASKS                                                                      \
     const __mmask16 t = k + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u); \
     const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8)
-BN_H_TARGET_AVX512 static inline void bn_h_sums_avx512(
-    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
-    double *restrict a, double *restrict b)
+#define BN_X_INLINE BN_X_TARGET_AVX512 static inline __attribute__((always_inline))
+BN_X_INLINE void bn_x_sums_avx512(
+    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a,
+    double *restrict b, const int half)
 {
     const __m512d vm = _mm512_set1_pd(m);
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, v0, v1, z0, z1;
     Py_ssize_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        BN_H_WIDEN16(dy, 0xffff, v0, v1);
-        BN_H_WIDEN16(z, 0xffff, z0, z1);
+        BN_X_WIDEN16(dy, 0, 0xffff, v0, v1);
+        BN_X_WIDEN16(z, 0, 0xffff, z0, z1);
         a0 = _mm512_add_pd(a0, v0);
         a1 = _mm512_add_pd(a1, v1);
         b0 = _mm512_add_pd(b0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, vm)));
         b1 = _mm512_add_pd(b1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, vm)));
     }
     if (k < n) {
-        BN_H_COLS_MASKS;
-        BN_H_WIDEN16(dy, t, v0, v1);
-        BN_H_WIDEN16(z, t, z0, z1);
+        BN_X_COLS_MASKS;
+        BN_X_WIDEN16(dy, 0, t, v0, v1);
+        BN_X_WIDEN16(z, 0, t, z0, z1);
         a0 = _mm512_mask_add_pd(a0, t0, a0, v0);
         a1 = _mm512_mask_add_pd(a1, t1, a1, v1);
         b0 = _mm512_mask_add_pd(b0, t0, b0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, vm)));
@@ -555,14 +563,15 @@ BN_H_TARGET_AVX512 static inline void bn_h_sums_avx512(
     _mm512_storeu_pd(b, b0);
     _mm512_storeu_pd(b + 8, b1);
 }
-BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
-    const uint16_t *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+BN_X_INLINE void bn_x_moments_avx512(
+    const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b,
+    const int half)
 {
     const __m512d vm = _mm512_set1_pd(m0);
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, d0, d1;
     Py_ssize_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        BN_H_WIDEN16(x, 0xffff, d0, d1);
+        BN_X_WIDEN16(x, 0, 0xffff, d0, d1);
         d0 = _mm512_sub_pd(d0, vm);
         d1 = _mm512_sub_pd(d1, vm);
         a0 = _mm512_add_pd(a0, d0);
@@ -571,8 +580,8 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
         b1 = _mm512_add_pd(b1, _mm512_mul_pd(d1, d1));
     }
     if (k < n) {
-        BN_H_COLS_MASKS;
-        BN_H_WIDEN16(x, t, d0, d1);
+        BN_X_COLS_MASKS;
+        BN_X_WIDEN16(x, 0, t, d0, d1);
         d0 = _mm512_sub_pd(d0, vm);
         d1 = _mm512_sub_pd(d1, vm);
         a0 = _mm512_mask_add_pd(a0, t0, a0, d0);
@@ -588,12 +597,12 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
 /* the rows' columns k..k+15 of an accumulator or coefficient array: whole vectors where the
  * sixteen are there (t0 and t1 all ones), else under the masks t0 (the low eight) and t1
  * (the high); every access masked measured slower */
-#define BN_H_ACC_LOAD(p, lo, hi)                                                                  \
+#define BN_X_ACC_LOAD(p, lo, hi)                                                                  \
     do {                                                                                          \
         lo = t == 0xffff ? _mm512_loadu_pd((p) + k) : _mm512_maskz_loadu_pd(t0, (p) + k);         \
         hi = t == 0xffff ? _mm512_loadu_pd((p) + k + 8) : _mm512_maskz_loadu_pd(t1, (p) + k + 8); \
     } while (0)
-#define BN_H_ACC_STORE(p, lo, hi)                       \
+#define BN_X_ACC_STORE(p, lo, hi)                       \
     do {                                                \
         if (t == 0xffff) {                              \
             _mm512_storeu_pd((p) + k, lo);              \
@@ -607,18 +616,18 @@ BN_H_TARGET_AVX512 static inline void bn_h_moments_avx512(
  * columns, a[j] += dy, c[j] += dy*(z - mb[j]), sixteen columns of two rows at a time (a[j] +
  * v + w, in that order), the last row alone; the accumulators in memory, as the staged loop
  * keeps them */
-BN_H_TARGET_AVX512 static inline void bn_h_rows_sums_avx512(
-    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+BN_X_INLINE void bn_x_rows_sums_avx512(
+    const void *restrict z, const void *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
-    double *restrict c)
+    double *restrict c, const int half)
 {
     __m512d v0, v1, z0, z1, m0, m1, a0, a1, c0, c1;
     Py_ssize_t r, k;
 /* row rr's sixteen columns at k added into a0, a1 and c0, c1 */
-#define BN_H_ROW_SUMS(rr)                                                 \
+#define BN_X_ROW_SUMS(rr)                                                 \
     do {                                                                  \
-        BN_H_WIDEN16(dy + (rr) * sdy, t, v0, v1);                         \
-        BN_H_WIDEN16(z + (rr) * sz, t, z0, z1);                           \
+        BN_X_WIDEN16(dy, (rr) * sdy, t, v0, v1);                          \
+        BN_X_WIDEN16(z, (rr) * sz, t, z0, z1);                            \
         a0 = _mm512_add_pd(a0, v0);                                       \
         a1 = _mm512_add_pd(a1, v1);                                       \
         c0 = _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0))); \
@@ -626,39 +635,39 @@ BN_H_TARGET_AVX512 static inline void bn_h_rows_sums_avx512(
     } while (0)
     for (r = 0; r + 1 < nrows; r += 2)
         for (k = 0; k < n; k += 16) {
-            BN_H_COLS_MASKS;
-            BN_H_ACC_LOAD(mb, m0, m1);
-            BN_H_ACC_LOAD(a, a0, a1);
-            BN_H_ACC_LOAD(c, c0, c1);
-            BN_H_ROW_SUMS(r);
-            BN_H_ROW_SUMS(r + 1);
-            BN_H_ACC_STORE(a, a0, a1);
-            BN_H_ACC_STORE(c, c0, c1);
+            BN_X_COLS_MASKS;
+            BN_X_ACC_LOAD(mb, m0, m1);
+            BN_X_ACC_LOAD(a, a0, a1);
+            BN_X_ACC_LOAD(c, c0, c1);
+            BN_X_ROW_SUMS(r);
+            BN_X_ROW_SUMS(r + 1);
+            BN_X_ACC_STORE(a, a0, a1);
+            BN_X_ACC_STORE(c, c0, c1);
         }
     if (r < nrows)
         for (k = 0; k < n; k += 16) {
-            BN_H_COLS_MASKS;
-            BN_H_ACC_LOAD(mb, m0, m1);
-            BN_H_ACC_LOAD(a, a0, a1);
-            BN_H_ACC_LOAD(c, c0, c1);
-            BN_H_ROW_SUMS(r);
-            BN_H_ACC_STORE(a, a0, a1);
-            BN_H_ACC_STORE(c, c0, c1);
+            BN_X_COLS_MASKS;
+            BN_X_ACC_LOAD(mb, m0, m1);
+            BN_X_ACC_LOAD(a, a0, a1);
+            BN_X_ACC_LOAD(c, c0, c1);
+            BN_X_ROW_SUMS(r);
+            BN_X_ACC_STORE(a, a0, a1);
+            BN_X_ACC_STORE(c, c0, c1);
         }
-#undef BN_H_ROW_SUMS
+#undef BN_X_ROW_SUMS
 }
 /* The wide rows' moments (bn_rows_centered_block) likewise: a[j] += x - mb[j],
  * b[j] += (x - mb[j])^2, two rows at a time (a[j] + e + f, b[j] + e*e + f*f) */
-BN_H_TARGET_AVX512 static inline void bn_h_rows_moments_avx512(
-    const uint16_t *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
-    const double *restrict mb, double *restrict a, double *restrict b)
+BN_X_INLINE void bn_x_rows_moments_avx512(
+    const void *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
+    const double *restrict mb, double *restrict a, double *restrict b, const int half)
 {
     __m512d e0, e1, m0, m1, a0, a1, b0, b1;
     Py_ssize_t r, k;
 /* row rr's sixteen columns at k added into a0, a1 and b0, b1 */
-#define BN_H_ROW_MOMENTS(rr)                           \
+#define BN_X_ROW_MOMENTS(rr)                           \
     do {                                               \
-        BN_H_WIDEN16(x + (rr) * sx, t, e0, e1);        \
+        BN_X_WIDEN16(x, (rr) * sx, t, e0, e1);         \
         e0 = _mm512_sub_pd(e0, m0);                    \
         e1 = _mm512_sub_pd(e1, m1);                    \
         a0 = _mm512_add_pd(a0, e0);                    \
@@ -668,90 +677,114 @@ BN_H_TARGET_AVX512 static inline void bn_h_rows_moments_avx512(
     } while (0)
     for (r = 0; r + 1 < nrows; r += 2)
         for (k = 0; k < n; k += 16) {
-            BN_H_COLS_MASKS;
-            BN_H_ACC_LOAD(mb, m0, m1);
-            BN_H_ACC_LOAD(a, a0, a1);
-            BN_H_ACC_LOAD(b, b0, b1);
-            BN_H_ROW_MOMENTS(r);
-            BN_H_ROW_MOMENTS(r + 1);
-            BN_H_ACC_STORE(a, a0, a1);
-            BN_H_ACC_STORE(b, b0, b1);
+            BN_X_COLS_MASKS;
+            BN_X_ACC_LOAD(mb, m0, m1);
+            BN_X_ACC_LOAD(a, a0, a1);
+            BN_X_ACC_LOAD(b, b0, b1);
+            BN_X_ROW_MOMENTS(r);
+            BN_X_ROW_MOMENTS(r + 1);
+            BN_X_ACC_STORE(a, a0, a1);
+            BN_X_ACC_STORE(b, b0, b1);
         }
     if (r < nrows)
         for (k = 0; k < n; k += 16) {
-            BN_H_COLS_MASKS;
-            BN_H_ACC_LOAD(mb, m0, m1);
-            BN_H_ACC_LOAD(a, a0, a1);
-            BN_H_ACC_LOAD(b, b0, b1);
-            BN_H_ROW_MOMENTS(r);
-            BN_H_ACC_STORE(a, a0, a1);
-            BN_H_ACC_STORE(b, b0, b1);
+            BN_X_COLS_MASKS;
+            BN_X_ACC_LOAD(mb, m0, m1);
+            BN_X_ACC_LOAD(a, a0, a1);
+            BN_X_ACC_LOAD(b, b0, b1);
+            BN_X_ROW_MOMENTS(r);
+            BN_X_ACC_STORE(a, a0, a1);
+            BN_X_ACC_STORE(b, b0, b1);
         }
-#undef BN_H_ROW_MOMENTS
+#undef BN_X_ROW_MOMENTS
 }
-#undef BN_H_ACC_LOAD
-#undef BN_H_ACC_STORE
-#undef BN_H_COLS_MASKS
-#undef BN_H_WIDEN16
-#undef BN_H_TARGET_AVX512
+/* the typed entry points of bn_x_NAME_avx512: bn_h_NAME (float16) and bn_f_NAME (float32) */
+#define BN_X_ENTRY(NAME, PFX, HALF, PARAMS, ...) \
+    BN_X_TARGET_AVX512 static void PFX##NAME PARAMS { bn_x_##NAME##_avx512(__VA_ARGS__, HALF); }
+#define BN_X_SUMS_PARAMS                                                                          \
+    (const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a, \
+     double *restrict b)
+#define BN_X_MOMENTS_PARAMS \
+    (const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+BN_X_ENTRY(sums, bn_h_, 1, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
+BN_X_ENTRY(sums, bn_f_, 0, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
+BN_X_ENTRY(moments, bn_h_, 1, BN_X_MOMENTS_PARAMS, x, n, m0, a, b)
+BN_X_ENTRY(moments, bn_f_, 0, BN_X_MOMENTS_PARAMS, x, n, m0, a, b)
+BN_X_ENTRY(
+    rows_sums, bn_h_, 1,
+    (const void *restrict z, const void *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
+     Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
+     double *restrict c),
+    z, dy, sz, sdy, nrows, n, mb, a, c)
+BN_X_ENTRY(
+    rows_moments, bn_h_, 1,
+    (const void *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
+     const double *restrict mb, double *restrict a, double *restrict b),
+    x, sx, nrows, n, mb, a, b)
+#undef BN_X_ENTRY
+#undef BN_X_SUMS_PARAMS
+#undef BN_X_MOMENTS_PARAMS
+#undef BN_X_ACC_LOAD
+#undef BN_X_ACC_STORE
+#undef BN_X_COLS_MASKS
+#undef BN_X_WIDEN16
+#undef BN_X_WIDEN8
+#undef BN_X_INLINE
+#undef BN_X_TARGET_AVX512
 #endif
-_Static_assert(BN_LANES == 16, "bn_h_sums and bn_h_moments keep sixteen lanes");
+_Static_assert(BN_LANES == 16, "the sums and moments in AVX-512 keep sixteen lanes");
 
-static inline __attribute__((always_inline)) int bn_h_sums(
-    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
-    double *restrict a, double *restrict b)
-{
+/* Where the CPU has AVX-512 (the code in use, bn_f16_kind, is BN_F16_AVX512), run the
+ * loops above and return 1: for float16 (half) or float32 planar runs, float16 wide rows;
+ * else return 0, and the caller takes its own loop */
 #ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_sums_avx512(z, dy, n, m, a, b);
-        return 1;
-    }
+#define BN_X_RUN(CALL)                      \
+    do {                                    \
+        if (bn_f16_kind == BN_F16_AVX512) { \
+            CALL;                           \
+            return 1;                       \
+        }                                   \
+    } while (0)
+#else
+#define BN_X_RUN(CALL) (void)0
 #endif
-    (void)z, (void)dy, (void)n, (void)m, (void)a, (void)b;
+static inline __attribute__((always_inline)) int bn_sums_direct(
+    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a,
+    double *restrict b, const int half)
+{
+    BN_X_RUN(half ? bn_h_sums(z, dy, n, m, a, b) : bn_f_sums(z, dy, n, m, a, b));
+    (void)z, (void)dy, (void)n, (void)m, (void)a, (void)b, (void)half;
     return 0;
 }
 
-static inline __attribute__((always_inline)) int bn_h_moments(
-    const uint16_t *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+static inline __attribute__((always_inline)) int bn_moments_direct(
+    const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b,
+    const int half)
 {
-#ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_moments_avx512(x, n, m0, a, b);
-        return 1;
-    }
-#endif
-    (void)x, (void)n, (void)m0, (void)a, (void)b;
+    BN_X_RUN(half ? bn_h_moments(x, n, m0, a, b) : bn_f_moments(x, n, m0, a, b));
+    (void)x, (void)n, (void)m0, (void)a, (void)b, (void)half;
     return 0;
 }
 
-static inline __attribute__((always_inline)) int bn_h_rows_sums(
+static inline __attribute__((always_inline)) int bn_h_rows_sums_direct(
     const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
     Py_ssize_t nrows, Py_ssize_t n, const double *restrict mb, double *restrict a,
     double *restrict c)
 {
-#ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_rows_sums_avx512(z, dy, sz, sdy, nrows, n, mb, a, c);
-        return 1;
-    }
-#endif
+    BN_X_RUN(bn_h_rows_sums(z, dy, sz, sdy, nrows, n, mb, a, c));
     (void)z, (void)dy, (void)sz, (void)sdy, (void)nrows, (void)n, (void)mb, (void)a, (void)c;
     return 0;
 }
 
-static inline __attribute__((always_inline)) int bn_h_rows_moments(
+static inline __attribute__((always_inline)) int bn_h_rows_moments_direct(
     const uint16_t *restrict x, Py_ssize_t sx, Py_ssize_t nrows, Py_ssize_t n,
     const double *restrict mb, double *restrict a, double *restrict b)
 {
-#ifdef BN_HAVE_F16C
-    if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_rows_moments_avx512(x, sx, nrows, n, mb, a, b);
-        return 1;
-    }
-#endif
+    BN_X_RUN(bn_h_rows_moments(x, sx, nrows, n, mb, a, b));
     (void)x, (void)sx, (void)nrows, (void)n, (void)mb, (void)a, (void)b;
     return 0;
 }
+#undef BN_X_RUN
 
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
  * returns the kind in use */

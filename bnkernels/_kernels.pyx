@@ -168,7 +168,8 @@ _f16_code = F16_CODES[bn_f16_code(len(F16_CODES) - 1)]
 def float16_code(kind=None):
     """The code that converts float16 to and from float in the kernels: "avx512" (AVX-512
     and F16C), "f16c" (AVX2 and F16C) or "integer" (32-bit integer code, any x86-64); the
-    same bits with each (but a NaN's sign and payload where two NaNs meet).  With a kind,
+    same bits with each (but a NaN's sign and payload where two NaNs meet).  "avx512" also
+    sums float32 planes in its own loops (the same bits).  With a kind,
     use it, or the widest below it the CPU has (when the module loads: the widest).
     Returns the kind in use.  Not thread-safe: for tests and measurements, between
     calls."""

@@ -39,11 +39,11 @@
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
  *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
- *   set the lane sums of a planar run, unmasked, in one pass (float16 with AVX-512:
- *   bn_h_sums, bn_h_moments), and BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide
- *   block's rows into its accumulators (bn_h_rows_sums, bn_h_rows_moments), for blocks of
- *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
- *   (docs/performance.md). */
+ *   set the lane sums of a planar run, unmasked, in one pass (float16 and float32 with
+ *   AVX-512: bn_sums_direct, bn_moments_direct), and BN_ROWS_SUMS_DIRECT and
+ *   BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its accumulators
+ *   (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of BN_DIRECT_COLS columns
+ *   or more: rows of 64 measured no faster so, rows of 512 faster (docs/performance.md). */
 #undef BN_DIRECT_COLS
 #define BN_DIRECT_COLS 256
 #undef BN_IN
@@ -81,10 +81,6 @@
 #define BN_FLUSH(w, o, n) bn_f2h_run((w), (o), (n))
 #define BN_OPAD(n) BN_PAD(n)
 #define BN_OUT_DIRECT bn_h_affine
-#define BN_SUMS_DIRECT bn_h_sums
-#define BN_MOMENTS_DIRECT bn_h_moments
-#define BN_ROWS_SUMS_DIRECT bn_h_rows_sums
-#define BN_ROWS_MOMENTS_DIRECT bn_h_rows_moments
 #define BN_IN(name, p, n)                          \
     float name##_run[BN_ISTAGE];                   \
     const float *restrict name = name##_run;       \
@@ -116,13 +112,29 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
-#define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
-#define BN_MOMENTS_DIRECT(x, n, m0, a, b) 0
-#define BN_ROWS_SUMS_DIRECT(z, dy, sz, sdy, nrows, n, mb, a, c) 0
-#define BN_ROWS_MOMENTS_DIRECT(x, sx, nrows, n, mb, a, b) 0
 #define BN_OUT_DIRECT(                                                             \
     z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
     0
+#endif
+/* Sums and moments in AVX-512 where the CPU has it (_kernels.h): float16's planar runs and
+ * wide rows without staging; float32's planar runs without GCC's split of sixteen loaded
+ * floats (float32's wide rows measured no faster so, rows of 512 contiguous columns slower
+ * in pairs); float64, read as it is, keeps the loops below */
+#ifdef BN_F16
+#define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 1)
+#define BN_MOMENTS_DIRECT(x, n, m0, a, b) bn_moments_direct(x, n, m0, a, b, 1)
+#define BN_ROWS_SUMS_DIRECT bn_h_rows_sums_direct
+#define BN_ROWS_MOMENTS_DIRECT bn_h_rows_moments_direct
+#else
+#ifdef BN_F64
+#define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
+#define BN_MOMENTS_DIRECT(x, n, m0, a, b) 0
+#else
+#define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 0)
+#define BN_MOMENTS_DIRECT(x, n, m0, a, b) bn_moments_direct(x, n, m0, a, b, 0)
+#endif
+#define BN_ROWS_SUMS_DIRECT(z, dy, sz, sdy, nrows, n, mb, a, c) 0
+#define BN_ROWS_MOMENTS_DIRECT(x, sx, nrows, n, mb, a, b) 0
 #endif
 
 /* The task-level functions (the table's): BN_CLONES; float16's also flatten, inlining every

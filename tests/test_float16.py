@@ -221,6 +221,34 @@ def test_sums_are_float32_datas_sums(shape, axis):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("code", ["avx512"], indirect=True)
+@pytest.mark.parametrize("shape", [(4, 3, 700, 3), (3, 4, 37, 5), (2, 3, 8, 2)])
+def test_float32_planes_sum_alike_with_each_code(code, shape):
+    """The AVX-512 code also sums float32 planes (bn_f_sums, bn_f_moments): the same bits
+    as the loops of _loops.h, which the integer code leaves them to.  Planes of 2100
+    (moments and sums, a tail of 4), 185 (sums only, a tail of 9) and 16 elements; float32
+    values of 24 significant bits and many exponents, whose float64 sums round (float16's
+    would sum exactly in any order), a NaN and an infinity in channel 0."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-12, 12, shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dy[0, 0].flat[:2] = np.nan, np.inf
+    C = shape[1]
+    g, b = np.linspace(0.5, 2, C).astype(np.float32), np.zeros(C, np.float32)
+
+    def outs():
+        with np.errstate(invalid="ignore", over="ignore"):
+            stats = bnkernels.batch_stats(x)[1:]
+            out, cache = bnkernels.forward(x, g, b, {"mode": "train"})
+            sums = bnkernels.backward_reduce(dy, cache)
+            return [bits(v) for v in (*stats, *sums, out, *bnkernels.backward(dy, cache))]
+
+    vector = outs()
+    _kernels.float16_code("integer")
+    for v, i in zip(vector, outs()):
+        assert np.array_equal(v, i)
+
+
 def test_rounding_matches_numpys_float_arithmetic():
     # (x - mean) * 1 + 0 with x and mean float16 values: one float subtraction (the mean is
     # a float, its low part 0), rounded to float16, exercising ties to even, subnormal
