@@ -734,6 +734,60 @@ BN_X_ENTRY(
 #endif
 _Static_assert(BN_LANES == 16, "the sums and moments in AVX-512 keep sixteen lanes");
 
+/* The float16 planar runs' sums with F16C (AVX2 CPUs), likewise without staging: the same
+ * lanes and operations in four vectors of four doubles (lanes 4q..4q+3); the tail widened
+ * from a copy padded with zeros and blended in where its lanes hold elements, so that lanes
+ * past the run add nothing.  The moments keep the staged loop: four at a time, they
+ * measured slower (docs/performance.md). */
+#ifdef BN_HAVE_F16C
+#define BN_X_TARGET_F16C __attribute__((target("avx2,f16c")))
+/* the four float16 at p as four doubles */
+#define BN_X_WIDEN4(p) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p))))
+/* lanes 4q..4q+3 of a tail of rest elements: all ones where they hold one, else 0 */
+#define BN_X_LANES4(q, rest)                \
+    _mm256_castsi256_pd(_mm256_cmpgt_epi64( \
+        _mm256_set1_epi64x(rest),           \
+        _mm256_setr_epi64x(4 * (q), 4 * (q) + 1, 4 * (q) + 2, 4 * (q) + 3)))
+BN_X_TARGET_F16C static void bn_h_sums_f16c(
+    const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
+    double *restrict a, double *restrict b)
+{
+    const __m256d vm = _mm256_set1_pd(m);
+    __m256d va[4], vb[4];
+    Py_ssize_t k = 0, j;
+    int q;
+    for (q = 0; q < 4; q++)
+        va[q] = vb[q] = _mm256_setzero_pd();
+    for (; k + 16 <= n; k += 16)
+        for (q = 0; q < 4; q++) {
+            const __m256d v = BN_X_WIDEN4(dy + k + 4 * q), d = BN_X_WIDEN4(z + k + 4 * q);
+            va[q] = _mm256_add_pd(va[q], v);
+            vb[q] = _mm256_add_pd(vb[q], _mm256_mul_pd(v, _mm256_sub_pd(d, vm)));
+        }
+    if (k < n) {
+        uint16_t zt[16] = {0}, dyt[16] = {0};
+        for (j = 0; j < n - k; j++) {
+            zt[j] = z[k + j];
+            dyt[j] = dy[k + j];
+        }
+        for (q = 0; q < 4; q++) {
+            const __m256d t = BN_X_LANES4(q, n - k), v = BN_X_WIDEN4(dyt + 4 * q),
+                          d = BN_X_WIDEN4(zt + 4 * q);
+            va[q] = _mm256_blendv_pd(va[q], _mm256_add_pd(va[q], v), t);
+            vb[q] = _mm256_blendv_pd(
+                vb[q], _mm256_add_pd(vb[q], _mm256_mul_pd(v, _mm256_sub_pd(d, vm))), t);
+        }
+    }
+    for (q = 0; q < 4; q++) {
+        _mm256_storeu_pd(a + 4 * q, va[q]);
+        _mm256_storeu_pd(b + 4 * q, vb[q]);
+    }
+}
+#undef BN_X_TARGET_F16C
+#undef BN_X_WIDEN4
+#undef BN_X_LANES4
+#endif
+
 /* Where the CPU has AVX-512 (the code in use, bn_f16_kind, is BN_F16_AVX512), run the
  * loops above and return 1: for float16 (half) or float32 planar runs, float16 wide rows;
  * else return 0, and the caller takes its own loop */
@@ -745,14 +799,23 @@ _Static_assert(BN_LANES == 16, "the sums and moments in AVX-512 keep sixteen lan
             return 1;                       \
         }                                   \
     } while (0)
+#define BN_X_RUN_F16C(CALL)                       \
+    do {                                          \
+        if (half && bn_f16_kind == BN_F16_F16C) { \
+            CALL;                                 \
+            return 1;                             \
+        }                                         \
+    } while (0)
 #else
 #define BN_X_RUN(CALL) (void)0
+#define BN_X_RUN_F16C(CALL) (void)0
 #endif
 static inline __attribute__((always_inline)) int bn_sums_direct(
     const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a,
     double *restrict b, const int half)
 {
     BN_X_RUN(half ? bn_h_sums(z, dy, n, m, a, b) : bn_f_sums(z, dy, n, m, a, b));
+    BN_X_RUN_F16C(bn_h_sums_f16c(z, dy, n, m, a, b));
     (void)z, (void)dy, (void)n, (void)m, (void)a, (void)b, (void)half;
     return 0;
 }
@@ -785,6 +848,7 @@ static inline __attribute__((always_inline)) int bn_h_rows_moments_direct(
     return 0;
 }
 #undef BN_X_RUN
+#undef BN_X_RUN_F16C
 
 /* The float16 conversions of `kind` (BN_F16_*), or the best below it that the CPU has;
  * returns the kind in use */
