@@ -513,9 +513,10 @@ static inline __attribute__((always_inline)) int bn_h_affine(
  * a run of n, element k in lane k % BN_LANES (a piece holds whole lanes), each lane's
  * operations those of the loop in _loops.h in their order; the tail under a mask, so that
  * lanes past the run add nothing.  So the same bits.  Only where the code in use
- * (bn_f16_kind) is BN_F16_AVX512: the dispatchers below return 0 otherwise, and the caller
- * takes its loop.  Each function takes its data as `const void *` and half (1: float16, 0:
- * float32), a constant in the typed entry points (BN_X_ENTRY) that inline it. */
+ * (bn_f16_kind) is BN_F16_AVX512 (float16 planar sums also with F16C, bn_h_sums_f16c
+ * below): the dispatchers below return 0 otherwise, and the caller takes its loop.  Each function
+ * takes its data as `const void *` and half (1: float16, 0: float32), a constant in the typed entry
+ * points (BN_X_ENTRY) that inline it. */
 #ifdef BN_HAVE_F16C
 #define BN_X_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 /* the eight elements at p + i (under mask t8) as eight doubles */
@@ -788,9 +789,9 @@ BN_X_TARGET_F16C static void bn_h_sums_f16c(
 #undef BN_X_LANES4
 #endif
 
-/* Where the CPU has AVX-512 (the code in use, bn_f16_kind, is BN_F16_AVX512), run the
- * loops above and return 1: for float16 (half) or float32 planar runs, float16 wide rows;
- * else return 0, and the caller takes its own loop */
+/* Run the loops above where the code in use (bn_f16_kind) has them and return 1: with
+ * AVX-512 for float16 (half) or float32 planar runs and float16 wide rows, with F16C for
+ * float16 planar sums; else return 0, and the caller takes its own loop */
 #ifdef BN_HAVE_F16C
 #define BN_X_RUN(CALL)                      \
     do {                                    \

@@ -40,7 +40,8 @@
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
  *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
  *   set the lane sums of a planar run, unmasked, in one pass (float16 and float32 with
- *   AVX-512: bn_sums_direct, bn_moments_direct), and BN_ROWS_SUMS_DIRECT and
+ *   AVX-512, float16 sums with F16C: bn_sums_direct, bn_moments_direct), and
+ *   BN_ROWS_SUMS_DIRECT and
  *   BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its accumulators
  *   (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of BN_DIRECT_COLS columns
  *   or more: rows of 64 measured no faster so, rows of 512 faster (docs/performance.md). */
@@ -117,9 +118,10 @@
     0
 #endif
 /* Sums and moments in AVX-512 where the CPU has it (_kernels.h): float16's planar runs and
- * wide rows without staging; float32's planar runs without GCC's split of sixteen loaded
- * floats (float32's wide rows measured no faster so, rows of 512 contiguous columns slower
- * in pairs); float64, read as it is, keeps the loops below */
+ * wide rows without staging (the planar sums also with F16C); float32's planar runs
+ * without GCC's split of sixteen loaded floats (float32's wide rows measured no faster so,
+ * rows of 512 contiguous columns slower in pairs); float64, read as it is, keeps the loops
+ * below */
 #ifdef BN_F16
 #define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 1)
 #define BN_MOMENTS_DIRECT(x, n, m0, a, b) bn_moments_direct(x, n, m0, a, b, 1)
@@ -922,7 +924,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
-    /* a run of a piece or more: shorter ones measured slower unstaged (docs/performance.md) */
+    /* a run of a piece or more: shorter float16 ones measured slower unstaged
+     * (docs/performance.md); float32 keeps the same bound (its short runs unmeasured) */
     if (n >= BN_ISTAGE && BN_MOMENTS_DIRECT(x, n, m0, a, b)) {
         *s1 += bn_tree(a);
         *s2 += bn_tree(b);

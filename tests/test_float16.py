@@ -106,7 +106,8 @@ def _passes(x, dy, axis):
 # float coefficients in a heap buffer), an odd number of rows of a width the sums take
 # unstaged that is not a multiple of sixteen, short contiguous rows converted many to a run
 # (also channels-last), planes shorter and longer than one and not a multiple of any vector
-# width, NCHW planes taken as rows
+# width, NCHW planes taken as rows, planes whose tails of 7 and 11 fill some lanes of the
+# F16C sums' second and third vectors
 _PASS_CASES = [
     ((300, 37), 1),
     ((41, 300), 1),
@@ -117,6 +118,8 @@ _PASS_CASES = [
     ((4, 3, 700, 3), 1),
     ((6, 5, 7, 7), 1),
     ((20, 5, 7, 7), 1),
+    ((4, 3, 535), 1),
+    ((5, 2, 15, 5), 1),
 ]
 _PASS_IDS = [str(c[0]) for c in _PASS_CASES]
 
@@ -222,13 +225,16 @@ def test_sums_are_float32_datas_sums(shape, axis):
 
 
 @pytest.mark.parametrize("code", ["avx512"], indirect=True)
-@pytest.mark.parametrize("shape", [(4, 3, 700, 3), (3, 4, 37, 5), (2, 3, 8, 2)])
-def test_float32_planes_sum_alike_with_each_code(code, shape):
+@pytest.mark.parametrize(
+    "shape", [(4, 3, 700, 3), (3, 4, 1033), (3, 4, 37, 5), (2, 3, 8, 2), (5, 3, 11)]
+)
+def test_float32_planes_sum_alike_with_avx512_and_integer_code(code, shape):
     """The AVX-512 code also sums float32 planes (bn_f_sums, bn_f_moments): the same bits
     as the loops of _loops.h, which the integer code leaves them to.  Planes of 2100
-    (moments and sums, a tail of 4), 185 (sums only, a tail of 9) and 16 elements; float32
-    values of 24 significant bits and many exponents, whose float64 sums round (float16's
-    would sum exactly in any order), a NaN and an infinity in channel 0."""
+    (moments and sums, a tail of 4), 1033 (a tail of 9, in the high eight lanes), 185 (sums
+    only, a tail of 9), 16 and 11 elements (a tail alone); float32 values of 24 significant
+    bits and many exponents, whose float64 sums round (float16's would sum exactly in any
+    order), a NaN and an infinity in channel 0 (the other channels' sums carry the test)."""
     rng = np.random.default_rng(6)
     x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-12, 12, shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
