@@ -204,11 +204,22 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #define BN_WIDE_PAIRS(contig) (!(contig))
 #endif
 
+/* rows s elements apart start a page (4 KiB) or more apart: each a stream of its own, which
+ * the hardware prefetchers, working within a page, start anew */
+#undef BN_PAGE_APART
+#define BN_PAGE_APART(s) ((s) * (Py_ssize_t)sizeof(BN_T) >= 4096)
+
 /* Prefetch the piece the sweep reaches BN_RPREFETCH rows from now: row r + BN_RPREFETCH of
  * block j0 (jw columns), or near the block's end a first row of the next block (up to
  * BN_RBLOCK columns, which covers every narrower rest block after it), so that the stream of
- * requests does not stall at every block boundary.  Into L2 (l2) for the backward's sums,
- * which read two or three arrays: their lines that far ahead measured faster waiting in L2
+ * requests does not stall at every block boundary.  In the backward's sums (l2) over rows a
+ * page or more apart, the first block (j0 0) prefetches the task's whole row (cw columns):
+ * memory then serves each row from its start to its end once, and the later blocks find it
+ * in L2, as the task's data fits there (the plans' budget); piece by piece, rows far apart
+ * (NCHW planes taken as rows) were read a few lines at a time per block, which memory served
+ * slower.  Closer rows, and the forward's statistics, keep the pieces: whole rows there
+ * measured slower on rows in the caches (docs/performance.md).  Into L2 (l2) for the backward's
+ * sums, which read two or three arrays: their lines that far ahead measured faster waiting in L2
  * than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them into a few of
  * L1's sets); into L1 for the forward's one array, which measured faster so
  * (docs/performance.md). */
@@ -217,6 +228,8 @@ static inline void BN_FN(bn_prefetch_ahead)(
     Py_ssize_t r, const int l2)
 {
     Py_ssize_t rr = r + BN_RPREFETCH, jj = j0, b;
+    if (l2 && j0 == 0 && BN_PAGE_APART(s) && rr < nrows)
+        jw = cw;
     if (rr >= nrows) {
         rr -= nrows;
         jj += jw;
@@ -524,7 +537,6 @@ static inline __attribute__((always_inline)) void bn_plane_affine_stream(
  * two in the backward (three arrays: four rows measured slower).  Closer rows keep the
  * plain loop: read as two interleaved runs within a page they measured slower, and one at
  * a time the band's loop was no faster than the plain one (docs/performance.md). */
-#define BN_PAGE_APART(s) ((s) * (Py_ssize_t)sizeof(BN_T) >= 4096)
 #define BN_BAND_ROWS(dy) ((dy) == NULL ? 4 : 2)
 /* BN_V8(p): the eight elements from p as doubles; BN_V8_ST(p, v): v rounded to BN_T into
  * them (each element once, to nearest even, as BN_ST).  Element by element, which GCC
