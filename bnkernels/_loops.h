@@ -41,10 +41,10 @@
  *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
  *   set the lane sums of a planar run, unmasked, in one pass (float16 and float32 with
  *   AVX-512, float16 sums with F16C: bn_sums_direct, bn_moments_direct), and
- *   BN_ROWS_SUMS_DIRECT and
- *   BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its accumulators
- *   (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of BN_DIRECT_COLS columns
- *   or more: rows of 64 measured no faster so, rows of 512 faster (docs/performance.md). */
+ *   BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its
+ *   accumulators (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of
+ *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
+ *   (docs/performance.md). */
 #undef BN_DIRECT_COLS
 #define BN_DIRECT_COLS 256
 #undef BN_IN
@@ -214,14 +214,14 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
  * BN_RBLOCK columns, which covers every narrower rest block after it), so that the stream of
  * requests does not stall at every block boundary.  In the backward's sums (l2) over rows a
  * page or more apart, the first block (j0 0) prefetches the task's whole row (cw columns):
- * memory then serves each row from its start to its end once, and the later blocks find it
- * in L2, as the task's data fits there (the plans' budget); piece by piece, rows far apart
- * (NCHW planes taken as rows) were read a few lines at a time per block, which memory served
+ * memory then serves each row from its start to its end once, and the later blocks find it in
+ * L2, as the task's data fits there (the plans' budget); piece by piece, rows far apart (NCHW
+ * planes taken as rows) were read a few lines at a time per block, which memory served
  * slower.  Closer rows, and the forward's statistics, keep the pieces: whole rows there
- * measured slower on rows in the caches (docs/performance.md).  Into L2 (l2) for the backward's
- * sums, which read two or three arrays: their lines that far ahead measured faster waiting in L2
- * than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them into a few of
- * L1's sets); into L1 for the forward's one array, which measured faster so
+ * measured slower on rows in the caches (docs/performance.md).  Into L2 (l2) for the
+ * backward's sums, which read two or three arrays: their lines that far ahead measured faster
+ * waiting in L2 than in L1 (likely as rows whose stride is a multiple of 1 KiB crowd them
+ * into a few of L1's sets); into L1 for the forward's one array, which measured faster so
  * (docs/performance.md). */
 static inline void BN_FN(bn_prefetch_ahead)(
     const BN_T *base, Py_ssize_t s, Py_ssize_t nrows, Py_ssize_t cw, Py_ssize_t j0, Py_ssize_t jw,
@@ -936,8 +936,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
-    /* a run of a piece or more: shorter float16 ones measured slower unstaged
-     * (docs/performance.md); float32 keeps the same bound (its short runs unmeasured) */
+    /* a run of a piece or more: shorter ones measured slower unstaged in float16, and no
+     * faster than code layout moves in float16 and float32 since (docs/performance.md) */
     if (n >= BN_ISTAGE && BN_MOMENTS_DIRECT(x, n, m0, a, b)) {
         *s1 += bn_tree(a);
         *s2 += bn_tree(b);
