@@ -613,6 +613,27 @@ BN_X_INLINE void bn_x_moments_avx512(
             _mm512_mask_storeu_pd((p) + k + 8, t1, hi); \
         }                                               \
     } while (0)
+/* The rows' sweep of bn_x_rows_sums_avx512 and bn_x_rows_moments_avx512: sixteen columns at
+ * a time, the shifts mb and the accumulators a and q loaded, ROW(r) (and ROW(r + 1) in a
+ * pair) added into them, the accumulators stored; pairs of rows, then the last row alone */
+#define BN_X_ROWS_STEP(ROW, q, q0, q1, SECOND) \
+    for (k = 0; k < n; k += 16) {              \
+        BN_X_COLS_MASKS;                       \
+        BN_X_ACC_LOAD(mb, m0, m1);             \
+        BN_X_ACC_LOAD(a, a0, a1);              \
+        BN_X_ACC_LOAD(q, q0, q1);              \
+        ROW(r);                                \
+        SECOND;                                \
+        BN_X_ACC_STORE(a, a0, a1);             \
+        BN_X_ACC_STORE(q, q0, q1);             \
+    }
+#define BN_X_ROWS_SWEEP(ROW, q, q0, q1)                 \
+    do {                                                \
+        for (r = 0; r + 1 < nrows; r += 2)              \
+            BN_X_ROWS_STEP(ROW, q, q0, q1, ROW(r + 1)); \
+        if (r < nrows)                                  \
+            BN_X_ROWS_STEP(ROW, q, q0, q1, (void)0);    \
+    } while (0)
 /* The wide rows' sums (bn_rows_sums_block, unmasked) without staging: nrows rows of n
  * columns, a[j] += dy, c[j] += dy*(z - mb[j]), sixteen columns of two rows at a time (a[j] +
  * v + w, in that order), the last row alone; the accumulators in memory, as the staged loop
@@ -634,27 +655,7 @@ BN_X_INLINE void bn_x_rows_sums_avx512(
         c0 = _mm512_add_pd(c0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, m0))); \
         c1 = _mm512_add_pd(c1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, m1))); \
     } while (0)
-    for (r = 0; r + 1 < nrows; r += 2)
-        for (k = 0; k < n; k += 16) {
-            BN_X_COLS_MASKS;
-            BN_X_ACC_LOAD(mb, m0, m1);
-            BN_X_ACC_LOAD(a, a0, a1);
-            BN_X_ACC_LOAD(c, c0, c1);
-            BN_X_ROW_SUMS(r);
-            BN_X_ROW_SUMS(r + 1);
-            BN_X_ACC_STORE(a, a0, a1);
-            BN_X_ACC_STORE(c, c0, c1);
-        }
-    if (r < nrows)
-        for (k = 0; k < n; k += 16) {
-            BN_X_COLS_MASKS;
-            BN_X_ACC_LOAD(mb, m0, m1);
-            BN_X_ACC_LOAD(a, a0, a1);
-            BN_X_ACC_LOAD(c, c0, c1);
-            BN_X_ROW_SUMS(r);
-            BN_X_ACC_STORE(a, a0, a1);
-            BN_X_ACC_STORE(c, c0, c1);
-        }
+    BN_X_ROWS_SWEEP(BN_X_ROW_SUMS, c, c0, c1);
 #undef BN_X_ROW_SUMS
 }
 /* The wide rows' moments (bn_rows_centered_block) likewise: a[j] += x - mb[j],
@@ -676,27 +677,7 @@ BN_X_INLINE void bn_x_rows_moments_avx512(
         b0 = _mm512_add_pd(b0, _mm512_mul_pd(e0, e0)); \
         b1 = _mm512_add_pd(b1, _mm512_mul_pd(e1, e1)); \
     } while (0)
-    for (r = 0; r + 1 < nrows; r += 2)
-        for (k = 0; k < n; k += 16) {
-            BN_X_COLS_MASKS;
-            BN_X_ACC_LOAD(mb, m0, m1);
-            BN_X_ACC_LOAD(a, a0, a1);
-            BN_X_ACC_LOAD(b, b0, b1);
-            BN_X_ROW_MOMENTS(r);
-            BN_X_ROW_MOMENTS(r + 1);
-            BN_X_ACC_STORE(a, a0, a1);
-            BN_X_ACC_STORE(b, b0, b1);
-        }
-    if (r < nrows)
-        for (k = 0; k < n; k += 16) {
-            BN_X_COLS_MASKS;
-            BN_X_ACC_LOAD(mb, m0, m1);
-            BN_X_ACC_LOAD(a, a0, a1);
-            BN_X_ACC_LOAD(b, b0, b1);
-            BN_X_ROW_MOMENTS(r);
-            BN_X_ACC_STORE(a, a0, a1);
-            BN_X_ACC_STORE(b, b0, b1);
-        }
+    BN_X_ROWS_SWEEP(BN_X_ROW_MOMENTS, b, b0, b1);
 #undef BN_X_ROW_MOMENTS
 }
 /* the typed entry points of bn_x_NAME_avx512: bn_h_NAME (float16) and bn_f_NAME (float32) */
@@ -726,6 +707,8 @@ BN_X_ENTRY(
 #undef BN_X_SUMS_PARAMS
 #undef BN_X_MOMENTS_PARAMS
 #undef BN_X_ACC_LOAD
+#undef BN_X_ROWS_STEP
+#undef BN_X_ROWS_SWEEP
 #undef BN_X_ACC_STORE
 #undef BN_X_COLS_MASKS
 #undef BN_X_WIDEN16

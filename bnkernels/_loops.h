@@ -313,19 +313,20 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 }
 
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
- * BLOCK(r0, nr, j0, jw, wide, mb, p, q) adds rows r0..r0+nr-1 of one block into p[0..jw)
- * and q[0..jw) with shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.
- * Wide rows (WIDE: BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q; rows of
- * more than one BN_WBLOCK-column block go two rows at a time across all of their blocks,
- * so that each row is read from its start to its end, not a block's piece of every row
- * and then the next block's (pieces of 1-4 KiB a row stride apart, which memory served
- * slower: docs/performance.md).  One call site for both: a second one, for single-block
- * rows, made GCC keep a pointer of that loop on the stack.  Otherwise register blocks of
- * BN_RBLOCK columns down all the rows, then the rest: in blocks of 32, 16 and 8 when it is a
- * multiple of 8 (24, 40, 48... channels), else in one.  A block of constant width keeps its
- * accumulators in registers, where one of a variable width loads and stores them at every row; a
- * rest split down to a few odd columns would add a sweep down the rows for them.  Each column is
- * summed in row order whatever its block, so the bits do not depend on the blocks. */
+ * BLOCK(r0, nr, j0, jw, wide, mb, p, q) adds rows r0..r0+nr-1 of one block into p[0..jw) and
+ * q[0..jw) with shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide
+ * rows (WIDE: BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q; rows of more than
+ * one BN_WBLOCK-column block go two rows at a time across all of their blocks, so that each
+ * row is read from its start to its end, not a block's piece of every row and then the next
+ * block's (pieces of 1-4 KiB a row stride apart, which memory served slower:
+ * docs/performance.md).  One call site for both: a second one, for single-block rows, made
+ * GCC keep a pointer of that loop on the stack.  Otherwise register blocks of BN_RBLOCK
+ * columns down all the rows, then the rest: in blocks of 32, 16 and 8 when it is a multiple
+ * of 8 (24, 40, 48... channels), else in one.  A block of constant width keeps its
+ * accumulators in registers, where one of a variable width loads and stores them at every
+ * row; a rest split down to a few odd columns would add a sweep down the rows for them.  Each
+ * column is summed in row order whatever its block, so the bits do not depend on the
+ * blocks. */
 #ifndef BN_ROWS_SWEEP
 #define BN_ROWS_SWEEP(BLOCK, WIDE, M, P, Q)                                                      \
     do {                                                                                         \
