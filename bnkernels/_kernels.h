@@ -29,6 +29,37 @@ static inline int bn_max_threads(void) { return 1; }
 static inline int bn_has_openmp(void) { return 0; }
 #endif
 
+/* Whether every page of [lo, hi) is in memory now (mincore): an output the allocator handed
+ * out again, already written once, needs no faulting in.  0 where it cannot tell. */
+#if defined(__linux__)
+#include <sys/mman.h>
+static inline int bn_mapped(const char *lo, const char *hi)
+{
+    enum { PAGE = 4096, CHUNK = 4096 };
+    unsigned char vec[CHUNK];
+    uintptr_t a = (uintptr_t)lo & ~(uintptr_t)(PAGE - 1);
+    size_t n, i;
+    while (a < (uintptr_t)hi) {
+        n = ((uintptr_t)hi - a + PAGE - 1) / PAGE;
+        n = n < CHUNK ? n : CHUNK;
+        if (mincore((void *)a, n * PAGE, vec) != 0)
+            return 0;
+        for (i = 0; i < n; i++)
+            if (!(vec[i] & 1))
+                return 0;
+        a += n * PAGE;
+    }
+    return 1;
+}
+#else
+static inline int bn_mapped(const char *lo, const char *hi)
+{
+    (void)lo;
+    (void)hi;
+    return 0;
+}
+#endif
+
 #ifndef BNKERNELS_BUILD_FLAGS
 #define BNKERNELS_BUILD_FLAGS ""
 #endif

@@ -58,6 +58,7 @@ cdef extern from "_kernels.h" nogil:
     const char *bn_build_flags
     const char *bn_simd_targets
     int bn_f16_code(int kind)
+    int bn_mapped(const char *lo, const char *hi)
     ctypedef struct bn_epi:
         const void *aux
         void *out2
@@ -448,27 +449,44 @@ cdef inline int _n_threads(int requested, Py_ssize_t n_tasks, Py_ssize_t n_elems
     return nt if nt > 0 else 1
 
 
+cdef inline char *_run_at(const Job *j, Py_ssize_t k) noexcept nogil:
+    """The output's run k of the prefault's runs."""
+    return j.out + ((k // j.n_runs_c) * j.out_n + (k % j.n_runs_c) * j.out_c) * j.isz
+
+
 # A fresh output (a new NumPy array of some MiB) is untouched memory: its pages are
 # mapped and zeroed by the kernel at the first write to each.  Tasks write their output
 # in blocks spread over the whole array, so the first task of every thread would fault
 # in nearly all of it, serially and long before most of it is written, and its zeroed
-# lines would be evicted before use.  Writing one byte per page first, each thread over
-# its own contiguous share, faults the pages in parallel and in order.  Nothing is read
-# from the output; the tasks overwrite it.
+# lines would be evicted before use.  Writing one byte to each page first, each thread
+# over its own contiguous share of the runs, faults the pages in parallel and in order:
+# once per page, whatever the length of the runs (a page can hold many short planes).
+# Nothing is read from the output; the tasks overwrite it.  An output whose pages are all
+# in memory already (the allocator handed out memory a freed array had written) is left
+# alone: there the extra pass costs a cache miss per write (docs/performance.md).
 cdef void _prefault(const Job *j, int nt) noexcept nogil:
     cdef Py_ssize_t n_runs = j.n_runs_n * j.n_runs_c
-    cdef Py_ssize_t k, b, run_bytes = j.run_len * j.isz
+    cdef Py_ssize_t k, run_bytes = j.run_len * j.isz
     cdef char *run
+    cdef char *p
+    cdef size_t page, last
     cdef int tid
     if nt < 2 or n_runs * run_bytes < PREFAULT_BYTES:
         return
+    run = _run_at(j, n_runs - 1)
+    if bn_mapped(j.out, run + run_bytes):
+        return
     for tid in prange(nt, schedule='static', num_threads=nt):
+        last = 0  # no page: the output does not start in page 0
         for k in range(_share(n_runs, tid, nt), _share(n_runs, tid + 1, nt)):
-            run = j.out + ((k // j.n_runs_c) * j.out_n + (k % j.n_runs_c) * j.out_c) * j.isz
-            b = 0
-            while b < run_bytes:
-                run[b] = 0
-                b = b + PAGE_BYTES
+            run = _run_at(j, k)
+            p = run
+            while p < run + run_bytes:
+                page = <size_t>p // PAGE_BYTES
+                if page != last:
+                    p[0] = 0
+                    last = page
+                p = <char *>((page + 1) * PAGE_BYTES)
 
 
 cdef enum Sweep:
