@@ -451,6 +451,57 @@ BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
 {
     BN_H_ROWS(bn_h_run_avx512);
 }
+/* The plain output (no epilogue) of nc planes of L >= 16 elements that follow one another in
+ * memory (NCHW: a task's planes of one image), channel ch's coefficients at [ch], as one run:
+ * each sixteen with their channel's coefficients, the sixteen that cross into the next plane
+ * with each lane's own (a blend), so that planes do not each end in a masked tail.  The
+ * operations of bn_h_run_avx512, so the same bits.  With L >= 16 a vector crosses at most
+ * one boundary, and the last, partial sixteen lie in the last plane. */
+BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
+    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
+    Py_ssize_t nc, const float *m, const float *ml, const float *s, const float *a, const float *c)
+{
+    const uint16_t *const aux = NULL;
+    uint16_t *const out2 = NULL;
+    const int cs = 0, relu = 0, zterm = 1;
+    const Py_ssize_t n = nc * L;
+    Py_ssize_t k = 0, ch, end;
+/* channel ch's coefficient v[ch] (cs 0), broadcast; LOADC only to compile BN_H_RUN */
+#define BN_H_SET1(v) _mm512_set1_ps((&(v))[ch])
+#define BN_H_LOADC(p) BN_H_SET1(*(p))
+#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
+#define BN_H_STORE(p, v) \
+    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+    for (ch = 0; ch < nc; ch++) {
+        end = (ch + 1) * L;
+        for (; k + 16 <= end; k += 16) /* inside plane ch: its coefficients */
+            BN_H_RUN(__m512, BN_H_LOADC, BN_H_SET1, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+        if (k < end && end < n) {
+            /* the sixteen that crosses into plane ch + 1: each lane its channel's */
+            const __mmask16 nx = (__mmask16)(0xFFFFu << (end - k));
+#define BN_H_BLEND(v) \
+    _mm512_mask_blend_ps(nx, _mm512_set1_ps((&(v))[ch]), _mm512_set1_ps((&(v))[ch + 1]))
+            BN_H_RUN(__m512, BN_H_LOADC, BN_H_BLEND, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+#undef BN_H_BLEND
+            k += 16;
+        }
+    }
+#undef BN_H_IN
+#undef BN_H_STORE
+    if (k < n) { /* the last, partial sixteen, in the last plane */
+        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
+        ch = nc - 1;
+#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, (p) + k))
+#define BN_H_STORE(p, v) \
+    _mm256_mask_storeu_epi16((p) + k, t, _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+        BN_H_RUN(__m512, BN_H_LOADC, BN_H_SET1, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+#undef BN_H_IN
+#undef BN_H_STORE
+    }
+#undef BN_H_SET1
+#undef BN_H_LOADC
+    (void)aux, (void)out2, (void)cs, (void)relu, (void)zterm;
+}
 #undef BN_VSUB
 #undef BN_VADD
 #undef BN_VMUL
@@ -533,6 +584,22 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)ml, (void)s;
     (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
     (void)saux, (void)sout, (void)sout2;
+    return 0;
+}
+
+/* bn_h_planes_avx512 where the code in use has it (returns 1), else 0: the caller then takes
+ * the planes one run at a time */
+static inline __attribute__((always_inline)) int bn_h_planes(
+    const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
+    Py_ssize_t nc, const float *m, const float *ml, const float *s, const float *a, const float *c)
+{
+#ifdef BN_HAVE_F16C
+    if (bn_f16_kind == BN_F16_AVX512) {
+        bn_h_planes_avx512(z, dy, out, L, nc, m, ml, s, a, c);
+        return 1;
+    }
+#endif
+    (void)z, (void)dy, (void)out, (void)L, (void)nc, (void)m, (void)ml, (void)s, (void)a, (void)c;
     return 0;
 }
 

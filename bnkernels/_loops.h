@@ -991,6 +991,10 @@ static BN_TASK void BN_FN(bn_plane_sums)(
     }
 }
 
+#ifdef BN_F16
+#undef BN_HPLANES
+#define BN_HPLANES 64 /* channels whose float coefficients bn_plane_affine keeps at once */
+#endif
 /* out := A[c]*(dy + Cc[c]) + S[c]*(z - m[c]) over elements [e0, e1);
  * without dy: out := S[c]*(z - m[c]) + Cc[c]  (in BN_OT, as bn_rows_affine) */
 static BN_TASK void BN_FN(bn_plane_affine)(
@@ -1034,6 +1038,30 @@ static BN_TASK void BN_FN(bn_plane_affine)(
     }
 #endif
     (void)stream;
+#ifdef BN_F16
+    /* whole planes of 16 or more that follow one another (NCHW): each image's planes of up to
+     * BN_HPLANES channels as one run (bn_h_planes), not one run a plane with a masked tail */
+    if (szc == L && soutc == L && (dy == NULL || sdyc == L) && L >= 16 && e0 % L == 0 &&
+        e1 % L == 0) {
+        float cf[5 * BN_HPLANES];
+        Py_ssize_t c0, g;
+        int done = 1;
+        for (c0 = 0; c0 < cw && done; c0 += g) {
+            g = cw - c0 < BN_HPLANES ? cw - c0 : BN_HPLANES;
+            for (c = 0; c < g; c++)
+                BN_FN(bn_out_coefs)(
+                    m, S, dy == NULL ? NULL : A, Cc, c0 + c, cf + c, cf + BN_HPLANES + c,
+                    cf + 2 * BN_HPLANES + c, cf + 3 * BN_HPLANES + c, cf + 4 * BN_HPLANES + c);
+            for (n = e0 / L; n * L < e1 && done; n++)
+                done = bn_h_planes(
+                    z + n * szn + c0 * L, dy == NULL ? NULL : dy + n * sdyn + c0 * L,
+                    out + n * soutn + c0 * L, L, g, cf, cf + BN_HPLANES, cf + 2 * BN_HPLANES,
+                    cf + 3 * BN_HPLANES, cf + 4 * BN_HPLANES);
+        }
+        if (done)
+            return;
+    }
+#endif
     for (n = e0 / L; n * L < e1; n++) {
         bn_span(n, L, e0, e1, &l0, &l1);
         for (c = 0; c < cw; c++) {

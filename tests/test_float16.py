@@ -120,6 +120,8 @@ _PASS_CASES = [
     ((20, 5, 7, 7), 1),
     ((4, 3, 535), 1),
     ((5, 2, 15, 5), 1),
+    ((2, 40, 5, 7), 1),  # planar tasks of 3 channels: the sixteens that cross between planes
+    ((2, 1040, 17), 1),  # planar tasks of 65 channels: more than one group of planes
 ]
 _PASS_IDS = [str(c[0]) for c in _PASS_CASES]
 
