@@ -451,6 +451,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
 {
     BN_H_ROWS(bn_h_run_avx512);
 }
+
 /* The plain output (no epilogue) of nc planes of L >= 16 elements that follow one another in
  * memory (NCHW: a task's planes of one image), channel ch's coefficients at [ch], as one run:
  * each sixteen with their channel's coefficients, the sixteen that cross into the next plane

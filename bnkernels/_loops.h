@@ -995,6 +995,7 @@ static BN_TASK void BN_FN(bn_plane_sums)(
 #undef BN_HPLANES
 #define BN_HPLANES 64 /* channels whose float coefficients bn_plane_affine keeps at once */
 #endif
+
 /* out := A[c]*(dy + Cc[c]) + S[c]*(z - m[c]) over elements [e0, e1);
  * without dy: out := S[c]*(z - m[c]) + Cc[c]  (in BN_OT, as bn_rows_affine) */
 static BN_TASK void BN_FN(bn_plane_affine)(
