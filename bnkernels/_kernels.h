@@ -454,10 +454,10 @@ BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
 
 /* The plain output (no epilogue) of nc planes of L >= 16 elements that follow one another in
  * memory (NCHW: a task's planes of one image), channel ch's coefficients at [ch], as one run:
- * each sixteen with their channel's coefficients, the sixteen that cross into the next plane
- * with each lane's own (a blend), so that planes do not each end in a masked tail.  The
- * operations of bn_h_run_avx512, so the same bits.  With L >= 16 a vector crosses at most
- * one boundary, and the last, partial sixteen lie in the last plane. */
+ * each plane's whole sixteens by bn_h_run_avx512 with its coefficients, the sixteen that
+ * crosses into the next plane with each lane's own (a blend), so that only the last plane
+ * ends in a masked tail.  The operations of bn_h_run_avx512, so the same bits.  With
+ * L >= 16 a vector crosses at most one boundary. */
 BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
     const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
     Py_ssize_t nc, const float *m, const float *ml, const float *s, const float *a, const float *c)
@@ -466,41 +466,30 @@ BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
     uint16_t *const out2 = NULL;
     const int cs = 0, relu = 0, zterm = 1;
     const Py_ssize_t n = nc * L;
-    Py_ssize_t k = 0, ch, end;
-/* channel ch's coefficient v[ch] (cs 0), broadcast; LOADC only to compile BN_H_RUN */
-#define BN_H_SET1(v) _mm512_set1_ps((&(v))[ch])
-#define BN_H_LOADC(p) BN_H_SET1(*(p))
-#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
-#define BN_H_STORE(p, v) \
-    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+    Py_ssize_t k = 0, ch, end, run;
     for (ch = 0; ch < nc; ch++) {
         end = (ch + 1) * L;
-        for (; k + 16 <= end; k += 16) /* inside plane ch: its coefficients */
-            BN_H_RUN(__m512, BN_H_LOADC, BN_H_SET1, BN_H_IN, BN_H_STORE, BN_H_KEEP);
-        if (k < end && end < n) {
-            /* the sixteen that crosses into plane ch + 1: each lane its channel's */
+        run = end == n ? end - k : (end - k) / 16 * 16; /* the last plane: to its end */
+        bn_h_run_avx512(
+            z + k, dy == NULL ? NULL : dy + k, NULL, out + k, NULL, run, m + ch, ml + ch, s + ch,
+            a + ch, c + ch, 0, 0, 1);
+        k += run;
+        if (k < end) { /* the sixteen that crosses into plane ch + 1: each lane its channel's */
             const __mmask16 nx = (__mmask16)(0xFFFFu << (end - k));
 #define BN_H_BLEND(v) \
     _mm512_mask_blend_ps(nx, _mm512_set1_ps((&(v))[ch]), _mm512_set1_ps((&(v))[ch + 1]))
+#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
+#define BN_H_STORE(p, v) \
+    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
+#define BN_H_LOADC(p) BN_H_BLEND(*(p)) /* only to compile BN_H_RUN (cs 0) */
             BN_H_RUN(__m512, BN_H_LOADC, BN_H_BLEND, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+#undef BN_H_LOADC
 #undef BN_H_BLEND
+#undef BN_H_IN
+#undef BN_H_STORE
             k += 16;
         }
     }
-#undef BN_H_IN
-#undef BN_H_STORE
-    if (k < n) { /* the last, partial sixteen, in the last plane */
-        const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
-        ch = nc - 1;
-#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(t, (p) + k))
-#define BN_H_STORE(p, v) \
-    _mm256_mask_storeu_epi16((p) + k, t, _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
-        BN_H_RUN(__m512, BN_H_LOADC, BN_H_SET1, BN_H_IN, BN_H_STORE, BN_H_KEEP);
-#undef BN_H_IN
-#undef BN_H_STORE
-    }
-#undef BN_H_SET1
-#undef BN_H_LOADC
     (void)aux, (void)out2, (void)cs, (void)relu, (void)zterm;
 }
 #undef BN_VSUB
