@@ -9,6 +9,7 @@
 #define BN_KERNELS_H
 
 #include <float.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -241,7 +242,7 @@ BN_INLINE uint16_t bn_d2h(double d)
  * runs of floats, and round each run to float16, to nearest even (bn_f2h_run, bn_f2h's
  * bits).  In 32-bit integer code the conversions are most of a float16 sweep's work; F16C
  * (on every x86-64-v3 CPU) does each in one instruction.  The code is chosen when the
- * module loads (bn_f16_code): AVX-512 (sixteen at a time), else AVX2 with F16C (eight),
+ * module loads (bn_f16_code): AVX-512 (sixteen at a time), else AVX2 with F16C and FMA (eight),
  * else the integer code.  All three give the same bits.  The vector code converts a run's
  * tail with its own instructions (AVX-512 under a mask, F16C one at a time): the integer
  * code per element cost more.  bn_h2f_run also sets the floats after the run up to the next
@@ -359,27 +360,27 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
 /* The float16 output sweeps' runs in one pass over memory, where the staged loops of
  * _loops.h (BN_OUT_RUN, bn_epi_run) widen each run into L1, compute it there and round it
  * back.  For k < n, in float, each output rounded once to float16 (to nearest even):
- * without dy (forward) out[k] := s*((z[k] - m) - ml) + c, plus aux[k] (the residual) with
- * aux, then max(., 0) with relu (NaN kept, -0 made +0); with dy, d := dy[k], 0 where
- * aux[k] <= 0 with aux (the saved output of a fused ReLU), stored to out2[k] with out2 (the
- * residual's gradient), and out[k] := a*(d + c) + s*((z[k] - m) - ml), without its term in
- * z (not read) unless zterm.  The coefficients at [k*cs] (cs 1: arrays per column, read up
- * to BN_PAD(n), as _loops.h pads them; cs 0: one channel's).  The operations of
+ * without dy (forward) out[k] := fma(s, z[k] - m, c), plus aux[k] (the residual) with aux,
+ * then max(., 0) with relu (NaN kept, -0 made +0); with dy, d := dy[k], 0 where aux[k] <= 0
+ * with aux (the saved output of a fused ReLU), stored to out2[k] with out2 (the residual's
+ * gradient), and out[k] := fma(s, z[k] - m, fma(a, d + c, lo)), or a*(d + c) without its
+ * term in z (not read) unless zterm.  The coefficients at [k*cs] (cs 1: arrays per column,
+ * read up to BN_PAD(n), as _loops.h pads them; cs 0: one channel's).  The operations of
  * BN_AFFINE_OUT, BN_AFFINE_DX and bn_epi_run in their order, so the same bits.  Vector code
- * only (AVX-512, or AVX2 with F16C): bn_h_affine returns 0 for the integer code, whose
- * callers then take the staged loop. */
+ * only (AVX-512, or AVX2 with F16C and FMA): bn_h_affine returns 0 for the integer code,
+ * whose callers then take the staged loop. */
 #ifdef BN_HAVE_F16C
 /* one vector of the run at k: LOADC(p) loads coefficients from array p, IN(p) widens the
  * elements of input p, STORE(p, v) rounds v into those of output p, KEEP(y, v) is v where
  * y > 0 or NaN and +0 elsewhere (bn_masked_f) */
-#define BN_H_ZM(IN) BN_VSUB(BN_VSUB(IN(z), vm), vml) /* (z - m) - ml, as BN_ZM */
+#define BN_H_ZM(IN) BN_VSUB(IN(z), vm) /* z - m, as BN_AFFINE_DX */
 #define BN_H_RUN(V, LOADC, SET1, IN, STORE, KEEP)                                \
     do {                                                                         \
-        const V vm = cs ? LOADC(m) : SET1(*m), vml = cs ? LOADC(ml) : SET1(*ml), \
+        const V vm = cs ? LOADC(m) : SET1(*m), vlo = cs ? LOADC(lo) : SET1(*lo), \
                 vs = cs ? LOADC(s) : SET1(*s), vc = cs ? LOADC(c) : SET1(*c);    \
         V v;                                                                     \
         if (dy == NULL) {                                                        \
-            v = BN_VADD(BN_VMUL(vs, BN_H_ZM(IN)), vc);                           \
+            v = BN_VFMA(vs, BN_H_ZM(IN), vc);                                    \
             if (aux != NULL)                                                     \
                 v = BN_VADD(v, IN(aux));                                         \
             if (relu)                                                            \
@@ -391,9 +392,10 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
                 d = KEEP(IN(aux), d);                                            \
             if (out2 != NULL)                                                    \
                 STORE(out2, d);                                                  \
-            v = BN_VMUL(va, BN_VADD(d, vc));                                     \
             if (zterm)                                                           \
-                v = BN_VADD(v, BN_VMUL(vs, BN_H_ZM(IN)));                        \
+                v = BN_VFMA(vs, BN_H_ZM(IN), BN_VFMA(va, BN_VADD(d, vc), vlo));  \
+            else                                                                 \
+                v = BN_VMUL(va, BN_VADD(d, vc));                                 \
         }                                                                        \
         STORE(out, v);                                                           \
     } while (0)
@@ -401,7 +403,7 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
 #define BN_H_ARGS                                                                          \
     const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux, \
         uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m,     \
-        const float *ml, const float *s, const float *a, const float *c, const int cs,     \
+        const float *lo, const float *s, const float *a, const float *c, const int cs,     \
         const int relu, const int zterm
 #define BN_H_ROWS_ARGS                                                                            \
     BN_H_ARGS, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, \
@@ -411,15 +413,16 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
         Py_ssize_t r;                                                                              \
         for (r = 0; r < nrows; r++)                                                                \
             RUN(z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * saux, \
-                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, ml, s, a, c, cs,     \
+                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, lo, s, a, c, cs,     \
                 relu, zterm);                                                                      \
     } while (0)
-#define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
-#define BN_H_TARGET_F16C __attribute__((target("avx2,f16c")))
+#define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+#define BN_H_TARGET_F16C __attribute__((target("avx2,f16c,fma")))
 
 #define BN_VSUB _mm512_sub_ps
 #define BN_VADD _mm512_add_ps
 #define BN_VMUL _mm512_mul_ps
+#define BN_VFMA _mm512_fmadd_ps
 #define BN_H_KEEP(y, v)   \
     _mm512_mask_blend_ps( \
         _mm512_cmp_ps_mask((y), _mm512_setzero_ps(), _CMP_LE_OQ), (v), _mm512_setzero_ps())
@@ -460,7 +463,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
  * L >= 16 a vector crosses at most one boundary. */
 BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
     const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
-    Py_ssize_t nc, const float *m, const float *ml, const float *s, const float *a, const float *c)
+    Py_ssize_t nc, const float *m, const float *lo, const float *s, const float *a, const float *c)
 {
     const uint16_t *const aux = NULL;
     uint16_t *const out2 = NULL;
@@ -471,7 +474,7 @@ BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
         end = (ch + 1) * L;
         run = end == n ? end - k : (end - k) / 16 * 16; /* the last plane: to its end */
         bn_h_run_avx512(
-            z + k, dy == NULL ? NULL : dy + k, NULL, out + k, NULL, run, m + ch, ml + ch, s + ch,
+            z + k, dy == NULL ? NULL : dy + k, NULL, out + k, NULL, run, m + ch, lo + ch, s + ch,
             a + ch, c + ch, 0, 0, 1);
         k += run;
         if (k < end) { /* the sixteen that crosses into plane ch + 1: each lane its channel's */
@@ -495,11 +498,13 @@ BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
 #undef BN_VSUB
 #undef BN_VADD
 #undef BN_VMUL
+#undef BN_VFMA
 #undef BN_H_KEEP
 
 #define BN_VSUB _mm256_sub_ps
 #define BN_VADD _mm256_add_ps
 #define BN_VMUL _mm256_mul_ps
+#define BN_VFMA _mm256_fmadd_ps
 #define BN_H_KEEP(y, v) \
     _mm256_blendv_ps((v), _mm256_setzero_ps(), _mm256_cmp_ps((y), _mm256_setzero_ps(), _CMP_LE_OQ))
 #define BN_H_LOADC(p) _mm256_loadu_ps((p) + k)
@@ -540,6 +545,7 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 #undef BN_VSUB
 #undef BN_VADD
 #undef BN_VMUL
+#undef BN_VFMA
 #undef BN_H_KEEP
 #undef BN_H_RUN
 #undef BN_H_ZM
@@ -553,14 +559,14 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 /* bn_h_affine over nrows rows (each array's rows its stride apart; one run: nrows 1) */
 static inline __attribute__((always_inline)) int bn_h_affine(
     const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux,
-    uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m, const float *ml,
+    uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m, const float *lo,
     const float *s, const float *a, const float *c, const int cs, const int relu, const int zterm,
     Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout,
     Py_ssize_t sout2)
 {
 #ifdef BN_HAVE_F16C
 #define BN_H_CALL(fn) \
-    fn(z, dy, aux, out, out2, n, m, ml, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
+    fn(z, dy, aux, out, out2, n, m, lo, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
     if (bn_f16_kind == BN_F16_AVX512) {
         BN_H_CALL(bn_h_affine_avx512);
         return 1;
@@ -571,7 +577,7 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     }
 #undef BN_H_CALL
 #endif
-    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)ml, (void)s;
+    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)lo, (void)s;
     (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
     (void)saux, (void)sout, (void)sout2;
     return 0;
@@ -581,15 +587,15 @@ static inline __attribute__((always_inline)) int bn_h_affine(
  * the planes one run at a time */
 static inline __attribute__((always_inline)) int bn_h_planes(
     const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
-    Py_ssize_t nc, const float *m, const float *ml, const float *s, const float *a, const float *c)
+    Py_ssize_t nc, const float *m, const float *lo, const float *s, const float *a, const float *c)
 {
 #ifdef BN_HAVE_F16C
     if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_planes_avx512(z, dy, out, L, nc, m, ml, s, a, c);
+        bn_h_planes_avx512(z, dy, out, L, nc, m, lo, s, a, c);
         return 1;
     }
 #endif
-    (void)z, (void)dy, (void)out, (void)L, (void)nc, (void)m, (void)ml, (void)s, (void)a, (void)c;
+    (void)z, (void)dy, (void)out, (void)L, (void)nc, (void)m, (void)lo, (void)s, (void)a, (void)c;
     return 0;
 }
 
@@ -929,7 +935,8 @@ static int bn_f16_code(int kind)
     bn_f16_kind = BN_F16_INTEGER;
 #ifdef BN_HAVE_F16C
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("avx2"))
+    if (!__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("avx2") ||
+        !__builtin_cpu_supports("fma"))
         return bn_f16_kind;
     if (kind >= BN_F16_AVX512 && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))

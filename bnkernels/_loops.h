@@ -34,7 +34,7 @@
  * - An output run's loop goes to BN_OPAD(n) (float16: n rounded up to sixteen, BN_PAD), its
  *   inputs' padding being zeros and its coefficient arrays (cs 1) padded as far; the extra
  *   lanes are never flushed.
- * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nrows, sz, sdy,
+ * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, lo, s, a, c, cs, relu, zterm, nrows, sz, sdy,
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
@@ -67,14 +67,12 @@
 #undef BN_MASKED_O
 #undef BN_RELU_O
 #undef BN_COEF
-#undef BN_COEF_LO
 #ifdef BN_F16
 #define BN_OT float
 #define BN_LDO(v) (v)
 #define BN_MASKED_O bn_masked_f
 #define BN_RELU_O bn_relu_f
 #define BN_COEF(v) bn_coef_f(v)
-#define BN_COEF_LO(v, h) ((float)((v) - (double)(h)))
 #define BN_PIECE BN_ISTAGE
 #define BN_OPIECE BN_STAGE
 #define BN_OUT(w) float w[BN_STAGE]
@@ -103,7 +101,6 @@
 #define BN_MASKED_O bn_masked
 #define BN_RELU_O bn_relu
 #define BN_COEF(v) (v)
-#define BN_COEF_LO(v, h) 0.0
 #define BN_GROUP(n, contig, run) 1
 #define BN_PIECE PTRDIFF_MAX
 #define BN_IN(name, p, n) const BN_T *restrict name = (p)
@@ -114,7 +111,7 @@
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
 #define BN_OUT_DIRECT(                                                             \
-    z, dy, aux, o, o2, n, m, ml, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
+    z, dy, aux, o, o2, n, m, lo, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
     0
 #endif
 /* Sums and moments in AVX-512 where the CPU has it (_kernels.h): float16's planar runs and
@@ -397,18 +394,20 @@ static BN_TASK void BN_FN(bn_rows_sums)(
 /* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
  * in the forward.  One definition for the plain loops (scalar operands) and the vector
  * ones (streamed, bands), so that all give the same bits.  In float (float16's BN_OT) the
- * mean is two floats, m + ml, and z - m is (z - m) - ml: float's precision relative to
- * z - m, not to m, which can be far larger (data with an offset); otherwise ml is not
- * read. */
-#undef BN_ZM
+ * float mean m leaves a low part mu - m, and its term -s*(mu - m) is a coefficient of its
+ * own, lo (bn_out_coefs; the forward's is in cc): dx = fma(s, z - m, fma(a, dy + cc, lo)),
+ * out = fma(s, z - m, cc).  Each rounding is then relative to a term, not to s*mu, which
+ * can be far larger (data with an offset); and two float operations per output, not four
+ * (design.md derives the bound).  fmaf rounds once on every CPU (in software without FMA).
+ * Otherwise lo is 0 and not read. */
+#undef BN_AFFINE_DX
+#undef BN_AFFINE_OUT
 #ifdef BN_F16
-#define BN_ZM(z, m, ml) (((z) - (m)) - (ml))
+#define BN_AFFINE_DX(a, dy, cc, s, z, m, lo) fmaf((s), (z) - (m), fmaf((a), (dy) + (cc), (lo)))
+#define BN_AFFINE_OUT(s, z, m, lo, cc) fmaf((s), (z) - (m), (cc))
 #else
-#define BN_ZM(z, m, ml) ((z) - (m))
-#endif
-#ifndef BN_AFFINE_DX
-#define BN_AFFINE_DX(a, dy, cc, s, z, m, ml) ((a) * ((dy) + (cc)) + (s) * BN_ZM(z, m, ml))
-#define BN_AFFINE_OUT(s, z, m, ml, cc) ((s) * BN_ZM(z, m, ml) + (cc))
+#define BN_AFFINE_DX(a, dy, cc, s, z, m, lo) ((a) * ((dy) + (cc)) + (s) * ((z) - (m)))
+#define BN_AFFINE_OUT(s, z, m, lo, cc) ((s) * ((z) - (m)) + (cc))
 #endif
 
 /* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the BN_OT of
@@ -596,20 +595,30 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
 }
 #endif
 
-/* Column or channel k's coefficients as the output sweeps take them, in BN_OT: the mean
- * as *mk + *mlk (BN_COEF_LO: 0 but in float), A not read where NULL (no dy: *ak 0) */
+/* Column or channel k's coefficients as the output sweeps take them, in BN_OT, A not read
+ * where NULL (no dy: *ak 0).  In float, *lok is the term -s*(mu - m) of the mean's low part
+ * (BN_AFFINE_DX), from the double mean mu; without dy it goes into *ck, rounded once with
+ * it, and *lok is 0.  Otherwise *lok is 0. */
 static inline __attribute__((always_inline)) void BN_FN(bn_out_coefs)(
     const double *m, const double *S, const double *A, const double *Cc, Py_ssize_t k, BN_OT *mk,
-    BN_OT *mlk, BN_OT *sk, BN_OT *ak, BN_OT *ck)
+    BN_OT *lok, BN_OT *sk, BN_OT *ak, BN_OT *ck)
 {
     *mk = BN_COEF(m[k]);
-    *mlk = BN_COEF_LO(m[k], *mk);
     *sk = BN_COEF(S[k]);
     *ak = A == NULL ? 0 : BN_COEF(A[k]);
+#ifdef BN_F16
+    {
+        const double lo = -(double)*sk * (m[k] - (double)*mk);
+        *lok = A == NULL ? 0.0f : BN_COEF(lo);
+        *ck = BN_COEF(A == NULL ? Cc[k] + lo : Cc[k]);
+    }
+#else
+    *lok = 0;
     *ck = BN_COEF(Cc[k]);
+#endif
 }
 
-/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, ml, S, A, Cc at [k*cs]
+/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, lo, S, A, Cc at [k*cs]
  * (cs 1: per column, rows layout; cs 0: one channel's, planar), in BN_OT.  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
  * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (bn_masked), the
@@ -618,7 +627,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_out_coefs)(
  * its own vectorized loop. */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
-    BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict ml,
+    BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict lo,
     const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc, const Py_ssize_t cs,
     const int fwd, const int has_aux, const int relu, const int has_out2, const int zterm)
 {
@@ -635,7 +644,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
             const Py_ssize_t j = (q + k) * cs;
             BN_OT v;
             if (fwd) {
-                v = BN_AFFINE_OUT(S[j], BN_LDO(zs[k]), m[j], ml[j], Cc[j]);
+                v = BN_AFFINE_OUT(S[j], BN_LDO(zs[k]), m[j], lo[j], Cc[j]);
                 if (has_aux)
                     v = v + BN_LDO(auxs[k]);
                 if (relu)
@@ -644,7 +653,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
                 const BN_OT d = BN_DY_AS(BN_LDO, BN_MASKED_O, has_aux, auxs, dys, k);
                 if (has_out2)
                     BN_PUT(w2, out2 + q, k, d);
-                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j], ml[j])
+                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j], lo[j])
                           : A[j] * (d + Cc[j]);
             }
             BN_PUT(w, out + q, k, v);
@@ -660,7 +669,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
  * they say are there not NULL */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_rows)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
-    const BN_OT *m, const BN_OT *ml, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
+    const BN_OT *m, const BN_OT *lo, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
     const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
     const bn_epi *e, const int fwd, const int has_aux, const int relu, const int has_out2,
     const int zterm)
@@ -669,26 +678,26 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_rows)(
     if ((!fwd && dy == NULL) || (has_aux && aux == NULL) || (has_out2 && out2 == NULL))
         __builtin_unreachable();
     if (BN_OUT_DIRECT(
-            z, fwd ? NULL : dy, has_aux ? aux : NULL, out, has_out2 ? out2 : NULL, n, m, ml, S, A,
+            z, fwd ? NULL : dy, has_aux ? aux : NULL, out, has_out2 ? out2 : NULL, n, m, lo, S, A,
             Cc, cs, relu, zterm, nrows, sz, sdy, e->aux_n, sout, e->out2_n))
         return;
     for (r = 0; r < nrows; r++)
         BN_FN(bn_epi_run)(
             z + r * sz, fwd ? NULL : dy + r * sdy, has_aux ? aux + r * e->aux_n : NULL,
-            out + r * sout, has_out2 ? out2 + r * e->out2_n : NULL, n, m, ml, S, A, Cc, cs, fwd,
+            out + r * sout, has_out2 ? out2 + r * e->out2_n : NULL, n, m, lo, S, A, Cc, cs, fwd,
             has_aux, relu, has_out2, zterm);
 }
 
 /* bn_epi_rows with the flags of e, each combination a constant */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
-    const BN_OT *m, const BN_OT *ml, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
+    const BN_OT *m, const BN_OT *lo, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
     const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
     const bn_epi *e)
 {
 #define BN_EPI(fwd, has_aux, relu, has_out2, zterm)                                           \
     BN_FN(bn_epi_rows)(                                                                       \
-        z, dy, aux, out, out2, n, m, ml, S, A, Cc, cs, nrows, sz, sdy, sout, e, fwd, has_aux, \
+        z, dy, aux, out, out2, n, m, lo, S, A, Cc, cs, nrows, sz, sdy, sout, e, fwd, has_aux, \
         relu, has_out2, zterm)
     if (dy == NULL) {
         if (aux == NULL)
@@ -713,28 +722,28 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
  * instruction sets) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-    Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *ml, const BN_OT *S,
+    Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *lo, const BN_OT *S,
     const BN_OT *A, const BN_OT *Cc, const bn_epi *e)
 {
     BN_FN(bn_epi_any)(
-        z, dy, (const BN_T *)e->aux, out, (BN_T *)e->out2, cw, m, ml, S, A, Cc, 1, nrows, sz, sdy,
+        z, dy, (const BN_T *)e->aux, out, (BN_T *)e->out2, cw, m, lo, S, A, Cc, 1, nrows, sz, sdy,
         sout, e);
 }
 
-/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], ml[j]);  without
- * dy: BN_AFFINE_OUT(S[j], z[r, j], m[j], ml[j], Cc[j]).  In BN_OT, rounded once at the end:
+/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], lo[j]);  without
+ * dy: BN_AFFINE_OUT(S[j], z[r, j], m[j], lo[j], Cc[j]).  In BN_OT, rounded once at the end:
  * the terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by
  * row over the whole width: every row is one unit-stride run in and out, where column
  * blocks swept down the rows would write each row piecemeal. */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *restrict m,
-    const BN_OT *restrict ml, const BN_OT *restrict S, const BN_OT *restrict A,
+    const BN_OT *restrict lo, const BN_OT *restrict S, const BN_OT *restrict A,
     const BN_OT *restrict Cc, int stream, const bn_epi *e)
 {
     Py_ssize_t r, g, G;
     if (e != NULL) {
-        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, ml, S, A, Cc, e);
+        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, lo, S, A, Cc, e);
         return;
     }
 #if defined(BN_F64) && defined(__SSE2__)
@@ -747,7 +756,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     }
 #endif
     (void)stream;
-    (void)ml;
+    (void)lo;
     r = 0;
 #ifndef BN_F16
     if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
@@ -762,19 +771,19 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     G = BN_GROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw), BN_OPIECE);
     if (G == 1 && BN_OUT_DIRECT(
                       z + r * sz, dy == NULL ? NULL : dy + r * sdy, NULL, out + r * sout, NULL, cw,
-                      m, ml, S, A, Cc, 1, 0, 1, nrows - r, sz, sdy, 0, sout, 0))
+                      m, lo, S, A, Cc, 1, 0, 1, nrows - r, sz, sdy, 0, sout, 0))
         return;
     for (; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
         if (dy == NULL) {
-#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], ml[k], Cc[k])
+#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], lo[k], Cc[k])
             BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
 #undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
-#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k], ml[k])
+#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k], lo[k])
             BN_OUT_ROWS(outr, g, cw, zr, dyr, BN_ROW_DX);
 #undef BN_ROW_DX
         }
@@ -801,21 +810,21 @@ static BN_TASK void BN_FN(bn_rows_affine)(
     Py_ssize_t j0, j;
     for (j0 = 0; j0 < cw; j0 += block) {
         const Py_ssize_t jw = cw - j0 < block ? cw - j0 : block, jp = BN_PAD(jw);
-        float *restrict fm = cf, *restrict fml = cf + jp, *restrict fs = cf + 2 * jp,
+        float *restrict fm = cf, *restrict flo = cf + jp, *restrict fs = cf + 2 * jp,
                         *restrict fa = cf + 3 * jp, *restrict fc = cf + 4 * jp;
         bn_epi eb;
         for (j = 0; j < jw; j++)
             BN_FN(bn_out_coefs)(
-                m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, fml + j, fs + j, fa + j, fc + j);
+                m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, flo + j, fs + j, fa + j, fc + j);
         for (; j < jp; j++) /* the padding's (BN_OPAD) */
-            fm[j] = fml[j] = fs[j] = fa[j] = fc[j] = 0.0f;
+            fm[j] = flo[j] = fs[j] = fa[j] = fc[j] = 0.0f;
         if (e != NULL) {
             eb = *e;
             eb.aux = e->aux == NULL ? NULL : (const BN_T *)e->aux + j0;
             eb.out2 = e->out2 == NULL ? NULL : (BN_T *)e->out2 + j0;
         }
         BN_FN(bn_rows_affine_cols)(
-            z + j0, dy == NULL ? NULL : dy + j0, out + j0, sz, sdy, sout, nrows, jw, fm, fml, fs,
+            z + j0, dy == NULL ? NULL : dy + j0, out + j0, sz, sdy, sout, nrows, jw, fm, flo, fs,
             fa, fc, stream, e == NULL ? NULL : &eb);
     }
     free(buf);
@@ -1012,14 +1021,14 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (n = e0 / L; n * L < e1; n++) {
             bn_span(n, L, e0, e1, &l0, &l1);
             for (c = 0; c < cw; c++) {
-                BN_OT mc, mlc, sc, a, cc;
-                BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
+                BN_OT mc, loc, sc, a, cc;
+                BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &loc, &sc, &a, &cc);
                 BN_FN(bn_epi_any)(
                     z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
                     aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
                     out + n * soutn + c * soutc + l0,
                     out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, &mc,
-                    &mlc, &sc, &a, &cc, 0, 1, 0, 0, 0, e);
+                    &loc, &sc, &a, &cc, 0, 1, 0, 0, 0, e);
             }
         }
         return;
@@ -1068,20 +1077,20 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            BN_OT mc, mlc, sc, a, cc;
-            BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &mlc, &sc, &a, &cc);
-            (void)mlc;
+            BN_OT mc, loc, sc, a, cc;
+            BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &loc, &sc, &a, &cc);
+            (void)loc;
             if (BN_OUT_DIRECT(
                     zp + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0, NULL, op + l0, NULL,
-                    l1 - l0, &mc, &mlc, &sc, &a, &cc, 0, 0, 1, 1, 0, 0, 0, 0, 0))
+                    l1 - l0, &mc, &loc, &sc, &a, &cc, 0, 0, 1, 1, 0, 0, 0, 0, 0))
                 continue;
             if (dy == NULL) {
-#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, mlc, cc)
+#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, loc, cc)
                 BN_OUT_RUN(op, l0, l1, zp, (const BN_T *)NULL, BN_RUN_OUT);
 #undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
-#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc, mlc)
+#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc, loc)
                 BN_OUT_RUN(op, l0, l1, zp, dyp, BN_RUN_DX);
 #undef BN_RUN_DX
             }
