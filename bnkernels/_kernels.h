@@ -363,7 +363,7 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
  * without dy (forward) out[k] := fma(s, z[k] - m, c), plus aux[k] (the residual) with aux,
  * then max(., 0) with relu (NaN kept, -0 made +0); with dy, d := dy[k], 0 where aux[k] <= 0
  * with aux (the saved output of a fused ReLU), stored to out2[k] with out2 (the residual's
- * gradient), and out[k] := fma(s, z[k] - m, fma(a, d + c, lo)), or a*(d + c) without its
+ * gradient), and out[k] := fma(s, z[k] - m, fma(a, d, c)), or fma(a, d, c) without its
  * term in z (not read) unless zterm.  The coefficients at [k*cs] (cs 1: arrays per column,
  * read up to BN_PAD(n), as _loops.h pads them; cs 0: one channel's).  The operations of
  * BN_AFFINE_OUT, BN_AFFINE_DX and bn_epi_run in their order, so the same bits.  Vector code
@@ -374,37 +374,36 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
  * elements of input p, STORE(p, v) rounds v into those of output p, KEEP(y, v) is v where
  * y > 0 or NaN and +0 elsewhere (bn_masked_f) */
 #define BN_H_ZM(IN) BN_VSUB(IN(z), vm) /* z - m, as BN_AFFINE_DX */
-#define BN_H_RUN(V, LOADC, SET1, IN, STORE, KEEP)                                \
-    do {                                                                         \
-        const V vm = cs ? LOADC(m) : SET1(*m), vlo = cs ? LOADC(lo) : SET1(*lo), \
-                vs = cs ? LOADC(s) : SET1(*s), vc = cs ? LOADC(c) : SET1(*c);    \
-        V v;                                                                     \
-        if (dy == NULL) {                                                        \
-            v = BN_VFMA(vs, BN_H_ZM(IN), vc);                                    \
-            if (aux != NULL)                                                     \
-                v = BN_VADD(v, IN(aux));                                         \
-            if (relu)                                                            \
-                v = KEEP(v, v);                                                  \
-        } else {                                                                 \
-            const V va = cs ? LOADC(a) : SET1(*a);                               \
-            V d = IN(dy);                                                        \
-            if (aux != NULL)                                                     \
-                d = KEEP(IN(aux), d);                                            \
-            if (out2 != NULL)                                                    \
-                STORE(out2, d);                                                  \
-            if (zterm)                                                           \
-                v = BN_VFMA(vs, BN_H_ZM(IN), BN_VFMA(va, BN_VADD(d, vc), vlo));  \
-            else                                                                 \
-                v = BN_VMUL(va, BN_VADD(d, vc));                                 \
-        }                                                                        \
-        STORE(out, v);                                                           \
+#define BN_H_RUN(V, LOADC, SET1, IN, STORE, KEEP)                             \
+    do {                                                                      \
+        const V vm = cs ? LOADC(m) : SET1(*m), vs = cs ? LOADC(s) : SET1(*s), \
+                vc = cs ? LOADC(c) : SET1(*c);                                \
+        V v;                                                                  \
+        if (dy == NULL) {                                                     \
+            v = BN_VFMA(vs, BN_H_ZM(IN), vc);                                 \
+            if (aux != NULL)                                                  \
+                v = BN_VADD(v, IN(aux));                                      \
+            if (relu)                                                         \
+                v = KEEP(v, v);                                               \
+        } else {                                                              \
+            const V va = cs ? LOADC(a) : SET1(*a);                            \
+            V d = IN(dy);                                                     \
+            if (aux != NULL)                                                  \
+                d = KEEP(IN(aux), d);                                         \
+            if (out2 != NULL)                                                 \
+                STORE(out2, d);                                               \
+            v = BN_VFMA(va, d, vc);                                           \
+            if (zterm)                                                        \
+                v = BN_VFMA(vs, BN_H_ZM(IN), v);                              \
+        }                                                                     \
+        STORE(out, v);                                                        \
     } while (0)
 /* a run's arguments, and the rows' (nrows runs, each array's rows its stride apart) */
 #define BN_H_ARGS                                                                          \
     const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux, \
         uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m,     \
-        const float *lo, const float *s, const float *a, const float *c, const int cs,     \
-        const int relu, const int zterm
+        const float *s, const float *a, const float *c, const int cs, const int relu,      \
+        const int zterm
 #define BN_H_ROWS_ARGS                                                                            \
     BN_H_ARGS, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, \
         Py_ssize_t sout2
@@ -413,8 +412,8 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
         Py_ssize_t r;                                                                              \
         for (r = 0; r < nrows; r++)                                                                \
             RUN(z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * saux, \
-                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, lo, s, a, c, cs,     \
-                relu, zterm);                                                                      \
+                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, s, a, c, cs, relu,   \
+                zterm);                                                                            \
     } while (0)
 #define BN_H_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
 #define BN_H_TARGET_F16C __attribute__((target("avx2,f16c,fma")))
@@ -463,7 +462,7 @@ BN_H_TARGET_AVX512 static inline void bn_h_affine_avx512(BN_H_ROWS_ARGS)
  * L >= 16 a vector crosses at most one boundary. */
 BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
     const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
-    Py_ssize_t nc, const float *m, const float *lo, const float *s, const float *a, const float *c)
+    Py_ssize_t nc, const float *m, const float *s, const float *a, const float *c)
 {
     const uint16_t *const aux = NULL;
     uint16_t *const out2 = NULL;
@@ -474,8 +473,8 @@ BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
         end = (ch + 1) * L;
         run = end == n ? end - k : (end - k) / 16 * 16; /* the last plane: to its end */
         bn_h_run_avx512(
-            z + k, dy == NULL ? NULL : dy + k, NULL, out + k, NULL, run, m + ch, lo + ch, s + ch,
-            a + ch, c + ch, 0, 0, 1);
+            z + k, dy == NULL ? NULL : dy + k, NULL, out + k, NULL, run, m + ch, s + ch, a + ch,
+            c + ch, 0, 0, 1);
         k += run;
         if (k < end) { /* the sixteen that crosses into plane ch + 1: each lane its channel's */
             const __mmask16 nx = (__mmask16)(0xFFFFu << (end - k));
@@ -559,14 +558,13 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 /* bn_h_affine over nrows rows (each array's rows its stride apart; one run: nrows 1) */
 static inline __attribute__((always_inline)) int bn_h_affine(
     const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux,
-    uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m, const float *lo,
-    const float *s, const float *a, const float *c, const int cs, const int relu, const int zterm,
-    Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout,
-    Py_ssize_t sout2)
+    uint16_t *restrict out, uint16_t *restrict out2, Py_ssize_t n, const float *m, const float *s,
+    const float *a, const float *c, const int cs, const int relu, const int zterm, Py_ssize_t nrows,
+    Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, Py_ssize_t sout2)
 {
 #ifdef BN_HAVE_F16C
 #define BN_H_CALL(fn) \
-    fn(z, dy, aux, out, out2, n, m, lo, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
+    fn(z, dy, aux, out, out2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
     if (bn_f16_kind == BN_F16_AVX512) {
         BN_H_CALL(bn_h_affine_avx512);
         return 1;
@@ -577,7 +575,7 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     }
 #undef BN_H_CALL
 #endif
-    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)lo, (void)s;
+    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)s;
     (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
     (void)saux, (void)sout, (void)sout2;
     return 0;
@@ -587,15 +585,15 @@ static inline __attribute__((always_inline)) int bn_h_affine(
  * the planes one run at a time */
 static inline __attribute__((always_inline)) int bn_h_planes(
     const uint16_t *restrict z, const uint16_t *restrict dy, uint16_t *restrict out, Py_ssize_t L,
-    Py_ssize_t nc, const float *m, const float *lo, const float *s, const float *a, const float *c)
+    Py_ssize_t nc, const float *m, const float *s, const float *a, const float *c)
 {
 #ifdef BN_HAVE_F16C
     if (bn_f16_kind == BN_F16_AVX512) {
-        bn_h_planes_avx512(z, dy, out, L, nc, m, lo, s, a, c);
+        bn_h_planes_avx512(z, dy, out, L, nc, m, s, a, c);
         return 1;
     }
 #endif
-    (void)z, (void)dy, (void)out, (void)L, (void)nc, (void)m, (void)lo, (void)s, (void)a, (void)c;
+    (void)z, (void)dy, (void)out, (void)L, (void)nc, (void)m, (void)s, (void)a, (void)c;
     return 0;
 }
 

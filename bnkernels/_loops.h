@@ -34,7 +34,7 @@
  * - An output run's loop goes to BN_OPAD(n) (float16: n rounded up to sixteen, BN_PAD), its
  *   inputs' padding being zeros and its coefficient arrays (cs 1) padded as far; the extra
  *   lanes are never flushed.
- * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, lo, s, a, c, cs, relu, zterm, nrows, sz, sdy,
+ * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy,
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
@@ -110,9 +110,7 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
-#define BN_OUT_DIRECT(                                                             \
-    z, dy, aux, o, o2, n, m, lo, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) \
-    0
+#define BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) 0
 #endif
 /* Sums and moments in AVX-512 where the CPU has it (_kernels.h): float16's planar runs and
  * wide rows without staging (the planar sums also with F16C); float32's planar runs
@@ -392,22 +390,26 @@ static BN_TASK void BN_FN(bn_rows_sums)(
 }
 
 /* The output of a sweep, per element: dx = a*(dy + cc) + s*(z - m), or out = s*(z - m) + cc
- * in the forward.  One definition for the plain loops (scalar operands) and the vector
- * ones (streamed, bands), so that all give the same bits.  In float (float16's BN_OT) the
- * float mean m leaves a low part mu - m, and its term -s*(mu - m) is a coefficient of its
- * own, lo (bn_out_coefs; the forward's is in cc): dx = fma(s, z - m, fma(a, dy + cc, lo)),
- * out = fma(s, z - m, cc).  Each rounding is then relative to a term, not to s*mu, which
- * can be far larger (data with an offset); and two float operations per output, not four
- * (design.md derives the bound).  fmaf rounds once on every CPU (in software without FMA).
- * Otherwise lo is 0 and not read. */
+ * in the forward, and dx = a*(dy + cc) without the term in z (BN_DX_DY).  One definition for
+ * the plain loops (scalar operands) and the vector ones (streamed, bands), so that all give
+ * the same bits.  In float (float16's BN_OT) the float mean m leaves a low part mu - m,
+ * whose term -s*(mu - m) goes into the constant term cc with the rest of it (bn_out_coefs:
+ * beta, or a*Cc in the backward), and the products are fused: out = fma(s, z - m, cc),
+ * dx = fma(s, z - m, fma(a, dy, cc)).  Each rounding is then relative to a term, not to
+ * s*mu, which can be far larger (data with an offset), at two or three float operations
+ * an output (design.md derives the bound).  fmaf rounds once on every CPU (in software
+ * without FMA). */
 #undef BN_AFFINE_DX
 #undef BN_AFFINE_OUT
+#undef BN_DX_DY
 #ifdef BN_F16
-#define BN_AFFINE_DX(a, dy, cc, s, z, m, lo) fmaf((s), (z) - (m), fmaf((a), (dy) + (cc), (lo)))
-#define BN_AFFINE_OUT(s, z, m, lo, cc) fmaf((s), (z) - (m), (cc))
+#define BN_AFFINE_DX(a, dy, cc, s, z, m) fmaf((s), (z) - (m), fmaf((a), (dy), (cc)))
+#define BN_AFFINE_OUT(s, z, m, cc) fmaf((s), (z) - (m), (cc))
+#define BN_DX_DY(a, dy, cc) fmaf((a), (dy), (cc))
 #else
-#define BN_AFFINE_DX(a, dy, cc, s, z, m, lo) ((a) * ((dy) + (cc)) + (s) * ((z) - (m)))
-#define BN_AFFINE_OUT(s, z, m, lo, cc) ((s) * ((z) - (m)) + (cc))
+#define BN_AFFINE_DX(a, dy, cc, s, z, m) ((a) * ((dy) + (cc)) + (s) * ((z) - (m)))
+#define BN_AFFINE_OUT(s, z, m, cc) ((s) * ((z) - (m)) + (cc))
+#define BN_DX_DY(a, dy, cc) ((a) * ((dy) + (cc)))
 #endif
 
 /* o[k] := EXPR(k, zk, dyk), rounded to BN_T, for k in [k0, k1), zk and dyk the BN_OT of
@@ -480,18 +482,18 @@ typedef double bn_v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
  * part by streaming stores costs a read-modify-write in memory); the elements before the first
  * line boundary and those after the last whole line get plain stores (a misaligned array:
  * all of them) */
-#define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k], 0)
+#define BN_ROWS_DX(k) BN_AFFINE_DX(A[k], dy[k], Cc[k], S[k], z[k], m[k])
 #define BN_ROWS_DX4(k)                                                                \
     BN_AFFINE_DX(                                                                     \
         BN_LOAD4(A + (k)), BN_LOAD4(dy + (k)), BN_LOAD4(Cc + (k)), BN_LOAD4(S + (k)), \
-        BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), 0)
-#define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], 0, Cc[k])
+        BN_LOAD4(z + (k)), BN_LOAD4(m + (k)))
+#define BN_ROWS_OUT(k) BN_AFFINE_OUT(S[k], z[k], m[k], Cc[k])
 #define BN_ROWS_OUT4(k) \
-    BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), 0, BN_LOAD4(Cc + (k)))
-#define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc, 0)
-#define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc, 0)
-#define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, 0, cc)
-#define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, 0, cc)
+    BN_AFFINE_OUT(BN_LOAD4(S + (k)), BN_LOAD4(z + (k)), BN_LOAD4(m + (k)), BN_LOAD4(Cc + (k)))
+#define BN_PLANE_DX(k) BN_AFFINE_DX(a, dy[k], cc, sc, z[k], mc)
+#define BN_PLANE_DX4(k) BN_AFFINE_DX(a, BN_LOAD4(dy + (k)), cc, sc, BN_LOAD4(z + (k)), mc)
+#define BN_PLANE_OUT(k) BN_AFFINE_OUT(sc, z[k], mc, cc)
+#define BN_PLANE_OUT4(k) BN_AFFINE_OUT(sc, BN_LOAD4(z + (k)), mc, cc)
 
 /* out[k] := EXPR(k) for k < n, whole 64-byte lines of out streamed (EXPR4: four at a time) */
 #define BN_STREAM_RUN(EXPR, EXPR4)                             \
@@ -572,12 +574,11 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
         for (j = 0; j + 8 <= cw; j += 8) {
             const bn_v8d s = BN_V8D(S + j), mj = BN_V8D(m + j), c = BN_V8D(Cc + j);
             for (k = 0; k < nb; k++)
-                BN_V8_ST(out + k * sout + j, BN_AFFINE_OUT(s, BN_V8(z + k * sz + j), mj, 0, c));
+                BN_V8_ST(out + k * sout + j, BN_AFFINE_OUT(s, BN_V8(z + k * sz + j), mj, c));
         }
         for (; j < cw; j++)
             for (k = 0; k < nb; k++)
-                out[k * sout + j] =
-                    BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], 0, Cc[j]));
+                out[k * sout + j] = BN_ST(BN_AFFINE_OUT(S[j], BN_LD(z[k * sz + j]), m[j], Cc[j]));
     } else {
         for (j = 0; j + 8 <= cw; j += 8) {
             const bn_v8d a = BN_V8D(A + j), c = BN_V8D(Cc + j), s = BN_V8D(S + j),
@@ -585,40 +586,39 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_band)(
             for (k = 0; k < nb; k++)
                 BN_V8_ST(
                     out + k * sout + j,
-                    BN_AFFINE_DX(a, BN_V8(dy + k * sdy + j), c, s, BN_V8(z + k * sz + j), mj, 0));
+                    BN_AFFINE_DX(a, BN_V8(dy + k * sdy + j), c, s, BN_V8(z + k * sz + j), mj));
         }
         for (; j < cw; j++)
             for (k = 0; k < nb; k++)
                 out[k * sout + j] = BN_ST(BN_AFFINE_DX(
-                    A[j], BN_LD(dy[k * sdy + j]), Cc[j], S[j], BN_LD(z[k * sz + j]), m[j], 0));
+                    A[j], BN_LD(dy[k * sdy + j]), Cc[j], S[j], BN_LD(z[k * sz + j]), m[j]));
     }
 }
 #endif
 
 /* Column or channel k's coefficients as the output sweeps take them, in BN_OT, A not read
- * where NULL (no dy: *ak 0).  In float, *lok is the term -s*(mu - m) of the mean's low part
- * (BN_AFFINE_DX), from the double mean mu; without dy it goes into *ck, rounded once with
- * it, and *lok is 0.  Otherwise *lok is 0. */
+ * where NULL (no dy: *ak 0).  In float, *ck is the output's constant term, rounded once
+ * from double: beta (Cc) without dy, a*Cc with it, plus the term -s*(mu - m) of the float
+ * mean's low part (0 where s is: a backward with running statistics, whose mean is never
+ * read) (BN_AFFINE_DX). */
 static inline __attribute__((always_inline)) void BN_FN(bn_out_coefs)(
     const double *m, const double *S, const double *A, const double *Cc, Py_ssize_t k, BN_OT *mk,
-    BN_OT *lok, BN_OT *sk, BN_OT *ak, BN_OT *ck)
+    BN_OT *sk, BN_OT *ak, BN_OT *ck)
 {
     *mk = BN_COEF(m[k]);
     *sk = BN_COEF(S[k]);
     *ak = A == NULL ? 0 : BN_COEF(A[k]);
 #ifdef BN_F16
     {
-        const double lo = -(double)*sk * (m[k] - (double)*mk);
-        *lok = A == NULL ? 0.0f : BN_COEF(lo);
-        *ck = BN_COEF(A == NULL ? Cc[k] + lo : Cc[k]);
+        const double lo = *sk == 0.0f ? 0.0 : -(double)*sk * (m[k] - (double)*mk);
+        *ck = BN_COEF((A == NULL ? Cc[k] : (double)*ak * Cc[k]) + lo);
     }
 #else
-    *lok = 0;
     *ck = BN_COEF(Cc[k]);
 #endif
 }
 
-/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, lo, S, A, Cc at [k*cs]
+/* A run of n outputs with a fused epilogue (bn_epi), coefficients m, S, A, Cc at [k*cs]
  * (cs 1: per column, rows layout; cs 0: one channel's, planar), in BN_OT.  Forward (fwd): out =
  * S*(z - m) + Cc, plus aux (a residual) with has_aux, then max(., 0) with relu (NaN kept,
  * -0 made +0).  Backward: dy masked by the saved output aux with has_aux (bn_masked), the
@@ -627,9 +627,9 @@ static inline __attribute__((always_inline)) void BN_FN(bn_out_coefs)(
  * its own vectorized loop. */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict aux, BN_T *restrict out,
-    BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict lo,
-    const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc, const Py_ssize_t cs,
-    const int fwd, const int has_aux, const int relu, const int has_out2, const int zterm)
+    BN_T *restrict out2, Py_ssize_t n, const BN_OT *restrict m, const BN_OT *restrict S,
+    const BN_OT *restrict A, const BN_OT *restrict Cc, const Py_ssize_t cs, const int fwd,
+    const int has_aux, const int relu, const int has_out2, const int zterm)
 {
     Py_ssize_t q, k, np;
     for (q = 0; q < n; q += np) {
@@ -644,7 +644,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
             const Py_ssize_t j = (q + k) * cs;
             BN_OT v;
             if (fwd) {
-                v = BN_AFFINE_OUT(S[j], BN_LDO(zs[k]), m[j], lo[j], Cc[j]);
+                v = BN_AFFINE_OUT(S[j], BN_LDO(zs[k]), m[j], Cc[j]);
                 if (has_aux)
                     v = v + BN_LDO(auxs[k]);
                 if (relu)
@@ -653,8 +653,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
                 const BN_OT d = BN_DY_AS(BN_LDO, BN_MASKED_O, has_aux, auxs, dys, k);
                 if (has_out2)
                     BN_PUT(w2, out2 + q, k, d);
-                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j], lo[j])
-                          : A[j] * (d + Cc[j]);
+                v = zterm ? BN_AFFINE_DX(A[j], d, Cc[j], S[j], BN_LDO(zs[k]), m[j])
+                          : BN_DX_DY(A[j], d, Cc[j]);
             }
             BN_PUT(w, out + q, k, v);
         }
@@ -669,36 +669,34 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_run)(
  * they say are there not NULL */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_rows)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
-    const BN_OT *m, const BN_OT *lo, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
-    const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-    const bn_epi *e, const int fwd, const int has_aux, const int relu, const int has_out2,
-    const int zterm)
+    const BN_OT *m, const BN_OT *S, const BN_OT *A, const BN_OT *Cc, const Py_ssize_t cs,
+    Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, const bn_epi *e,
+    const int fwd, const int has_aux, const int relu, const int has_out2, const int zterm)
 {
     Py_ssize_t r;
     if ((!fwd && dy == NULL) || (has_aux && aux == NULL) || (has_out2 && out2 == NULL))
         __builtin_unreachable();
     if (BN_OUT_DIRECT(
-            z, fwd ? NULL : dy, has_aux ? aux : NULL, out, has_out2 ? out2 : NULL, n, m, lo, S, A,
-            Cc, cs, relu, zterm, nrows, sz, sdy, e->aux_n, sout, e->out2_n))
+            z, fwd ? NULL : dy, has_aux ? aux : NULL, out, has_out2 ? out2 : NULL, n, m, S, A, Cc,
+            cs, relu, zterm, nrows, sz, sdy, e->aux_n, sout, e->out2_n))
         return;
     for (r = 0; r < nrows; r++)
         BN_FN(bn_epi_run)(
             z + r * sz, fwd ? NULL : dy + r * sdy, has_aux ? aux + r * e->aux_n : NULL,
-            out + r * sout, has_out2 ? out2 + r * e->out2_n : NULL, n, m, lo, S, A, Cc, cs, fwd,
+            out + r * sout, has_out2 ? out2 + r * e->out2_n : NULL, n, m, S, A, Cc, cs, fwd,
             has_aux, relu, has_out2, zterm);
 }
 
 /* bn_epi_rows with the flags of e, each combination a constant */
 static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
     const BN_T *z, const BN_T *dy, const BN_T *aux, BN_T *out, BN_T *out2, Py_ssize_t n,
-    const BN_OT *m, const BN_OT *lo, const BN_OT *S, const BN_OT *A, const BN_OT *Cc,
-    const Py_ssize_t cs, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-    const bn_epi *e)
+    const BN_OT *m, const BN_OT *S, const BN_OT *A, const BN_OT *Cc, const Py_ssize_t cs,
+    Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout, const bn_epi *e)
 {
-#define BN_EPI(fwd, has_aux, relu, has_out2, zterm)                                           \
-    BN_FN(bn_epi_rows)(                                                                       \
-        z, dy, aux, out, out2, n, m, lo, S, A, Cc, cs, nrows, sz, sdy, sout, e, fwd, has_aux, \
-        relu, has_out2, zterm)
+#define BN_EPI(fwd, has_aux, relu, has_out2, zterm)                                             \
+    BN_FN(bn_epi_rows)(                                                                         \
+        z, dy, aux, out, out2, n, m, S, A, Cc, cs, nrows, sz, sdy, sout, e, fwd, has_aux, relu, \
+        has_out2, zterm)
     if (dy == NULL) {
         if (aux == NULL)
             e->relu ? BN_EPI(1, 0, 1, 0, 1) : BN_EPI(1, 0, 0, 0, 1);
@@ -722,28 +720,28 @@ static inline __attribute__((always_inline)) void BN_FN(bn_epi_any)(
  * instruction sets) */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_epilogue)(
     const BN_T *z, const BN_T *dy, BN_T *out, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t sout,
-    Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *lo, const BN_OT *S,
-    const BN_OT *A, const BN_OT *Cc, const bn_epi *e)
+    Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *m, const BN_OT *S, const BN_OT *A,
+    const BN_OT *Cc, const bn_epi *e)
 {
     BN_FN(bn_epi_any)(
-        z, dy, (const BN_T *)e->aux, out, (BN_T *)e->out2, cw, m, lo, S, A, Cc, 1, nrows, sz, sdy,
-        sout, e);
+        z, dy, (const BN_T *)e->aux, out, (BN_T *)e->out2, cw, m, S, A, Cc, 1, nrows, sz, sdy, sout,
+        e);
 }
 
-/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j], lo[j]);  without
- * dy: BN_AFFINE_OUT(S[j], z[r, j], m[j], lo[j], Cc[j]).  In BN_OT, rounded once at the end:
+/* out[r, j] := BN_AFFINE_DX(A[j], dy[r, j], Cc[j], S[j], z[r, j], m[j]);  without
+ * dy: BN_AFFINE_OUT(S[j], z[r, j], m[j], Cc[j]).  In BN_OT, rounded once at the end:
  * the terms can cancel (dy - mean(dy) is exactly 0 for one element per channel).  Row by
  * row over the whole width: every row is one unit-stride run in and out, where column
  * blocks swept down the rows would write each row piecemeal. */
 static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     const BN_T *restrict z, const BN_T *restrict dy, BN_T *restrict out, Py_ssize_t sz,
     Py_ssize_t sdy, Py_ssize_t sout, Py_ssize_t nrows, Py_ssize_t cw, const BN_OT *restrict m,
-    const BN_OT *restrict lo, const BN_OT *restrict S, const BN_OT *restrict A,
-    const BN_OT *restrict Cc, int stream, const bn_epi *e)
+    const BN_OT *restrict S, const BN_OT *restrict A, const BN_OT *restrict Cc, int stream,
+    const bn_epi *e)
 {
     Py_ssize_t r, g, G;
     if (e != NULL) {
-        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, lo, S, A, Cc, e);
+        BN_FN(bn_rows_epilogue)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, e);
         return;
     }
 #if defined(BN_F64) && defined(__SSE2__)
@@ -756,7 +754,6 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     }
 #endif
     (void)stream;
-    (void)lo;
     r = 0;
 #ifndef BN_F16
     if (BN_PAGE_APART(sz) && BN_PAGE_APART(sout) && (dy == NULL || BN_PAGE_APART(sdy)))
@@ -771,19 +768,19 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_affine_cols)(
     G = BN_GROUP(cw, sz == cw && sout == cw && (dy == NULL || sdy == cw), BN_OPIECE);
     if (G == 1 && BN_OUT_DIRECT(
                       z + r * sz, dy == NULL ? NULL : dy + r * sdy, NULL, out + r * sout, NULL, cw,
-                      m, lo, S, A, Cc, 1, 0, 1, nrows - r, sz, sdy, 0, sout, 0))
+                      m, S, A, Cc, 1, 0, 1, nrows - r, sz, sdy, 0, sout, 0))
         return;
     for (; r < nrows; r += g) {
         const BN_T *restrict zr = z + r * sz;
         BN_T *restrict outr = out + r * sout;
         g = G == 1 ? 1 : (nrows - r < G ? nrows - r : G); /* G 1: g the constant 1 */
         if (dy == NULL) {
-#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], lo[k], Cc[k])
+#define BN_ROW_OUT(k, zk, dyk) BN_AFFINE_OUT(S[k], zk, m[k], Cc[k])
             BN_OUT_ROWS(outr, g, cw, zr, (const BN_T *)NULL, BN_ROW_OUT);
 #undef BN_ROW_OUT
         } else {
             const BN_T *restrict dyr = dy + r * sdy;
-#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k], lo[k])
+#define BN_ROW_DX(k, zk, dyk) BN_AFFINE_DX(A[k], dyk, Cc[k], S[k], zk, m[k])
             BN_OUT_ROWS(outr, g, cw, zr, dyr, BN_ROW_DX);
 #undef BN_ROW_DX
         }
@@ -803,29 +800,29 @@ static BN_TASK void BN_FN(bn_rows_affine)(
     const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
     const bn_epi *e)
 {
-    float local[5 * BN_FCOLS];
-    float *buf = cw <= BN_FCOLS ? NULL : (float *)malloc(5 * (size_t)BN_PAD(cw) * sizeof(float));
+    float local[4 * BN_FCOLS];
+    float *buf = cw <= BN_FCOLS ? NULL : (float *)malloc(4 * (size_t)BN_PAD(cw) * sizeof(float));
     float *cf = buf != NULL ? buf : local;
     const Py_ssize_t block = buf != NULL ? cw : BN_FCOLS;
     Py_ssize_t j0, j;
     for (j0 = 0; j0 < cw; j0 += block) {
         const Py_ssize_t jw = cw - j0 < block ? cw - j0 : block, jp = BN_PAD(jw);
-        float *restrict fm = cf, *restrict flo = cf + jp, *restrict fs = cf + 2 * jp,
-                        *restrict fa = cf + 3 * jp, *restrict fc = cf + 4 * jp;
+        float *restrict fm = cf, *restrict fs = cf + jp, *restrict fa = cf + 2 * jp,
+                        *restrict fc = cf + 3 * jp;
         bn_epi eb;
         for (j = 0; j < jw; j++)
             BN_FN(bn_out_coefs)(
-                m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, flo + j, fs + j, fa + j, fc + j);
+                m, S, dy == NULL ? NULL : A, Cc, j0 + j, fm + j, fs + j, fa + j, fc + j);
         for (; j < jp; j++) /* the padding's (BN_OPAD) */
-            fm[j] = flo[j] = fs[j] = fa[j] = fc[j] = 0.0f;
+            fm[j] = fs[j] = fa[j] = fc[j] = 0.0f;
         if (e != NULL) {
             eb = *e;
             eb.aux = e->aux == NULL ? NULL : (const BN_T *)e->aux + j0;
             eb.out2 = e->out2 == NULL ? NULL : (BN_T *)e->out2 + j0;
         }
         BN_FN(bn_rows_affine_cols)(
-            z + j0, dy == NULL ? NULL : dy + j0, out + j0, sz, sdy, sout, nrows, jw, fm, flo, fs,
-            fa, fc, stream, e == NULL ? NULL : &eb);
+            z + j0, dy == NULL ? NULL : dy + j0, out + j0, sz, sdy, sout, nrows, jw, fm, fs, fa, fc,
+            stream, e == NULL ? NULL : &eb);
     }
     free(buf);
 }
@@ -836,7 +833,7 @@ static BN_TASK void BN_FN(bn_rows_affine)(
     const double *restrict S, const double *restrict A, const double *restrict Cc, int stream,
     const bn_epi *e)
 {
-    BN_FN(bn_rows_affine_cols)(z, dy, out, sz, sdy, sout, nrows, cw, m, m, S, A, Cc, stream, e);
+    BN_FN(bn_rows_affine_cols)(z, dy, out, sz, sdy, sout, nrows, cw, m, S, A, Cc, stream, e);
 }
 #endif
 
@@ -1021,14 +1018,14 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (n = e0 / L; n * L < e1; n++) {
             bn_span(n, L, e0, e1, &l0, &l1);
             for (c = 0; c < cw; c++) {
-                BN_OT mc, loc, sc, a, cc;
-                BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &loc, &sc, &a, &cc);
+                BN_OT mc, sc, a, cc;
+                BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &sc, &a, &cc);
                 BN_FN(bn_epi_any)(
                     z + n * szn + c * szc + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0,
                     aux == NULL ? NULL : aux + n * e->aux_n + c * e->aux_c + l0,
                     out + n * soutn + c * soutc + l0,
                     out2 == NULL ? NULL : out2 + n * e->out2_n + c * e->out2_c + l0, l1 - l0, &mc,
-                    &loc, &sc, &a, &cc, 0, 1, 0, 0, 0, e);
+                    &sc, &a, &cc, 0, 1, 0, 0, 0, e);
             }
         }
         return;
@@ -1053,7 +1050,7 @@ static BN_TASK void BN_FN(bn_plane_affine)(
      * BN_HPLANES channels as one run (bn_h_planes), not one run a plane with a masked tail */
     if (szc == L && soutc == L && (dy == NULL || sdyc == L) && L >= 16 && e0 % L == 0 &&
         e1 % L == 0) {
-        float cf[5 * BN_HPLANES];
+        float cf[4 * BN_HPLANES];
         Py_ssize_t c0, g;
         int done = 1;
         for (c0 = 0; c0 < cw && done; c0 += g) {
@@ -1061,12 +1058,12 @@ static BN_TASK void BN_FN(bn_plane_affine)(
             for (c = 0; c < g; c++)
                 BN_FN(bn_out_coefs)(
                     m, S, dy == NULL ? NULL : A, Cc, c0 + c, cf + c, cf + BN_HPLANES + c,
-                    cf + 2 * BN_HPLANES + c, cf + 3 * BN_HPLANES + c, cf + 4 * BN_HPLANES + c);
+                    cf + 2 * BN_HPLANES + c, cf + 3 * BN_HPLANES + c);
             for (n = e0 / L; n * L < e1 && done; n++)
                 done = bn_h_planes(
                     z + n * szn + c0 * L, dy == NULL ? NULL : dy + n * sdyn + c0 * L,
                     out + n * soutn + c0 * L, L, g, cf, cf + BN_HPLANES, cf + 2 * BN_HPLANES,
-                    cf + 3 * BN_HPLANES, cf + 4 * BN_HPLANES);
+                    cf + 3 * BN_HPLANES);
         }
         if (done)
             return;
@@ -1077,20 +1074,19 @@ static BN_TASK void BN_FN(bn_plane_affine)(
         for (c = 0; c < cw; c++) {
             const BN_T *restrict zp = z + n * szn + c * szc;
             BN_T *restrict op = out + n * soutn + c * soutc;
-            BN_OT mc, loc, sc, a, cc;
-            BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &loc, &sc, &a, &cc);
-            (void)loc;
+            BN_OT mc, sc, a, cc;
+            BN_FN(bn_out_coefs)(m, S, dy == NULL ? NULL : A, Cc, c, &mc, &sc, &a, &cc);
             if (BN_OUT_DIRECT(
                     zp + l0, dy == NULL ? NULL : dy + n * sdyn + c * sdyc + l0, NULL, op + l0, NULL,
-                    l1 - l0, &mc, &loc, &sc, &a, &cc, 0, 0, 1, 1, 0, 0, 0, 0, 0))
+                    l1 - l0, &mc, &sc, &a, &cc, 0, 0, 1, 1, 0, 0, 0, 0, 0))
                 continue;
             if (dy == NULL) {
-#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, loc, cc)
+#define BN_RUN_OUT(k, zk, dyk) BN_AFFINE_OUT(sc, zk, mc, cc)
                 BN_OUT_RUN(op, l0, l1, zp, (const BN_T *)NULL, BN_RUN_OUT);
 #undef BN_RUN_OUT
             } else {
                 const BN_T *restrict dyp = dy + n * sdyn + c * sdyc;
-#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc, loc)
+#define BN_RUN_DX(k, zk, dyk) BN_AFFINE_DX(a, dyk, cc, sc, zk, mc)
                 BN_OUT_RUN(op, l0, l1, zp, dyp, BN_RUN_DX);
 #undef BN_RUN_DX
             }

@@ -491,7 +491,7 @@ def test_rows_wider_than_the_stack_give_the_same_bits_when_their_buffer_fails(co
         pytest.skip("LD_PRELOAD is set already (%s)" % os.environ["LD_PRELOAD"])
     cb = _kernels.rows_plan(2, 9000, 2, 1)[0]
     assert cb > 512 and all(_kernels.rows_plan(2, 9000, 2, n)[0] == cb for n in (2, 3, 4))
-    size = 5 * (-(-cb // 16) * 16) * 4  # 5 float arrays of the task's width padded to 16
+    size = 4 * (-(-cb // 16) * 16) * 4  # 4 float arrays of the task's width padded to 16
     src, lib = tmp_path / "failing_malloc.c", tmp_path / "failing_malloc.so"
     src.write_text(_FAILING_MALLOC)
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
