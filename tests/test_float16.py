@@ -148,7 +148,8 @@ def test_every_pass_gives_the_integer_codes_bits(code, shape, axis, offset):
     bn_h_affine) as with the integer code.  NaN where NaN, but not a NaN's sign and
     payload: where two NaNs meet (channel 0's coefficients are NaN, of either sign), which
     one an x86 operation returns follows its operand order, the compiler's choice.  The
-    offset gives means whose float low part (ml) moves outputs across float16 roundings."""
+    offset gives means whose low part (below float's precision) moves outputs across float16
+    roundings."""
     x, dy = _pass_inputs(shape, axis)
     x = (x + F16(offset)).astype(F16)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -307,7 +308,7 @@ def _exact_out(x, cache, beta, axis):
 @pytest.mark.parametrize("axis", [1, -1])
 def test_forward_with_given_statistics_within_the_bound(axis):
     # test mode, float64 parameters and running statistics, data with an offset: the
-    # coefficients rounded to float, the mean as two floats
+    # coefficients rounded to float, the mean's low part in the constant term
     rng = np.random.default_rng(1)
     shape = (64, 7, 9, 33) if axis == 1 else (64, 9, 33, 7)
     C = shape[axis]
@@ -390,7 +391,7 @@ def test_outputs_near_zero_with_a_large_offset(shape, axis):
     # 1000 than float's spacing there (2**-14), so the float mean is 1000, and most outputs,
     # s*(x - mean) with beta 0, are tiny beside s*mean.  An arithmetic that rounds at
     # the scale of s*mean (the mean folded into the shift: x*s + (beta - s*mean)), or drops
-    # the mean's low part, is wrong by far more than the bound there.
+    # the term of the mean's low part, is wrong by far more than the bound there.
     x = np.full(shape, 1000.0, F16)
     first = [0] * x.ndim
     first[axis] = slice(None)
