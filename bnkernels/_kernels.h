@@ -656,8 +656,20 @@ BN_X_INLINE void bn_x_sums_avx512(
     _mm512_storeu_pd(b, b0);
     _mm512_storeu_pd(b + 8, b1);
 }
+/* bn_tree of the sixteen lanes lo (0..7) and hi (8..15), in registers: the same additions of
+ * the same operands (lo + hi, then neighbours, pairs of them, the two halves) */
+BN_X_INLINE double bn_x_tree(__m512d lo, __m512d hi)
+{
+    __m512d s = _mm512_add_pd(lo, hi);
+    s = _mm512_add_pd(s, _mm512_permute_pd(s, 0x55));       /* lane i with i ^ 1 */
+    s = _mm512_add_pd(s, _mm512_permutex_pd(s, 0x4E));      /* with i ^ 2 */
+    s = _mm512_add_pd(s, _mm512_shuffle_f64x2(s, s, 0x4E)); /* with i ^ 4 */
+    return _mm512_cvtsd_f64(s);
+}
+/* the moments add their lane sums' trees to *s1 and *s2 themselves, as bn_run_moments does,
+ * without a round trip through memory: a plane of a few hundred elements is over soon */
 BN_X_INLINE void bn_x_moments_avx512(
-    const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b,
+    const void *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2,
     const int half)
 {
     const __m512d vm = _mm512_set1_pd(m0);
@@ -682,10 +694,8 @@ BN_X_INLINE void bn_x_moments_avx512(
         b0 = _mm512_mask_add_pd(b0, t0, b0, _mm512_mul_pd(d0, d0));
         b1 = _mm512_mask_add_pd(b1, t1, b1, _mm512_mul_pd(d1, d1));
     }
-    _mm512_storeu_pd(a, a0);
-    _mm512_storeu_pd(a + 8, a1);
-    _mm512_storeu_pd(b, b0);
-    _mm512_storeu_pd(b + 8, b1);
+    *s1 += bn_x_tree(a0, a1);
+    *s2 += bn_x_tree(b0, b1);
 }
 /* the rows' columns k..k+15 of an accumulator or coefficient array: whole vectors where the
  * sixteen are there (t0 and t1 all ones), else under the masks t0 (the low eight) and t1
@@ -779,11 +789,11 @@ BN_X_INLINE void bn_x_rows_moments_avx512(
     (const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a, \
      double *restrict b)
 #define BN_X_MOMENTS_PARAMS \
-    (const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b)
+    (const void *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 BN_X_ENTRY(sums, bn_h_, 1, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
 BN_X_ENTRY(sums, bn_f_, 0, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
-BN_X_ENTRY(moments, bn_h_, 1, BN_X_MOMENTS_PARAMS, x, n, m0, a, b)
-BN_X_ENTRY(moments, bn_f_, 0, BN_X_MOMENTS_PARAMS, x, n, m0, a, b)
+BN_X_ENTRY(moments, bn_h_, 1, BN_X_MOMENTS_PARAMS, x, n, m0, s1, s2)
+BN_X_ENTRY(moments, bn_f_, 0, BN_X_MOMENTS_PARAMS, x, n, m0, s1, s2)
 BN_X_ENTRY(
     rows_sums, bn_h_, 1,
     (const void *restrict z, const void *restrict dy, Py_ssize_t sz, Py_ssize_t sdy,
@@ -897,11 +907,11 @@ static inline __attribute__((always_inline)) int bn_sums_direct(
 }
 
 static inline __attribute__((always_inline)) int bn_moments_direct(
-    const void *restrict x, Py_ssize_t n, double m0, double *restrict a, double *restrict b,
+    const void *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2,
     const int half)
 {
-    BN_X_RUN(half ? bn_h_moments(x, n, m0, a, b) : bn_f_moments(x, n, m0, a, b));
-    (void)x, (void)n, (void)m0, (void)a, (void)b, (void)half;
+    BN_X_RUN(half ? bn_h_moments(x, n, m0, s1, s2) : bn_f_moments(x, n, m0, s1, s2));
+    (void)x, (void)n, (void)m0, (void)s1, (void)s2, (void)half;
     return 0;
 }
 

@@ -38,9 +38,10 @@
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
- *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) and BN_MOMENTS_DIRECT(x, n, m0, a, b) likewise
- *   set the lane sums of a planar run, unmasked, in one pass (float16 and float32 with
- *   AVX-512, float16 sums with F16C: bn_sums_direct, bn_moments_direct), and
+ *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) likewise sets the lane sums of a planar run,
+ *   unmasked, in one pass, and BN_MOMENTS_DIRECT(x, n, m0, s1, s2) adds a run's moments (its
+ *   lanes' trees) to s1 and s2 (float16 and float32 with AVX-512, float16 sums with F16C:
+ *   bn_sums_direct, bn_moments_direct), and
  *   BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its
  *   accumulators (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of
  *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
@@ -119,16 +120,16 @@
  * below */
 #ifdef BN_F16
 #define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 1)
-#define BN_MOMENTS_DIRECT(x, n, m0, a, b) bn_moments_direct(x, n, m0, a, b, 1)
+#define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) bn_moments_direct(x, n, m0, s1, s2, 1)
 #define BN_ROWS_SUMS_DIRECT bn_h_rows_sums_direct
 #define BN_ROWS_MOMENTS_DIRECT bn_h_rows_moments_direct
 #else
 #ifdef BN_F64
 #define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
-#define BN_MOMENTS_DIRECT(x, n, m0, a, b) 0
+#define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) 0
 #else
 #define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 0)
-#define BN_MOMENTS_DIRECT(x, n, m0, a, b) bn_moments_direct(x, n, m0, a, b, 0)
+#define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) bn_moments_direct(x, n, m0, s1, s2, 0)
 #endif
 #define BN_ROWS_SUMS_DIRECT(z, dy, sz, sdy, nrows, n, mb, a, c) 0
 #define BN_ROWS_MOMENTS_DIRECT(x, sx, nrows, n, mb, a, b) 0
@@ -943,13 +944,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
-    /* a run of a piece or more: shorter ones measured slower unstaged in float16, and no
-     * faster than code layout moves in float16 and float32 since (docs/performance.md) */
-    if (n >= BN_ISTAGE && BN_MOMENTS_DIRECT(x, n, m0, a, b)) {
-        *s1 += bn_tree(a);
-        *s2 += bn_tree(b);
+    /* runs of sixteen or more (float16 planes of 144 to 256 measured faster so, once the
+     * lanes' trees stayed in registers; docs/performance.md); shorter ones are not measured */
+    if (n >= 16 && BN_MOMENTS_DIRECT(x, n, m0, s1, s2))
         return;
-    }
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(xs, x + i0, np);
