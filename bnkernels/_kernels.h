@@ -627,9 +627,22 @@ static inline __attribute__((always_inline)) int bn_h_planes(
     const __mmask16 t = k + 16 <= n ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u); \
     const __mmask8 t0 = (__mmask8)t, t1 = (__mmask8)(t >> 8)
 #define BN_X_INLINE BN_X_TARGET_AVX512 static inline __attribute__((always_inline))
+/* bn_tree of the sixteen lanes lo (0..7) and hi (8..15), in registers: the same additions of
+ * the same operands (lo + hi, then neighbours, pairs of them, the two halves) */
+BN_X_INLINE double bn_x_tree(__m512d lo, __m512d hi)
+{
+    __m512d s = _mm512_add_pd(lo, hi);
+    s = _mm512_add_pd(s, _mm512_permute_pd(s, 0x55));       /* lane i with i ^ 1 */
+    s = _mm512_add_pd(s, _mm512_permutex_pd(s, 0x4E));      /* with i ^ 2 */
+    s = _mm512_add_pd(s, _mm512_shuffle_f64x2(s, s, 0x4E)); /* with i ^ 4 */
+    return _mm512_cvtsd_f64(s);
+}
+/* The sums and the moments add their lanes' trees to *s1 and *s2 themselves, as
+ * bn_run_sums and bn_run_moments do, without a round trip through memory: a plane of a
+ * few hundred elements is over soon */
 BN_X_INLINE void bn_x_sums_avx512(
-    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a,
-    double *restrict b, const int half)
+    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict s1,
+    double *restrict s2, const int half)
 {
     const __m512d vm = _mm512_set1_pd(m);
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, v0, v1, z0, z1;
@@ -651,23 +664,9 @@ BN_X_INLINE void bn_x_sums_avx512(
         b0 = _mm512_mask_add_pd(b0, t0, b0, _mm512_mul_pd(v0, _mm512_sub_pd(z0, vm)));
         b1 = _mm512_mask_add_pd(b1, t1, b1, _mm512_mul_pd(v1, _mm512_sub_pd(z1, vm)));
     }
-    _mm512_storeu_pd(a, a0);
-    _mm512_storeu_pd(a + 8, a1);
-    _mm512_storeu_pd(b, b0);
-    _mm512_storeu_pd(b + 8, b1);
+    *s1 += bn_x_tree(a0, a1);
+    *s2 += bn_x_tree(b0, b1);
 }
-/* bn_tree of the sixteen lanes lo (0..7) and hi (8..15), in registers: the same additions of
- * the same operands (lo + hi, then neighbours, pairs of them, the two halves) */
-BN_X_INLINE double bn_x_tree(__m512d lo, __m512d hi)
-{
-    __m512d s = _mm512_add_pd(lo, hi);
-    s = _mm512_add_pd(s, _mm512_permute_pd(s, 0x55));       /* lane i with i ^ 1 */
-    s = _mm512_add_pd(s, _mm512_permutex_pd(s, 0x4E));      /* with i ^ 2 */
-    s = _mm512_add_pd(s, _mm512_shuffle_f64x2(s, s, 0x4E)); /* with i ^ 4 */
-    return _mm512_cvtsd_f64(s);
-}
-/* the moments add their lane sums' trees to *s1 and *s2 themselves, as bn_run_moments does,
- * without a round trip through memory: a plane of a few hundred elements is over soon */
 BN_X_INLINE void bn_x_moments_avx512(
     const void *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2,
     const int half)
@@ -785,13 +784,13 @@ BN_X_INLINE void bn_x_rows_moments_avx512(
 /* the typed entry points of bn_x_NAME_avx512: bn_h_NAME (float16) and bn_f_NAME (float32) */
 #define BN_X_ENTRY(NAME, PFX, HALF, PARAMS, ...) \
     BN_X_TARGET_AVX512 static void PFX##NAME PARAMS { bn_x_##NAME##_avx512(__VA_ARGS__, HALF); }
-#define BN_X_SUMS_PARAMS                                                                          \
-    (const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a, \
-     double *restrict b)
+#define BN_X_SUMS_PARAMS                                                                           \
+    (const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict s1, \
+     double *restrict s2)
 #define BN_X_MOMENTS_PARAMS \
     (const void *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
-BN_X_ENTRY(sums, bn_h_, 1, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
-BN_X_ENTRY(sums, bn_f_, 0, BN_X_SUMS_PARAMS, z, dy, n, m, a, b)
+BN_X_ENTRY(sums, bn_h_, 1, BN_X_SUMS_PARAMS, z, dy, n, m, s1, s2)
+BN_X_ENTRY(sums, bn_f_, 0, BN_X_SUMS_PARAMS, z, dy, n, m, s1, s2)
 BN_X_ENTRY(moments, bn_h_, 1, BN_X_MOMENTS_PARAMS, x, n, m0, s1, s2)
 BN_X_ENTRY(moments, bn_f_, 0, BN_X_MOMENTS_PARAMS, x, n, m0, s1, s2)
 BN_X_ENTRY(
@@ -836,9 +835,10 @@ _Static_assert(BN_LANES == 16, "the sums and moments in AVX-512 keep sixteen lan
         _mm256_setr_epi64x(4 * (q), 4 * (q) + 1, 4 * (q) + 2, 4 * (q) + 3)))
 BN_X_TARGET_F16C static void bn_h_sums_f16c(
     const uint16_t *restrict z, const uint16_t *restrict dy, Py_ssize_t n, double m,
-    double *restrict a, double *restrict b)
+    double *restrict s1, double *restrict s2)
 {
     const __m256d vm = _mm256_set1_pd(m);
+    double a[BN_LANES], b[BN_LANES];
     __m256d va[4], vb[4];
     Py_ssize_t k = 0, j;
     int q;
@@ -868,6 +868,8 @@ BN_X_TARGET_F16C static void bn_h_sums_f16c(
         _mm256_storeu_pd(a + 4 * q, va[q]);
         _mm256_storeu_pd(b + 4 * q, vb[q]);
     }
+    *s1 += bn_tree(a);
+    *s2 += bn_tree(b);
 }
 #undef BN_X_TARGET_F16C
 #undef BN_X_WIDEN4
@@ -897,12 +899,12 @@ BN_X_TARGET_F16C static void bn_h_sums_f16c(
 #define BN_X_RUN_F16C(CALL) (void)0
 #endif
 static inline __attribute__((always_inline)) int bn_sums_direct(
-    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict a,
-    double *restrict b, const int half)
+    const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict s1,
+    double *restrict s2, const int half)
 {
-    BN_X_RUN(half ? bn_h_sums(z, dy, n, m, a, b) : bn_f_sums(z, dy, n, m, a, b));
-    BN_X_RUN_F16C(bn_h_sums_f16c(z, dy, n, m, a, b));
-    (void)z, (void)dy, (void)n, (void)m, (void)a, (void)b, (void)half;
+    BN_X_RUN(half ? bn_h_sums(z, dy, n, m, s1, s2) : bn_f_sums(z, dy, n, m, s1, s2));
+    BN_X_RUN_F16C(bn_h_sums_f16c(z, dy, n, m, s1, s2));
+    (void)z, (void)dy, (void)n, (void)m, (void)s1, (void)s2, (void)half;
     return 0;
 }
 

@@ -38,10 +38,10 @@
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
  *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
- *   loop.  BN_SUMS_DIRECT(z, dy, n, m, a, b) likewise sets the lane sums of a planar run,
- *   unmasked, in one pass, and BN_MOMENTS_DIRECT(x, n, m0, s1, s2) adds a run's moments (its
- *   lanes' trees) to s1 and s2 (float16 and float32 with AVX-512, float16 sums with F16C:
- *   bn_sums_direct, bn_moments_direct), and
+ *   loop.  BN_SUMS_DIRECT(z, dy, n, m, s1, s2) and BN_MOMENTS_DIRECT(x, n, m0, s1, s2)
+ *   likewise add a planar run's sums, unmasked, or moments (its lanes' trees) to s1 and s2
+ *   in one pass (float16 and float32 with AVX-512, float16 sums with F16C: bn_sums_direct,
+ *   bn_moments_direct), and
  *   BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its
  *   accumulators (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of
  *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
@@ -119,16 +119,16 @@
  * rows of 512 contiguous columns slower in pairs); float64, read as it is, keeps the loops
  * below */
 #ifdef BN_F16
-#define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 1)
+#define BN_SUMS_DIRECT(z, dy, n, m, s1, s2) bn_sums_direct(z, dy, n, m, s1, s2, 1)
 #define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) bn_moments_direct(x, n, m0, s1, s2, 1)
 #define BN_ROWS_SUMS_DIRECT bn_h_rows_sums_direct
 #define BN_ROWS_MOMENTS_DIRECT bn_h_rows_moments_direct
 #else
 #ifdef BN_F64
-#define BN_SUMS_DIRECT(z, dy, n, m, a, b) 0
+#define BN_SUMS_DIRECT(z, dy, n, m, s1, s2) 0
 #define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) 0
 #else
-#define BN_SUMS_DIRECT(z, dy, n, m, a, b) bn_sums_direct(z, dy, n, m, a, b, 0)
+#define BN_SUMS_DIRECT(z, dy, n, m, s1, s2) bn_sums_direct(z, dy, n, m, s1, s2, 0)
 #define BN_MOMENTS_DIRECT(x, n, m0, s1, s2) bn_moments_direct(x, n, m0, s1, s2, 0)
 #endif
 #define BN_ROWS_SUMS_DIRECT(z, dy, sz, sdy, nrows, n, mb, a, c) 0
@@ -910,11 +910,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
 {
     double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
     Py_ssize_t i0, i, j, np;
-    if (!mask && BN_SUMS_DIRECT(z, dy, n, m, a, b)) {
-        *s_dy += bn_tree(a);
-        *s_zm += bn_tree(b);
+    if (!mask && BN_SUMS_DIRECT(z, dy, n, m, s_dy, s_zm))
         return;
-    }
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(zs, z + i0, np);
