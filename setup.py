@@ -106,6 +106,9 @@ ext = Extension(
     depends=["bnkernels/_kernels.h", "bnkernels/_loops.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
+    # the C math library (sqrt; fmaf in the clones for CPUs without FMA), named rather than
+    # taken from the interpreter's own symbols
+    libraries=["m"],
 )
 
 if "--quiet" not in sys.argv:

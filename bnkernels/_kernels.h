@@ -601,14 +601,14 @@ static inline __attribute__((always_inline)) int bn_h_planes(
  * where the loops of _loops.h widen each piece into L1 first, and float32 planar runs,
  * where GCC's vector code of those loops loads sixteen floats and splits them in two (one
  * more operation per sixteen, on the ports the conversions use).  Here each eight elements
- * are loaded and widened on their own.  The lane sums a[0..BN_LANES) and b[0..BN_LANES) of
- * a run of n, element k in lane k % BN_LANES (a piece holds whole lanes), each lane's
- * operations those of the loop in _loops.h in their order; the tail under a mask, so that
- * lanes past the run add nothing.  So the same bits.  Only where the code in use
- * (bn_f16_kind) is BN_F16_AVX512 (float16 planar sums also with F16C, bn_h_sums_f16c
- * below): the dispatchers below return 0 otherwise, and the caller takes its loop.  Each function
- * takes its data as `const void *` and half (1: float16, 0: float32), a constant in the typed entry
- * points (BN_X_ENTRY) that inline it. */
+ * are loaded and widened on their own.  BN_LANES lane sums of a run of n, element k in
+ * lane k % BN_LANES (a piece holds whole lanes), each lane's operations those of the loop in
+ * _loops.h in their order; the tail under a mask, so that lanes past the run add nothing;
+ * then, for a planar run, the lanes' bn_tree added to the channel's sums.  So the same bits.  Only
+ * where the code in use (bn_f16_kind) is BN_F16_AVX512 (float16 planar sums also with F16C,
+ * bn_h_sums_f16c below): the dispatchers below return 0 otherwise, and the caller takes its loop.
+ * Each function takes its data as `const void *` and half (1: float16, 0: float32), a constant in
+ * the typed entry points (BN_X_ENTRY) that inline it. */
 #ifdef BN_HAVE_F16C
 #define BN_X_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 /* the eight elements at p + i (under mask t8) as eight doubles */
@@ -637,9 +637,9 @@ BN_X_INLINE double bn_x_tree(__m512d lo, __m512d hi)
     s = _mm512_add_pd(s, _mm512_shuffle_f64x2(s, s, 0x4E)); /* with i ^ 4 */
     return _mm512_cvtsd_f64(s);
 }
-/* The sums and the moments add their lanes' trees to *s1 and *s2 themselves, as
- * bn_run_sums and bn_run_moments do, without a round trip through memory: a plane of a
- * few hundred elements is over soon */
+/* The planar sums and moments add their lanes' trees to *s1 and *s2 themselves, as
+ * bn_run_sums and bn_run_moments do, in registers: for a plane of a few hundred elements,
+ * sixteen lanes stored and summed by scalar adds cost about as much as the run */
 BN_X_INLINE void bn_x_sums_avx512(
     const void *restrict z, const void *restrict dy, Py_ssize_t n, double m, double *restrict s1,
     double *restrict s2, const int half)
