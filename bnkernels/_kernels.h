@@ -420,23 +420,21 @@ static inline __attribute__((always_inline)) void bn_h2f_run(
 
 #define BN_VSUB _mm512_sub_ps
 #define BN_VADD _mm512_add_ps
-#define BN_VMUL _mm512_mul_ps
 #define BN_VFMA _mm512_fmadd_ps
 #define BN_H_KEEP(y, v)   \
     _mm512_mask_blend_ps( \
         _mm512_cmp_ps_mask((y), _mm512_setzero_ps(), _CMP_LE_OQ), (v), _mm512_setzero_ps())
+/* the whole sixteen at k of input p widened, and v rounded into output p there */
+#define BN_H_IN16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
+#define BN_H_STORE16(p, v) \
+    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 BN_H_TARGET_AVX512 static inline __attribute__((always_inline)) void bn_h_run_avx512(BN_H_ARGS)
 {
     Py_ssize_t k = 0;
 #define BN_H_LOADC(p) _mm512_loadu_ps((p) + k)
-#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
-#define BN_H_STORE(p, v) \
-    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
     for (; k + 16 <= n; k += 16)
-        BN_H_RUN(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+        BN_H_RUN(__m512, BN_H_LOADC, _mm512_set1_ps, BN_H_IN16, BN_H_STORE16, BN_H_KEEP);
 #undef BN_H_LOADC
-#undef BN_H_IN
-#undef BN_H_STORE
     if (k < n) { /* the last, partial sixteen under a mask */
         const __mmask16 t = (__mmask16)((1u << (n - k)) - 1u);
 #define BN_H_LOADC(p) _mm512_maskz_loadu_ps(t, (p) + k)
@@ -480,29 +478,24 @@ BN_H_TARGET_AVX512 static void bn_h_planes_avx512(
             const __mmask16 nx = (__mmask16)(0xFFFFu << (end - k));
 #define BN_H_BLEND(v) \
     _mm512_mask_blend_ps(nx, _mm512_set1_ps((&(v))[ch]), _mm512_set1_ps((&(v))[ch + 1]))
-#define BN_H_IN(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((p) + k)))
-#define BN_H_STORE(p, v) \
-    _mm256_storeu_si256((__m256i *)((p) + k), _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT))
 #define BN_H_LOADC(p) BN_H_BLEND(*(p)) /* only to compile BN_H_RUN (cs 0) */
-            BN_H_RUN(__m512, BN_H_LOADC, BN_H_BLEND, BN_H_IN, BN_H_STORE, BN_H_KEEP);
+            BN_H_RUN(__m512, BN_H_LOADC, BN_H_BLEND, BN_H_IN16, BN_H_STORE16, BN_H_KEEP);
 #undef BN_H_LOADC
 #undef BN_H_BLEND
-#undef BN_H_IN
-#undef BN_H_STORE
             k += 16;
         }
     }
     (void)aux, (void)out2, (void)cs, (void)relu, (void)zterm;
 }
+#undef BN_H_IN16
+#undef BN_H_STORE16
 #undef BN_VSUB
 #undef BN_VADD
-#undef BN_VMUL
 #undef BN_VFMA
 #undef BN_H_KEEP
 
 #define BN_VSUB _mm256_sub_ps
 #define BN_VADD _mm256_add_ps
-#define BN_VMUL _mm256_mul_ps
 #define BN_VFMA _mm256_fmadd_ps
 #define BN_H_KEEP(y, v) \
     _mm256_blendv_ps((v), _mm256_setzero_ps(), _mm256_cmp_ps((y), _mm256_setzero_ps(), _CMP_LE_OQ))
@@ -543,7 +536,6 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 #undef BN_H_LOADC
 #undef BN_VSUB
 #undef BN_VADD
-#undef BN_VMUL
 #undef BN_VFMA
 #undef BN_H_KEEP
 #undef BN_H_RUN

@@ -908,10 +908,10 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
     const BN_T *restrict z, const BN_T *restrict dy, const BN_T *restrict y, const int mask,
     Py_ssize_t n, double m, double *restrict s_dy, double *restrict s_zm)
 {
-    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i0, i, j, np;
     if (!mask && BN_SUMS_DIRECT(z, dy, n, m, s_dy, s_zm))
         return;
+    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
+    Py_ssize_t i0, i, j, np;
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(zs, z + i0, np);
@@ -939,12 +939,12 @@ static inline __attribute__((always_inline)) void BN_FN(bn_run_sums)(
 static inline __attribute__((always_inline)) void BN_FN(bn_run_moments)(
     const BN_T *restrict x, Py_ssize_t n, double m0, double *restrict s1, double *restrict s2)
 {
-    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
-    Py_ssize_t i0, i, j, np;
     /* runs of sixteen or more (float16 planes of 144 to 256 measured faster so, once the
      * lanes' trees stayed in registers; docs/performance.md); shorter ones are not measured */
     if (n >= 16 && BN_MOMENTS_DIRECT(x, n, m0, s1, s2))
         return;
+    double a[BN_LANES] = {0.0}, b[BN_LANES] = {0.0};
+    Py_ssize_t i0, i, j, np;
     for (i0 = 0; i0 < n; i0 += np) {
         np = n - i0 < BN_PIECE ? n - i0 : BN_PIECE;
         BN_IN(xs, x + i0, np);
