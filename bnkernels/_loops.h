@@ -185,19 +185,26 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
-/* A wide block (wide 1: accumulators in L1) takes two rows per sweep of its
- * accumulators, which then load and store once per pair, where BN_WIDE_PAIRS(contig) holds:
- * in float16 (whose loops are bound by their conversions) whenever rows go one at a time,
- * not grouped (BN_GROUP); otherwise where the
- * block's rows are not one contiguous run (contig: the row stride is the block's width),
- * which a pair would split into two interleaved streams (measured slower for rows of 256
- * to 512 float64 columns; faster where a block is part of longer rows).  Each column still
- * adds the rows in row order: the same bits. */
+/* A wide block (wide 1: accumulators in L1) takes four rows per sweep of its accumulators
+ * in the backward's sums, then pairs (the forward's statistics: pairs), so that they load
+ * and store once per four (two) rows, where BN_WIDE_PAIRS(contig) holds: in float16 (whose
+ * loops are bound by their conversions) whenever rows go one at a time, not grouped
+ * (BN_GROUP); otherwise where the block's rows are not one contiguous run (contig: the row
+ * stride is the block's width), which would split into interleaved streams (pairs measured
+ * slower for rows of 256 to 512 float64 columns; faster where a block is part of longer
+ * rows).  Four rows measured 1.05-1.10 faster than pairs on float64 NCHW planes taken as rows
+ * and on rows of 1024-2048 columns.  Rows of more than one block go BN_WIDE_STEP rows at a
+ * time across all of their blocks: four, but two in float16, whose blocks of 256 columns or
+ * more sum without this loop (four measured 1.02-1.03 slower there).  Each column still adds
+ * the rows in row order: the same bits. */
 #undef BN_WIDE_PAIRS
+#undef BN_WIDE_STEP
 #ifdef BN_F16
 #define BN_WIDE_PAIRS(contig) 1
+#define BN_WIDE_STEP 2
 #else
 #define BN_WIDE_PAIRS(contig) (!(contig))
+#define BN_WIDE_STEP 4
 #endif
 
 /* rows s elements apart start a page (4 KiB) or more apart: each a stream of its own, which
@@ -269,6 +276,29 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             return;
         r = 0;
         if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
+            for (; r + 3 < nrows; r += 4) {
+                BN_IN(z0, z + r * sz + j0, jw);
+                BN_IN(z1, z + (r + 1) * sz + j0, jw);
+                BN_IN(z2, z + (r + 2) * sz + j0, jw);
+                BN_IN(z3, z + (r + 3) * sz + j0, jw);
+                BN_IN(d0, dy + r * sdy + j0, jw);
+                BN_IN(d1, dy + (r + 1) * sdy + j0, jw);
+                BN_IN(d2, dy + (r + 2) * sdy + j0, jw);
+                BN_IN(d3, dy + (r + 3) * sdy + j0, jw);
+                BN_IN(y0, mask ? y + r * sy + j0 : NULL, jw);
+                BN_IN(y1, mask ? y + (r + 1) * sy + j0 : NULL, jw);
+                BN_IN(y2, mask ? y + (r + 2) * sy + j0 : NULL, jw);
+                BN_IN(y3, mask ? y + (r + 3) * sy + j0 : NULL, jw);
+                BN_SIMD
+                for (j = 0; j < jw; j++) {
+                    const double v0 = BN_DY(mask, y0, d0, j), v1 = BN_DY(mask, y1, d1, j),
+                                 v2 = BN_DY(mask, y2, d2, j), v3 = BN_DY(mask, y3, d3, j);
+                    a[j] = a[j] + v0 + v1 + v2 + v3;
+                    c[j] = c[j] + v0 * (BN_LDI(z0[j]) - mb[j]) + v1 * (BN_LDI(z1[j]) - mb[j]) +
+                           v2 * (BN_LDI(z2[j]) - mb[j]) + v3 * (BN_LDI(z3[j]) - mb[j]);
+                }
+            }
+        if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(zs, z + r * sz + j0, jw);
                 BN_IN(dys, dy + r * sdy + j0, jw);
@@ -312,8 +342,8 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
  * BLOCK(r0, nr, j0, jw, wide, mb, p, q) adds rows r0..r0+nr-1 of one block into p[0..jw) and
  * q[0..jw) with shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide
  * rows (WIDE: BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q; rows of more than
- * one BN_WBLOCK-column block go two rows at a time across all of their blocks, so that each
- * row is read from its start to its end, not a block's piece of every row and then the next
+ * one BN_WBLOCK-column block go BN_WIDE_STEP rows at a time across all of their blocks, so that
+ * each row is read from its start to its end, not a block's piece of every row and then the next
  * block's (pieces of 1-4 KiB a row stride apart, which memory served slower:
  * docs/performance.md).  One call site for both: a second one, for single-block rows, made
  * GCC keep a pointer of that loop on the stack.  Otherwise register blocks of BN_RBLOCK
@@ -332,7 +362,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                 P[j] = 0.0;                                                                      \
                 Q[j] = 0.0;                                                                      \
             }                                                                                    \
-            rstep = cw <= BN_WBLOCK ? nrows : 2;                                                 \
+            rstep = cw <= BN_WBLOCK ? nrows : BN_WIDE_STEP;                                      \
             for (r0 = 0; r0 < nrows; r0 += rstep)                                                \
                 for (j0 = 0; j0 < cw; j0 += BN_WBLOCK)                                           \
                     BLOCK(                                                                       \
