@@ -11,11 +11,12 @@ and its two sweeps through the split-phase API, with the data of the benchmark:
     forward          bnkernels.forward, train mode
     forward stats    bnkernels.batch_stats        (reads x once)
     forward output   bnkernels.forward with the batch's own statistics (reads x, writes out)
-    roofline         the benchmark's: read two arrays (one, forward), write a new one
+    roofline         the benchmark's backward roofline: read x and dy, write a new array
     roofline mapped  the same into an array allocated once (no fresh pages)
+    roofline fwd     the benchmark's forward roofline: read x, write a new array
 
 The output sweeps write fresh arrays, as the whole passes do.  Printed: median ms of each
-and its ratio to the roofline.  Compare with ``scripts/traffic.c``, the traffic alone.
+and its ratio to its pass's roofline.  Compare with ``scripts/traffic.c``, the traffic alone.
 """
 
 import argparse
