@@ -185,18 +185,17 @@ _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run
 #define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
-/* A wide block (wide 1: accumulators in L1) takes four rows per sweep of its accumulators
- * in the backward's sums, then pairs (the forward's statistics: pairs), so that they load
- * and store once per four (two) rows, where BN_WIDE_PAIRS(contig) holds: in float16 (whose
- * loops are bound by their conversions) whenever rows go one at a time, not grouped
- * (BN_GROUP); otherwise where the block's rows are not one contiguous run (contig: the row
- * stride is the block's width), which would split into interleaved streams (pairs measured
- * slower for rows of 256 to 512 float64 columns; faster where a block is part of longer
- * rows).  Four rows measured 1.05-1.10 faster than pairs on float64 NCHW planes taken as rows
- * and on rows of 1024-2048 columns.  Rows of more than one block go BN_WIDE_STEP rows at a
- * time across all of their blocks: four, but two in float16, whose blocks of 256 columns or
- * more sum without this loop (four measured 1.02-1.03 slower there).  Each column still adds
- * the rows in row order: the same bits. */
+/* A wide block (wide 1: accumulators in L1) takes four rows per sweep of its accumulators,
+ * then a pair, so that they load and store once per four rows, where BN_WIDE_PAIRS(contig)
+ * holds: in float16 (whose loops are bound by their conversions) whenever rows go one at a
+ * time, not grouped (BN_GROUP); otherwise where the block's rows are not one contiguous run
+ * (contig: the row stride is the block's width), which would split into interleaved streams
+ * (pairs measured slower for rows of 256 to 512 float64 columns; faster where a block is
+ * part of longer rows).  Four rows measured 1.05-1.10 faster than pairs on float64 NCHW
+ * planes taken as rows and on rows of 1024-2048 columns, in both passes.  Rows of more than
+ * one block go BN_WIDE_STEP rows at a time across all of their blocks: four, but two in
+ * float16, whose blocks of 256 columns or more sum without this loop (four measured
+ * 1.02-1.03 slower there).  Each column still adds the rows in row order: the same bits. */
 #undef BN_WIDE_PAIRS
 #undef BN_WIDE_STEP
 #ifdef BN_F16
@@ -890,6 +889,20 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         if (wide && jw >= BN_DIRECT_COLS && BN_ROWS_MOMENTS_DIRECT(x + j0, sx, nrows, jw, mb, a, b))
             return;
         r = 0;
+        if (wide && BN_WIDE_PAIRS(sx == jw))
+            for (; r + 3 < nrows; r += 4) {
+                BN_IN(x0, x + r * sx + j0, jw);
+                BN_IN(x1, x + (r + 1) * sx + j0, jw);
+                BN_IN(x2, x + (r + 2) * sx + j0, jw);
+                BN_IN(x3, x + (r + 3) * sx + j0, jw);
+                BN_SIMD
+                for (j = 0; j < jw; j++) {
+                    const double e0 = BN_LDI(x0[j]) - mb[j], e1 = BN_LDI(x1[j]) - mb[j],
+                                 e2 = BN_LDI(x2[j]) - mb[j], e3 = BN_LDI(x3[j]) - mb[j];
+                    a[j] = a[j] + e0 + e1 + e2 + e3;
+                    b[j] = b[j] + e0 * e0 + e1 * e1 + e2 * e2 + e3 * e3;
+                }
+            }
         if (wide && BN_WIDE_PAIRS(sx == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(xs, x + r * sx + j0, jw);
