@@ -274,7 +274,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
             BN_ROWS_SUMS_DIRECT(z + j0, dy + j0, sz, sdy, nrows, jw, mb, a, c))
             return;
         r = 0;
-        if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
+        if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw)) { /* fours, then a pair */
             for (; r + 3 < nrows; r += 4) {
                 BN_IN(z0, z + r * sz + j0, jw);
                 BN_IN(z1, z + (r + 1) * sz + j0, jw);
@@ -297,7 +297,6 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                            v2 * (BN_LDI(z2[j]) - mb[j]) + v3 * (BN_LDI(z3[j]) - mb[j]);
                 }
             }
-        if (wide && BN_WIDE_PAIRS(sz == jw && sdy == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(zs, z + r * sz + j0, jw);
                 BN_IN(dys, dy + r * sdy + j0, jw);
@@ -312,6 +311,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
                     c[j] = c[j] + v * (BN_LDI(zs[j]) - mb[j]) + w * (BN_LDI(zt[j]) - mb[j]);
                 }
             }
+        }
         for (; r < nrows; r++) {
             BN_IN(zs, z + r * sz + j0, jw);
             BN_IN(dys, dy + r * sdy + j0, jw);
@@ -889,7 +889,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
         if (wide && jw >= BN_DIRECT_COLS && BN_ROWS_MOMENTS_DIRECT(x + j0, sx, nrows, jw, mb, a, b))
             return;
         r = 0;
-        if (wide && BN_WIDE_PAIRS(sx == jw))
+        if (wide && BN_WIDE_PAIRS(sx == jw)) { /* fours, then a pair */
             for (; r + 3 < nrows; r += 4) {
                 BN_IN(x0, x + r * sx + j0, jw);
                 BN_IN(x1, x + (r + 1) * sx + j0, jw);
@@ -903,7 +903,6 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
                     b[j] = b[j] + e0 * e0 + e1 * e1 + e2 * e2 + e3 * e3;
                 }
             }
-        if (wide && BN_WIDE_PAIRS(sx == jw))
             for (; r + 1 < nrows; r += 2) {
                 BN_IN(xs, x + r * sx + j0, jw);
                 BN_IN(xt, x + (r + 1) * sx + j0, jw);
@@ -914,6 +913,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_centered_block)(
                     b[j] = b[j] + e * e + f * f;
                 }
             }
+        }
         for (; r < nrows; r++) {
             BN_IN(xs, x + r * sx + j0, jw);
             if (!wide)
