@@ -161,11 +161,11 @@
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
  * best.  So are float16 rows of any width: each row's piece is widened in one run (BN_IN),
  * where a register block would spill its accumulators around every call.  float32 rows of
- * 512 columns or more take the wide sweep for the backward's sums, which measured faster
- * there; its forward statistics and narrower rows, whose loops are bound by their
- * conversions, keep the register blocks, as do narrower float64 rows (docs/performance.md).
- * BN_WIDE_SUMS(cw) selects the wide sweep for the backward's sums, BN_WIDE_ROWS(cw) for the
- * forward's statistics. */
+ * 512 columns or more take the wide sweep too, in both passes: faster from memory, where a
+ * register block's strided pieces kept the forward's statistics at 1.2-1.4x the time;
+ * narrower float32 rows, whose loops are bound by their conversions, keep the register
+ * blocks, as do narrower float64 rows (docs/performance.md).  BN_WIDE_SUMS(cw) selects the
+ * wide sweep for the backward's sums, BN_WIDE_ROWS(cw) for the forward's statistics. */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
@@ -181,7 +181,7 @@
 #define BN_WIDE_SUMS(cw) 1
 _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run");
 #else
-#define BN_WIDE_ROWS(cw) 0
+#define BN_WIDE_ROWS(cw) ((cw) >= 512)
 #define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
