@@ -1339,11 +1339,11 @@ def running_update(cnp.ndarray running, cnp.ndarray stat, double momentum):
         of = <float *>cnp.PyArray_DATA(out)
         for c in range(n):
             of[c] = <float>(<double>(m32 * rf[c]) + rest * s[c])
-            finite = finite and isfinite(of[c])
+            finite = finite & (isfinite(of[c]) != 0)   # no branch: the loop vectorizes
     else:
         rd = <const double *>cnp.PyArray_DATA(running)
         od = <double *>cnp.PyArray_DATA(out)
         for c in range(n):
             od[c] = momentum * rd[c] + rest * s[c]
-            finite = finite and isfinite(od[c])
+            finite = finite & (isfinite(od[c]) != 0)
     return out if finite else None
