@@ -161,28 +161,24 @@
  * the accumulators in L1: every row is then a long unit-stride run, which memory serves
  * best.  So are float16 rows of any width: each row's piece is widened in one run (BN_IN),
  * where a register block would spill its accumulators around every call.  float32 rows of
- * 512 columns or more take the wide sweep too, in both passes: faster from memory, where a
- * register block's strided pieces kept the forward's statistics at 1.2-1.4x the time;
- * narrower float32 rows, whose loops are bound by their conversions, keep the register
- * blocks, as do narrower float64 rows (docs/performance.md).  BN_WIDE_SUMS(cw) selects the
- * wide sweep for the backward's sums, BN_WIDE_ROWS(cw) for the forward's statistics. */
+ * 512 columns or more take the wide sweep too: from memory it is faster than a register
+ * block, which reads each row in short pieces a row stride apart; narrower float32 rows,
+ * whose loops are bound by their conversions, keep the register blocks, as do narrower
+ * float64 rows (docs/performance.md).  BN_WIDE_ROWS(cw) selects the wide sweep, for the
+ * backward's sums and the forward's statistics alike. */
 #ifndef BN_RBLOCK
 #define BN_RBLOCK 64
 #endif
 #define BN_RPREFETCH 16
 #define BN_WBLOCK 512
 #undef BN_WIDE_ROWS
-#undef BN_WIDE_SUMS
 #ifdef BN_F64
 #define BN_WIDE_ROWS(cw) ((cw) >= 256)
-#define BN_WIDE_SUMS(cw) ((cw) >= 256)
 #elif defined(BN_F16)
 #define BN_WIDE_ROWS(cw) 1
-#define BN_WIDE_SUMS(cw) 1
 _Static_assert(BN_WBLOCK <= BN_ISTAGE, "a wide block's row is widened in one run");
 #else
 #define BN_WIDE_ROWS(cw) ((cw) >= 512)
-#define BN_WIDE_SUMS(cw) ((cw) >= 512)
 #endif
 
 /* A wide block (wide 1: accumulators in L1) takes four rows per sweep of its accumulators,
@@ -340,7 +336,7 @@ static inline __attribute__((always_inline)) void BN_FN(bn_rows_sums_block)(
 /* The column blocks of a rows task's sums, shared by bn_rows_sums and bn_rows_centered:
  * BLOCK(r0, nr, j0, jw, wide, mb, p, q) adds rows r0..r0+nr-1 of one block into p[0..jw) and
  * q[0..jw) with shifts mb; the task's sums end in P[0..cw) and Q[0..cw), M its shifts.  Wide
- * rows (WIDE: BN_WIDE_SUMS or BN_WIDE_ROWS) accumulate straight in P and Q; rows of more than
+ * rows (WIDE: BN_WIDE_ROWS) accumulate straight in P and Q; rows of more than
  * one BN_WBLOCK-column block go BN_WIDE_STEP rows at a time across all of their blocks, so that
  * each row is read from its start to its end, not a block's piece of every row and then the next
  * block's (pieces of 1-4 KiB a row stride apart, which memory served slower:
@@ -412,9 +408,9 @@ static BN_TASK void BN_FN(bn_rows_sums)(
         z + (r0) * sz, dy + (r0) * sdy, y + (r0) * sy, sz, sdy, sy, nr, cw, j0, jw, wide, 1, mb, \
         p, q)
     if (y == NULL)
-        BN_ROWS_SWEEP(BN_SUMS_BLOCK, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK, BN_WIDE_ROWS(cw), m, s_dy, s_zm);
     else
-        BN_ROWS_SWEEP(BN_SUMS_BLOCK_MASKED, BN_WIDE_SUMS(cw), m, s_dy, s_zm);
+        BN_ROWS_SWEEP(BN_SUMS_BLOCK_MASKED, BN_WIDE_ROWS(cw), m, s_dy, s_zm);
 #undef BN_SUMS_BLOCK
 #undef BN_SUMS_BLOCK_MASKED
 }
