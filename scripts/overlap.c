@@ -122,9 +122,9 @@ int main(int argc, char **argv)
                         /* the cached sweeps take as many rows, but from the start of their
                          * thread's first chunk every time, in blocks that keep all three
                          * arrays within 128 KiB, in L2 */
+                        r0 = (cached ? c0 : ci) * chunk;
                         for (done = 0; done < nr; done += b) {
                             b = cached ? (nr - done < small ? nr - done : small) : nr;
-                            r0 = cached ? c0 * chunk : ci * chunk;
                             if (k == READ)
                                 acc += read_run(x, dy, r0 * C, (r0 + b) * C);
                             else if (k == SUMS || k == SUMS_CACHED)
@@ -140,7 +140,7 @@ int main(int argc, char **argv)
                                     Cc, 0, NULL);
                         }
                     }
-                    if (sums)
+                    if (sums && (k == SUMS || k == SUMS_CACHED) && c1 > c0)
                         acc += (float)sums[0];
                     free(sums);
 #pragma omp atomic
