@@ -589,6 +589,168 @@ static inline __attribute__((always_inline)) int bn_h_planes(
     return 0;
 }
 
+/* The float32 output sweeps' runs in vector code.  GCC's vector code of the loops in
+ * _loops.h loads a whole vector of floats, splits it in two to widen each half to doubles,
+ * and joins the two rounded halves again to store them: two shuffles more per vector, on
+ * the port the conversions use, which bounds these loops (docs/performance.md).  Here each
+ * half-vector of floats (eight with AVX-512, four with AVX2) is loaded, widened, computed,
+ * rounded and stored on its own.  Arguments as bn_h_affine's, with float32 data and the
+ * coefficients in double (float32's BN_OT); the operations of BN_AFFINE_OUT, BN_AFFINE_DX,
+ * BN_DX_DY and bn_epi_run in float64, in their order, each output rounded once to float (to
+ * nearest even): the same bits.  bn_f_affine runs them where the code in use (bn_f16_kind)
+ * has AVX-512 or AVX2 and returns 1, else returns 0, and the caller takes its loop. */
+#define BN_F_ARGS                                                                                  \
+    const float *restrict z, const float *restrict dy, const float *restrict aux,                  \
+        float *restrict out, float *restrict out2, Py_ssize_t n, const double *m, const double *s, \
+        const double *a, const double *c, const int cs, const int relu, const int zterm
+#define BN_F_ROWS_ARGS                                                                            \
+    BN_F_ARGS, Py_ssize_t nrows, Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, \
+        Py_ssize_t sout2
+#ifdef BN_HAVE_F16C
+/* one vector at k: IN(p) widens the elements of input p, LOADC(p) loads the coefficients of
+ * array p (cs 1) or broadcasts *p (cs 0), STORE(p, v) rounds v into output p; KEEP(y, v) is
+ * v where y > 0 or NaN and +0 elsewhere (bn_masked); ADD, MUL and SUB the vector's */
+#define BN_F_RUN(V, ADD, MUL, SUB, KEEP, IN, LOADC, STORE)   \
+    do {                                                     \
+        const V vm = LOADC(m), vs = LOADC(s), vc = LOADC(c); \
+        V v;                                                 \
+        if (dy == NULL) {                                    \
+            v = ADD(MUL(vs, SUB(IN(z), vm)), vc);            \
+            if (aux != NULL)                                 \
+                v = ADD(v, IN(aux));                         \
+            if (relu)                                        \
+                v = KEEP(v, v);                              \
+        } else {                                             \
+            V d = IN(dy);                                    \
+            if (aux != NULL)                                 \
+                d = KEEP(IN(aux), d);                        \
+            if (out2 != NULL)                                \
+                STORE(out2, d);                              \
+            v = MUL(LOADC(a), ADD(d, vc));                   \
+            if (zterm)                                       \
+                v = ADD(v, MUL(vs, SUB(IN(z), vm)));         \
+        }                                                    \
+        STORE(out, v);                                       \
+    } while (0)
+/* nrows runs of RUN; the plain rows (no epilogue, coefficients per column) with constant
+ * flags, so that their loop tests none of them */
+#define BN_F_ROWS(RUN)                                                                             \
+    do {                                                                                           \
+        Py_ssize_t r;                                                                              \
+        if (aux == NULL && out2 == NULL && !relu && zterm && cs) {                                 \
+            for (r = 0; r < nrows; r++)                                                            \
+                if (dy == NULL)                                                                    \
+                    RUN(z + r * sz, NULL, NULL, out + r * sout, NULL, n, m, s, a, c, 1, 0, 1);     \
+                else                                                                               \
+                    RUN(z + r * sz, dy + r * sdy, NULL, out + r * sout, NULL, n, m, s, a, c, 1, 0, \
+                        1);                                                                        \
+            break;                                                                                 \
+        }                                                                                          \
+        for (r = 0; r < nrows; r++)                                                                \
+            RUN(z + r * sz, dy == NULL ? NULL : dy + r * sdy, aux == NULL ? NULL : aux + r * saux, \
+                out + r * sout, out2 == NULL ? NULL : out2 + r * sout2, n, m, s, a, c, cs, relu,   \
+                zterm);                                                                            \
+    } while (0)
+
+#define BN_F_KEEP(y, v)   \
+    _mm512_mask_blend_pd( \
+        _mm512_cmp_pd_mask((y), _mm512_setzero_pd(), _CMP_LE_OQ), (v), _mm512_setzero_pd())
+#define BN_F_RUN8(IN, LOADC, STORE) \
+    BN_F_RUN(__m512d, _mm512_add_pd, _mm512_mul_pd, _mm512_sub_pd, BN_F_KEEP, IN, LOADC, STORE)
+__attribute__((target("avx512f,avx512vl"))) static inline
+    __attribute__((always_inline)) void bn_f_run_avx512(BN_F_ARGS)
+{
+    Py_ssize_t k = 0;
+#define BN_F_IN(p) _mm512_cvtps_pd(_mm256_loadu_ps((p) + k))
+#define BN_F_LOADC(p) (cs ? _mm512_loadu_pd((p) + k) : _mm512_set1_pd(*(p)))
+#define BN_F_STORE(p, v) _mm256_storeu_ps((p) + k, _mm512_cvtpd_ps(v))
+    for (; k + 8 <= n; k += 8)
+        BN_F_RUN8(BN_F_IN, BN_F_LOADC, BN_F_STORE);
+#undef BN_F_IN
+#undef BN_F_LOADC
+#undef BN_F_STORE
+    if (k < n) { /* the last, partial eight under a mask */
+        const __mmask8 t = (__mmask8)((1u << (n - k)) - 1u);
+#define BN_F_IN(p) _mm512_cvtps_pd(_mm256_maskz_loadu_ps(t, (p) + k))
+#define BN_F_LOADC(p) (cs ? _mm512_maskz_loadu_pd(t, (p) + k) : _mm512_set1_pd(*(p)))
+#define BN_F_STORE(p, v) _mm256_mask_storeu_ps((p) + k, t, _mm512_cvtpd_ps(v))
+        BN_F_RUN8(BN_F_IN, BN_F_LOADC, BN_F_STORE);
+#undef BN_F_IN
+#undef BN_F_LOADC
+#undef BN_F_STORE
+    }
+}
+__attribute__((target("avx512f,avx512vl"))) static void bn_f_affine_avx512(BN_F_ROWS_ARGS)
+{
+    BN_F_ROWS(bn_f_run_avx512);
+}
+#undef BN_F_KEEP
+#undef BN_F_RUN8
+
+#define BN_F_KEEP(y, v) \
+    _mm256_blendv_pd((v), _mm256_setzero_pd(), _mm256_cmp_pd((y), _mm256_setzero_pd(), _CMP_LE_OQ))
+__attribute__((target("avx2"))) static inline
+    __attribute__((always_inline)) void bn_f_run_avx2(BN_F_ARGS)
+{
+    Py_ssize_t k = 0, j;
+#define BN_F_IN(p) _mm256_cvtps_pd(_mm_loadu_ps((p) + k))
+#define BN_F_LOADC(p) (cs ? _mm256_loadu_pd((p) + k) : _mm256_set1_pd(*(p)))
+#define BN_F_STORE(p, v) _mm_storeu_ps((p) + k, _mm256_cvtpd_ps(v))
+    for (; k + 4 <= n; k += 4)
+        BN_F_RUN(
+            __m256d, _mm256_add_pd, _mm256_mul_pd, _mm256_sub_pd, BN_F_KEEP, BN_F_IN, BN_F_LOADC,
+            BN_F_STORE);
+#undef BN_F_IN
+#undef BN_F_LOADC
+#undef BN_F_STORE
+    /* the last one to three elements in scalar code: the same operations */
+#define BN_F_ADD(u, w) ((u) + (w))
+#define BN_F_MUL(u, w) ((u) * (w))
+#define BN_F_SUB(u, w) ((u) - (w))
+#define BN_F_IN(p) ((double)(p)[j])
+#define BN_F_LOADC(p) ((p)[cs ? j : 0])
+#define BN_F_STORE(p, v) ((p)[j] = (float)(v))
+    for (j = k; j < n; j++)
+        BN_F_RUN(double, BN_F_ADD, BN_F_MUL, BN_F_SUB, bn_masked, BN_F_IN, BN_F_LOADC, BN_F_STORE);
+#undef BN_F_ADD
+#undef BN_F_MUL
+#undef BN_F_SUB
+#undef BN_F_IN
+#undef BN_F_LOADC
+#undef BN_F_STORE
+}
+__attribute__((target("avx2"))) static void bn_f_affine_avx2(BN_F_ROWS_ARGS)
+{
+    BN_F_ROWS(bn_f_run_avx2);
+}
+#undef BN_F_KEEP
+#undef BN_F_RUN
+#undef BN_F_ROWS
+#endif
+
+static inline __attribute__((always_inline)) int bn_f_affine(BN_F_ROWS_ARGS)
+{
+#ifdef BN_HAVE_F16C
+#define BN_F_CALL(fn) \
+    fn(z, dy, aux, out, out2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
+    if (bn_f16_kind == BN_F16_AVX512) {
+        BN_F_CALL(bn_f_affine_avx512);
+        return 1;
+    }
+    if (bn_f16_kind == BN_F16_F16C) {
+        BN_F_CALL(bn_f_affine_avx2);
+        return 1;
+    }
+#undef BN_F_CALL
+#endif
+    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)s;
+    (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
+    (void)saux, (void)sout, (void)sout2;
+    return 0;
+}
+#undef BN_F_ARGS
+#undef BN_F_ROWS_ARGS
+
 /* Sums and moments in AVX-512, in one pass over memory: float16 planar runs and wide rows,
  * where the loops of _loops.h widen each piece into L1 first, and float32 planar runs,
  * where GCC's vector code of those loops loads sixteen floats and splits them in two (one

@@ -170,7 +170,8 @@ def float16_code(kind=None):
     """The code that converts float16 to and from float in the kernels: "avx512" (AVX-512
     and F16C), "f16c" (AVX2 and F16C) or "integer" (32-bit integer code, any x86-64); the
     same bits with each (but a NaN's sign and payload where two NaNs meet).  "avx512" also
-    sums float32 planes in its own loops (the same bits).  With a kind,
+    sums float32 planes in its own loops, and "avx512" and "f16c" write float32 outputs in
+    theirs (the same bits).  With a kind,
     use it, or the widest below it the CPU has (when the module loads: the widest).
     Returns the kind in use.  Not thread-safe: for tests and measurements, between
     calls."""

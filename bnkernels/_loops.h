@@ -37,15 +37,15 @@
  * - BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy,
  *   saux, so, so2) runs nrows output runs of n (each array's runs its stride apart), plain or
  *   with an epilogue (as bn_epi_run), without staging and returns 1 where it can (float16
- *   with vector code: bn_h_affine, the same bits), else 0, and the caller takes the staged
- *   loop.  BN_SUMS_DIRECT(z, dy, n, m, s1, s2) and BN_MOMENTS_DIRECT(x, n, m0, s1, s2)
- *   likewise add a planar run's sums, unmasked, or moments (its lanes' trees) to s1 and s2
- *   in one pass (float16 and float32 with AVX-512, float16 sums with F16C: bn_sums_direct,
- *   bn_moments_direct), and
- *   BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide float16 block's rows into its
- *   accumulators (bn_h_rows_sums_direct, bn_h_rows_moments_direct), for blocks of
- *   BN_DIRECT_COLS columns or more: rows of 64 measured no faster so, rows of 512 faster
- *   (docs/performance.md). */
+ *   with vector code: bn_h_affine; float32 with AVX-512 or AVX2: bn_f_affine; the same
+ *   bits), else 0, and the caller takes the staged loop (float32: GCC's vector code of it).
+ * - BN_SUMS_DIRECT(z, dy, n, m, s1, s2) and BN_MOMENTS_DIRECT(x, n, m0, s1, s2) likewise
+ *   add a planar run's sums, unmasked, or moments (its lanes' trees) to s1 and s2 in one
+ *   pass (float16 and float32 with AVX-512, float16 sums with F16C: bn_sums_direct,
+ *   bn_moments_direct), and BN_ROWS_SUMS_DIRECT and BN_ROWS_MOMENTS_DIRECT add a wide
+ *   float16 block's rows into its accumulators (bn_h_rows_sums_direct,
+ *   bn_h_rows_moments_direct), for blocks of BN_DIRECT_COLS columns or more: rows of 64
+ *   measured no faster so, rows of 512 faster (docs/performance.md). */
 #undef BN_DIRECT_COLS
 #define BN_DIRECT_COLS 256
 #undef BN_IN
@@ -111,7 +111,11 @@
 #define BN_PUT(w, o, k, v) ((o)[k] = BN_ST(v))
 #define BN_FLUSH(w, o, n) (void)0
 #define BN_OPAD(n) (n)
+#ifdef BN_F64
 #define BN_OUT_DIRECT(z, dy, aux, o, o2, n, m, s, a, c, cs, relu, zterm, nr, s1, s2, s3, s4, s5) 0
+#else
+#define BN_OUT_DIRECT bn_f_affine
+#endif
 #endif
 /* Sums and moments in AVX-512 where the CPU has it (_kernels.h): float16's planar runs and
  * wide rows without staging (the planar sums also with F16C); float32's planar runs

@@ -1,6 +1,6 @@
 """Compare this tree's kernels bit for bit with another build of them.
 
-    python scripts/bits.py OTHER [--l3 BYTES ...] [--threads N ...]
+    python scripts/bits.py OTHER [--l3 BYTES ...] [--threads N ...] [--float16-code KIND]
 
 OTHER is a directory holding a built ``bnkernels`` package (a checkout of another commit
 after ``python setup.py build_ext --inplace``).  For every L3 size given (the plans depend
@@ -8,8 +8,10 @@ on it; each runs in a child process with ``BNKERNELS_L3_BYTES`` pinned; 1 forces
 stores for every float64 output) and every thread count, both builds run forward and
 backward over the benchmark grid and a set of odd shapes that reach every plan kind (fused,
 chunked, narrow tall blocks, L3 share, write only, NCHW planes taken as rows), in the
-three dtypes, train and test mode, 'var' and 'std', x and seed-style caches, contiguous and
-strided.  It prints one line per difference and exits 1 if there is any.
+three dtypes, train and test mode, 'var' and 'std', x and seed-style caches, with and
+without a fused residual and ReLU, contiguous and strided; with --float16-code, both with
+the vector code of that kind (the widest the CPU has by default).  It prints one line per
+difference and exits 1 if there is any.
 """
 
 import argparse
@@ -62,6 +64,8 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import bnkernels
 cases, threads = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+if sys.argv[4]:
+    bnkernels._kernels.float16_code(sys.argv[4])
 
 
 def make(layout, shape, dtype, rng):
@@ -101,6 +105,13 @@ for layout, shape, axis in cases:
                 h.update(np.ascontiguousarray(y2).tobytes())
                 for r in bnkernels.backward(dy, cache2, num_threads=nt):
                     h.update(np.ascontiguousarray(r).tobytes())
+                # the fused epilogue: a residual and a ReLU, and their backward
+                y3, cache3 = bnkernels.forward(
+                    x, g, b, dict(param), axis=axis, activation="relu", residual=dy
+                )
+                h.update(np.ascontiguousarray(y3).tobytes())
+                for r in bnkernels.backward(dy, cache3, num_threads=nt):
+                    h.update(np.ascontiguousarray(r).tobytes())
                 if x.ndim == 2 and axis == 1 and eps_mode == "var":
                     seed = {"x_hat": cache["x"], "gamma": g, "denom": 1.0 / cache["invstd"]}
                     for r in bnkernels.backward(dy, seed, num_threads=nt):
@@ -112,10 +123,18 @@ print(json.dumps(out))
 """
 
 
-def digests(tree, l3, cases, threads):
+def digests(tree, l3, cases, threads, float16_code):
     env = dict(os.environ, BNKERNELS_L3_BYTES=str(l3))
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, tree, json.dumps(cases), json.dumps(threads)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            tree,
+            json.dumps(cases),
+            json.dumps(threads),
+            float16_code or "",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -138,12 +157,18 @@ def main(argv=None):
     )
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--quick", action="store_true", help="the odd shapes only")
+    ap.add_argument(
+        "--float16-code",
+        choices=("integer", "f16c", "avx512"),
+        help="both builds' vector code of this kind (bnkernels._kernels.float16_code; "
+        "default: the widest the CPU has)",
+    )
     args = ap.parse_args(argv)
     cases = ODD if args.quick else GRID + ODD
     n_diff = n_all = 0
     for l3 in args.l3:
-        mine = digests(ROOT, l3, cases, args.threads)
-        theirs = digests(os.path.abspath(args.other), l3, cases, args.threads)
+        mine = digests(ROOT, l3, cases, args.threads, args.float16_code)
+        theirs = digests(os.path.abspath(args.other), l3, cases, args.threads, args.float16_code)
         for key in mine:
             n_all += 1
             if mine[key] != theirs.get(key):

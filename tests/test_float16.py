@@ -257,6 +257,62 @@ def test_float32_planes_sum_alike_with_avx512_and_integer_code(code, shape):
         assert np.array_equal(v, i)
 
 
+@pytest.mark.parametrize("code", ["avx512", "f16c"], indirect=True)
+@pytest.mark.parametrize(
+    "shape, axis",
+    [
+        ((5, 13), 1),
+        ((4, 7), 1),
+        ((3, 10), 1),
+        ((4, 14), 1),
+        ((3, 600), 1),
+        ((3, 1030), 1),
+        ((2, 3, 3, 13), 3),
+        ((3, 4, 5, 7), 1),
+        ((2, 3, 17), 1),
+        ((2, 3, 12), 1),
+        ((6, 2, 1, 1), 1),
+    ],
+)
+def test_float32_outputs_alike_with_vector_and_integer_code(code, shape, axis):
+    """The AVX-512 and the AVX2 code also write float32 outputs (bn_f_affine: rows, planes,
+    plain or with the fused epilogue): the same bits as the loops of _loops.h, which the
+    integer code leaves them to.  Rows of 13, 7, 10, 14 and 600 elements, planes of 35, 17,
+    12 and 1 (tails of 1 to 7 elements, and none), rows of 1030 (bands: the loop of
+    _loops.h either way), channels-last rows; train and test mode (dx without its term in x),
+    a residual and a ReLU (dy masked by the saved output, -0.0 and NaN among it); values of
+    many exponents, a NaN and an infinity in one channel, NaNs compared as NaNs (where two
+    meet, x86 returns the one in the first operand, and the compiler orders the operands of
+    a commutative operation as it likes)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-12, 12, shape) + 3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    res = rng.standard_normal(shape).astype(np.float32)
+    res.flat[1], res.flat[2] = -0.0, np.nan
+    lead = (0,) * (len(shape) - 1)
+    x[lead[:axis] + (0,) + lead[axis:]] = np.nan
+    dy[lead[:axis] + (0,) + lead[axis:]] = np.inf
+    C = shape[axis]
+    g = np.linspace(-1.5, 2, C).astype(np.float32)
+    b = np.linspace(0.5, -1, C).astype(np.float32)
+
+    def outs():
+        got = []
+        with np.errstate(invalid="ignore", over="ignore"):
+            for mode in ("train", "test"):
+                for extra in ({}, {"activation": "relu", "residual": res}):
+                    param = {"mode": mode, "running_var": np.full(C, 0.75, np.float32)}
+                    out, cache = bnkernels.forward(x, g, b, param, axis=axis, **extra)
+                    got += [out, *bnkernels.backward(dy, cache)]
+        return got
+
+    vector = outs()
+    _kernels.float16_code("integer")
+    for v, i in zip(vector, outs()):
+        assert np.array_equal(np.isnan(v), np.isnan(i))
+        assert np.array_equal(bits(np.where(np.isnan(v), 0, v)), bits(np.where(np.isnan(i), 0, i)))
+
+
 def test_rounding_matches_numpys_float_arithmetic():
     # (x - mean) * 1 + 0 with x and mean float16 values: one float subtraction (the mean is
     # a float, its low part 0), rounded to float16, exercising ties to even, subnormal
