@@ -824,11 +824,21 @@ def _busy_processes(n):
     ]
 
 
+def _spin(seconds):
+    """Keep this thread busy for `seconds` of wall time: the time a call of that length takes
+    when nothing but the scheduler stands in its way."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _load_calls(case):
     """{pass: make(nt) -> a call of that pass on nt threads (None: the default)} for case;
     forward has no num_threads, so its only settings are 1 (set through OpenMP) and None.
-    'roofline' is the control: the backward's memory traffic on one thread, with no team
-    and no barrier, so what any call of about that length sees on the busy machine."""
+    'roofline' is a control: the backward's memory traffic on one thread, with no team
+    and no barrier.  The other control, 'spin' (added by run_load), keeps one thread busy
+    for as long as the quiet single-thread backward takes: what any computation of that
+    length sees on the busy machine."""
     data = CaseData(case)
     x, dy, g, b, axis = data.x, data.dy, data.gamma, data.beta, case.axis
     param = {"mode": "train", "eps": EPS}
@@ -849,19 +859,24 @@ def _load_calls(case):
 def run_load(n_busy, cases, seconds):
     """Per case and pass: the single-thread median on the quiet machine, then p50 and p99
     with n_busy busy processes for one thread, every usable core (backward), and the
-    default, which leaves out the CPUs busy with other tasks; the roofline control on one
-    thread only."""
+    default, which leaves out the CPUs busy with other tasks; the controls (roofline, and a
+    spin as long as the quiet backward) on one thread only."""
     cores = usable_cores()
     records = []
     for case in cases:
-        for pass_, make in _load_calls(case).items():
+        calls = _load_calls(case)
+        spin_for = []  # the quiet single-thread backward's median, once measured
+        calls["spin"] = lambda nt: lambda: _spin(spin_for[0])
+        for pass_, make in calls.items():
             settings = [("1", 1)]
             if pass_ == "backward":
                 settings.append((str(cores), cores))
-            if pass_ != "roofline":
+            if pass_ not in ("roofline", "spin"):
                 settings.append(("default", None))
             with openmp_limit(1):
                 quiet = _percentiles(make(1), seconds / 2, LOAD_MIN_CALLS // 2)[0]
+            if pass_ == "backward":
+                spin_for.append(quiet)
             busy = _busy_processes(n_busy)
             try:
                 time.sleep(0.2)  # let them start

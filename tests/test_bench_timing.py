@@ -46,16 +46,20 @@ def test_measure_is_one_implementation_taking_every_turn():
 def test_the_load_report_has_every_pass_and_thread_setting_and_the_control():
     """run_load on the smallest case without busy processes: per pass the settings it
     promises (backward: 1 thread, every core, the default; forward: 1 and the default; the
-    roofline control: 1 thread only), each with p50 <= p99 over at least LOAD_MIN_CALLS
-    calls, and format_load has a line for each."""
+    controls, the roofline and a spin as long as the quiet backward: 1 thread only), each
+    with p50 <= p99 over at least LOAD_MIN_CALLS calls, and format_load has a line for
+    each."""
     case = _bench.LOAD_CASES[0]
     records = _bench.run_load(0, [case], 0.01)
     cores = str(_bench.usable_cores())
     got = [(r["pass"], r["threads"]) for r in records]
     want = [("backward", "1")]
     want += [("backward", cores)] + [("backward", "default"), ("forward", "1")]
-    want += [("forward", "default"), ("roofline", "1")]
+    want += [("forward", "default"), ("roofline", "1"), ("spin", "1")]
     assert got == want
+    spin, backward = records[-1], records[0]
+    # the spin lasts the quiet backward's median (its own quiet median at least that)
+    assert spin["quiet_1_thread_median_s"] >= backward["quiet_1_thread_median_s"]
     for r in records:
         assert r["case"] == case.name and r["busy"] == 0
         assert 0 < r["p50_s"] <= r["p99_s"]
