@@ -866,7 +866,7 @@ def run_load(n_busy, cases, seconds):
     for case in cases:
         calls = _load_calls(case)
         spin_for = []  # the quiet single-thread backward's median, once measured
-        calls["spin"] = lambda nt: lambda: _spin(spin_for[0])
+        calls["spin"] = lambda nt, quiet=spin_for: lambda: _spin(quiet[0])
         for pass_, make in calls.items():
             settings = [("1", 1)]
             if pass_ == "backward":
