@@ -591,8 +591,8 @@ static inline __attribute__((always_inline)) int bn_h_planes(
 
 /* The float32 output sweeps' runs in vector code.  GCC's vector code of the loops in
  * _loops.h loads a whole vector of floats, splits it in two to widen each half to doubles,
- * and joins the two rounded halves again to store them: two shuffles more per vector, on
- * the port the conversions use, which bounds these loops (docs/performance.md).  Here each
+ * and joins the two rounded halves again to store them: two shuffles more per vector beside
+ * the conversions, which bound these loops (docs/performance.md).  Here each
  * half-vector of floats (eight with AVX-512, four with AVX2) is loaded, widened, computed,
  * rounded and stored on its own.  Arguments as bn_h_affine's, with float32 data and the
  * coefficients in double (float32's BN_OT); the operations of BN_AFFINE_OUT, BN_AFFINE_DX,
