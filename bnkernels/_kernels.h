@@ -547,6 +547,35 @@ BN_H_TARGET_F16C static inline void bn_h_affine_f16c(BN_H_ROWS_ARGS) { BN_H_ROWS
 #undef BN_H_ROWS_ARGS
 #endif
 
+/* The body of the output runs' dispatchers (bn_h_affine, bn_f_affine), whose parameters
+ * have the same names: run AVX512 or F16C, the rows function of the code in use
+ * (bn_f16_kind), and return 1; where it has neither, return 0 */
+#ifdef BN_HAVE_F16C
+#define BN_AFFINE_CALL(fn) \
+    fn(z, dy, aux, out, out2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
+#define BN_AFFINE_RUN(AVX512, F16C)         \
+    do {                                    \
+        if (bn_f16_kind == BN_F16_AVX512) { \
+            BN_AFFINE_CALL(AVX512);         \
+            return 1;                       \
+        }                                   \
+        if (bn_f16_kind == BN_F16_F16C) {   \
+            BN_AFFINE_CALL(F16C);           \
+            return 1;                       \
+        }                                   \
+    } while (0)
+#else
+#define BN_AFFINE_RUN(AVX512, F16C) (void)0
+#endif
+#define BN_AFFINE_DISPATCH(AVX512, F16C)                                                       \
+    do {                                                                                       \
+        BN_AFFINE_RUN(AVX512, F16C);                                                           \
+        (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)s;        \
+        (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy; \
+        (void)saux, (void)sout, (void)sout2;                                                   \
+        return 0;                                                                              \
+    } while (0)
+
 /* bn_h_affine over nrows rows (each array's rows its stride apart; one run: nrows 1) */
 static inline __attribute__((always_inline)) int bn_h_affine(
     const uint16_t *restrict z, const uint16_t *restrict dy, const uint16_t *restrict aux,
@@ -554,23 +583,7 @@ static inline __attribute__((always_inline)) int bn_h_affine(
     const float *a, const float *c, const int cs, const int relu, const int zterm, Py_ssize_t nrows,
     Py_ssize_t sz, Py_ssize_t sdy, Py_ssize_t saux, Py_ssize_t sout, Py_ssize_t sout2)
 {
-#ifdef BN_HAVE_F16C
-#define BN_H_CALL(fn) \
-    fn(z, dy, aux, out, out2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
-    if (bn_f16_kind == BN_F16_AVX512) {
-        BN_H_CALL(bn_h_affine_avx512);
-        return 1;
-    }
-    if (bn_f16_kind == BN_F16_F16C) {
-        BN_H_CALL(bn_h_affine_f16c);
-        return 1;
-    }
-#undef BN_H_CALL
-#endif
-    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)s;
-    (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
-    (void)saux, (void)sout, (void)sout2;
-    return 0;
+    BN_AFFINE_DISPATCH(bn_h_affine_avx512, bn_h_affine_f16c);
 }
 
 /* bn_h_planes_avx512 where the code in use has it (returns 1), else 0: the caller then takes
@@ -730,26 +743,13 @@ __attribute__((target("avx2"))) static void bn_f_affine_avx2(BN_F_ROWS_ARGS)
 
 static inline __attribute__((always_inline)) int bn_f_affine(BN_F_ROWS_ARGS)
 {
-#ifdef BN_HAVE_F16C
-#define BN_F_CALL(fn) \
-    fn(z, dy, aux, out, out2, n, m, s, a, c, cs, relu, zterm, nrows, sz, sdy, saux, sout, sout2)
-    if (bn_f16_kind == BN_F16_AVX512) {
-        BN_F_CALL(bn_f_affine_avx512);
-        return 1;
-    }
-    if (bn_f16_kind == BN_F16_F16C) {
-        BN_F_CALL(bn_f_affine_avx2);
-        return 1;
-    }
-#undef BN_F_CALL
-#endif
-    (void)z, (void)dy, (void)aux, (void)out, (void)out2, (void)n, (void)m, (void)s;
-    (void)a, (void)c, (void)cs, (void)relu, (void)zterm, (void)nrows, (void)sz, (void)sdy;
-    (void)saux, (void)sout, (void)sout2;
-    return 0;
+    BN_AFFINE_DISPATCH(bn_f_affine_avx512, bn_f_affine_avx2);
 }
 #undef BN_F_ARGS
 #undef BN_F_ROWS_ARGS
+#undef BN_AFFINE_DISPATCH
+#undef BN_AFFINE_RUN
+#undef BN_AFFINE_CALL
 
 /* Sums and moments in AVX-512, in one pass over memory: float16 planar runs and wide rows,
  * where the loops of _loops.h widen each piece into L1 first, and float32 planar runs,
